@@ -1,0 +1,178 @@
+"""Model configuration: one frozen dataclass parsed from a checkpoint's ``config.json``.
+
+Glossary
+- D: hidden size; F: intermediate size of one routed expert; Fs: of the shared expert.
+- E: routed experts per MoE layer; K: experts chosen per token (top-k).
+- H / Hkv / Dh: attention heads, key-value heads, head dimension.
+- dense layer: a layer whose feed-forward is an ordinary MLP (``mlp_only_layers`` / ``decoder_sparse_step``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from .errors import ModelError
+
+SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_experts: int
+    top_k: int
+    expert_intermediate_size: int
+    norm_topk_prob: bool
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False      # bias on q/k/v projections (qwen2_moe)
+    qk_norm: str = "none"             # "none" | "head" (qwen3: RMSNorm over Dh) | "full" (olmoe: over H*Dh)
+    clip_qkv: float | None = None     # olmoe option
+    shared_expert_intermediate_size: int = 0   # qwen2_moe shared expert, 0 = none
+    dense_intermediate_size: int = 0  # MLP width of dense (non-MoE) layers
+    dense_layers: tuple[int, ...] = ()
+    hidden_act: str = "silu"
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    torch_dtype: str = "float32"
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self):
+        checks = [
+            (self.num_experts >= 1, "num_experts must be >= 1"),
+            (1 <= self.top_k <= self.num_experts,
+             f"experts per token ({self.top_k}) must be between 1 and the number of experts ({self.num_experts})"),
+            (self.num_heads % max(self.num_kv_heads, 1) == 0,
+             f"num_attention_heads ({self.num_heads}) must be a multiple of num_key_value_heads ({self.num_kv_heads})"),
+            (self.hidden_act == "silu", f"hidden_act {self.hidden_act!r} is not supported (only 'silu')"),
+            (self.qk_norm in ("none", "head", "full"), f"bad qk_norm {self.qk_norm!r}"),
+            (self.vocab_size > 0 and self.hidden_size > 0 and self.num_layers > 0, "sizes must be positive"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ModelError(f"config.json: {msg}")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer not in self.dense_layers
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.num_layers) if self.is_moe_layer(i)]
+
+    def expert_bytes(self, bytes_per_elem: int) -> int:
+        """Bytes of one routed expert (gate, up and down projections)."""
+        return 3 * self.hidden_size * self.expert_intermediate_size * bytes_per_elem
+
+    # ---- parsing -----------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict) -> "MoEConfig":
+        mt = d.get("model_type")
+        if mt not in SUPPORTED_MODEL_TYPES:
+            raise ModelError(
+                f"config.json: unsupported model_type {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        try:
+            return _PARSERS[mt](d)
+        except KeyError as e:
+            raise ModelError(f"config.json: missing field {e.args[0]!r} for model_type {mt!r}") from None
+
+    @classmethod
+    def from_dir(cls, path: str) -> "MoEConfig":
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.isdir(path):
+            raise ModelError(f"model directory not found: {path}")
+        if not os.path.isfile(cfg_path):
+            raise ModelError(f"no config.json in model directory {path}")
+        try:
+            with open(cfg_path) as f:
+                d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ModelError(f"{cfg_path}: not valid JSON ({e})") from None
+        return cls.from_dict(d)
+
+
+def _rope_theta(d: dict) -> float:
+    rp = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if isinstance(rp, dict) and rp.get("rope_type", rp.get("type", "default")) not in ("default", None):
+        raise ModelError(f"config.json: rope type {rp.get('rope_type', rp.get('type'))!r} is not supported")
+    return float(rp.get("rope_theta", d.get("rope_theta", 10000.0)))
+
+
+def _eos(d: dict) -> tuple[int, ...]:
+    e = d.get("eos_token_id")
+    if e is None:
+        return ()
+    return tuple(e) if isinstance(e, list) else (int(e),)
+
+
+def _common(d: dict) -> dict:
+    H = d["num_attention_heads"]
+    D = d["hidden_size"]
+    dtype = d.get("dtype") or d.get("torch_dtype") or "float32"
+    return dict(
+        model_type=d["model_type"], vocab_size=d["vocab_size"], hidden_size=D,
+        num_layers=d["num_hidden_layers"], num_heads=H,
+        num_kv_heads=d.get("num_key_value_heads") or H,
+        head_dim=d.get("head_dim") or D // H,
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope_theta=_rope_theta(d),
+        max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        hidden_act=d.get("hidden_act", "silu"), bos_token_id=d.get("bos_token_id"),
+        eos_token_ids=_eos(d), torch_dtype=str(dtype).replace("torch.", ""), raw=d,
+    )
+
+
+def _num_experts(d: dict) -> int:
+    n = d.get("num_experts", d.get("num_local_experts"))
+    if n is None:
+        raise KeyError("num_experts")
+    return int(n)
+
+
+def _sparse_layers(d: dict) -> tuple[int, ...]:
+    """Qwen-style: a layer is dense when listed in mlp_only_layers or off the decoder_sparse_step grid."""
+    step = d.get("decoder_sparse_step", 1) or 1
+    only = set(d.get("mlp_only_layers") or [])
+    n = d["num_hidden_layers"]
+    dense = [i for i in range(n) if i in only or not (_num_experts(d) > 0 and (i + 1) % step == 0)]
+    return tuple(dense)
+
+
+def _mixtral(d):
+    return MoEConfig(**_common(d), num_experts=d["num_local_experts"], top_k=d["num_experts_per_tok"],
+                     expert_intermediate_size=d["intermediate_size"], norm_topk_prob=True)
+
+
+def _qwen2_moe(d):
+    return MoEConfig(**_common(d), num_experts=_num_experts(d), top_k=d["num_experts_per_tok"],
+                     expert_intermediate_size=d["moe_intermediate_size"],
+                     norm_topk_prob=bool(d.get("norm_topk_prob", False)), attention_bias=bool(d.get("qkv_bias", True)),
+                     shared_expert_intermediate_size=int(d.get("shared_expert_intermediate_size", 0) or 0),
+                     dense_intermediate_size=int(d.get("intermediate_size", 0) or 0), dense_layers=_sparse_layers(d))
+
+
+def _qwen3_moe(d):
+    return MoEConfig(**_common(d), num_experts=_num_experts(d), top_k=d["num_experts_per_tok"],
+                     expert_intermediate_size=d["moe_intermediate_size"],
+                     norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+                     attention_bias=bool(d.get("attention_bias", False)), qk_norm="head",
+                     dense_intermediate_size=int(d.get("intermediate_size", 0) or 0), dense_layers=_sparse_layers(d))
+
+
+def _olmoe(d):
+    return MoEConfig(**_common(d), num_experts=_num_experts(d), top_k=d["num_experts_per_tok"],
+                     expert_intermediate_size=d["intermediate_size"],
+                     norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+                     attention_bias=bool(d.get("attention_bias", False)), qk_norm="full", clip_qkv=d.get("clip_qkv"))
+
+
+_PARSERS = {"mixtral": _mixtral, "qwen2_moe": _qwen2_moe, "qwen3_moe": _qwen3_moe, "olmoe": _olmoe}

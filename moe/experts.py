@@ -1,0 +1,117 @@
+"""Expert weights and the expert provider seam.
+
+The MoE layer asks a provider for the weights of one ``(layer, expert)`` and multiplies. Local mode keeps every
+expert resident; offload mode answers from a slot cache; Ray mode holds only the worker's shard.
+
+Shapes: M = routed token rows (tokens × chosen experts, grouped by expert), D hidden, F expert intermediate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F_
+
+from .checkpoint import CheckpointReader
+from .config import MoEConfig
+from .weights import TensorRef, check_fused_shapes, expert_refs
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    gate: torch.Tensor   # [F, D]
+    up: torch.Tensor     # [F, D]
+    down: torch.Tensor   # [D, F]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.gate, self.up, self.down))
+
+
+class ExpertProvider(Protocol):
+    def get(self, layer: int, expert: int) -> ExpertWeights: ...
+
+
+def read_ref(reader: CheckpointReader, ref: TensorRef, shape: tuple[int, int]) -> torch.Tensor:
+    """Read one expert matrix. For fused tensors only that expert's slice is read from disk."""
+    if ref.index is None:
+        return reader.get(ref.name, shape)
+    full = reader.shape(ref.name)
+    t = reader._handle(reader.file_of(ref.name)).get_slice(ref.name)[ref.index]
+    if ref.rows is not None:
+        t = t[ref.rows[0]:ref.rows[1]]
+    if tuple(t.shape) != tuple(shape):
+        from .errors import CheckpointError
+        raise CheckpointError(f"tensor {ref.name!r} has shape {list(full)}, expert slice {list(t.shape)} but the "
+                              f"config implies {list(shape)}")
+    return t
+
+
+def read_expert(cfg: MoEConfig, reader: CheckpointReader, layer: int, expert: int) -> ExpertWeights:
+    D, F = cfg.hidden_size, cfg.expert_intermediate_size
+    refs = expert_refs(cfg, reader, layer, expert)
+    return ExpertWeights(read_ref(reader, refs.gate, (F, D)), read_ref(reader, refs.up, (F, D)),
+                         read_ref(reader, refs.down, (D, F)))
+
+
+class ResidentExperts:
+    """Every routed expert of the checkpoint held in memory (local mode), or only ``experts[l]`` of each layer."""
+
+    def __init__(self, cfg: MoEConfig, reader: CheckpointReader, dtype: torch.dtype, device: torch.device,
+                 only: dict[int, list[int]] | None = None, progress=None):
+        self.cfg = cfg
+        self._w: dict[tuple[int, int], ExpertWeights] = {}
+        for layer in cfg.moe_layers:
+            check_fused_shapes(cfg, reader, layer)
+            ids = range(cfg.num_experts) if only is None else only.get(layer, [])
+            for e in ids:
+                w = read_expert(cfg, reader, layer, e)
+                self._w[(layer, e)] = ExpertWeights(*(t.to(device=device, dtype=dtype) for t in
+                                                      (w.gate, w.up, w.down)))
+            if progress is not None:
+                progress(layer)
+
+    def get(self, layer: int, expert: int) -> ExpertWeights:
+        return self._w[(layer, expert)]
+
+    def __contains__(self, key: tuple[int, int]) -> bool:
+        return key in self._w
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.nbytes for w in self._w.values())
+
+
+class ParamExperts(torch.nn.Module):
+    """Trainable experts (stacked parameters), used by the training script with autograd."""
+
+    def __init__(self, cfg: MoEConfig, init_std: float = 0.02):
+        super().__init__()
+        L, E, D, F = cfg.num_layers, cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size
+        self.gate = torch.nn.Parameter(torch.randn(L, E, F, D) * init_std)
+        self.up = torch.nn.Parameter(torch.randn(L, E, F, D) * init_std)
+        self.down = torch.nn.Parameter(torch.randn(L, E, D, F) * init_std)
+
+    def get(self, layer: int, expert: int) -> ExpertWeights:
+        return ExpertWeights(self.gate[layer, expert], self.up[layer, expert], self.down[layer, expert])
+
+
+def expert_mlp(x_MD: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
+    """SwiGLU expert: down(silu(gate x) * up x)."""
+    return F_.linear(F_.silu(F_.linear(x_MD, w.gate)) * F_.linear(x_MD, w.up), w.down)
+
+
+def run_experts(layer: int, x_MD: torch.Tensor, expert_ids: list[int], counts: list[int],
+                provider: ExpertProvider) -> torch.Tensor:
+    """Rows of ``x_MD`` are grouped by expert: ``counts[i]`` rows for ``expert_ids[i]``. One matmul set per expert."""
+    outs = []
+    start = 0
+    for e, c in zip(expert_ids, counts):
+        if c:
+            outs.append(expert_mlp(x_MD[start:start + c], provider.get(layer, e)))
+            start += c
+    if not outs:
+        return x_MD.new_zeros((0, x_MD.shape[-1]))
+    return torch.cat(outs) if len(outs) > 1 else outs[0]

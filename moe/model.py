@@ -1,0 +1,159 @@
+"""The MoE decoder: one class serves Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE (differences live in the config).
+
+Shapes: N tokens of a flattened batch (all sequences' new tokens back to back), D hidden, E experts, K top-k,
+V vocabulary. Expert weights are not parameters of this module: they come from an expert provider, and tokens
+reach them through a dispatcher, so local, offload and expert-parallel modes run this same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import MoEConfig
+from .dispatch import LocalDispatcher
+from .experts import ExpertProvider, run_experts
+from .layers import MLP, Attention, RMSNorm, Rotary
+
+# hook(layer, x_ND, topk_ids_NK, topk_w_NK): told the routing of every MoE layer (profiler, predictors, prefetch)
+RouteHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass
+class ForwardBatch:
+    """Layout of one forward pass.
+
+    ``chunks[i] = (start, n, ctx)``: sequence i contributes tokens ``start:start+n`` of the flattened batch and has
+    ``ctx`` tokens cached before them. ``kv`` is the KV cache (None: no cache, sequences of ``block_len`` tokens).
+    """
+    positions_N: torch.Tensor
+    chunks: list[tuple[int, int, int]]
+    slots: list[int]
+    kv: object = None
+    block_len: int = 0
+    route_hooks: list[RouteHook] = field(default_factory=list)
+    logits_idx: torch.Tensor | None = None   # which rows get logits (None: all)
+
+    def __post_init__(self):
+        self.is_decode = self.kv is not None and all(n == 1 for _, n, _ in self.chunks)
+        dev = self.positions_N.device
+        if self.is_decode:
+            self.slots_B = torch.tensor(self.slots, dtype=torch.long, device=dev)
+            lens = self.positions_N + 1                                  # keys visible to each query
+            self.max_len = int(lens.max())
+            self.decode_mask = (torch.arange(self.max_len, device=dev)[None, :] < lens[:, None])[:, None, None, :]
+
+    def slot_tensor(self, i: int, n: int) -> torch.Tensor:
+        return torch.full((n,), self.slots[i], dtype=torch.long, device=self.positions_N.device)
+
+    def prefill_mask(self, i: int):
+        start, n, ctx = self.chunks[i]
+        if ctx == 0:
+            return None  # plain causal
+        dev = self.positions_N.device
+        q = torch.arange(n, device=dev)[:, None] + ctx
+        return (torch.arange(ctx + n, device=dev)[None, :] <= q)[None, None]
+
+    @classmethod
+    def blocks(cls, B: int, T: int, device) -> "ForwardBatch":
+        """No-cache layout for B sequences of T tokens (training, scoring)."""
+        pos = torch.arange(T, device=device).repeat(B)
+        return cls(pos, [(b * T, T, 0) for b in range(B)], list(range(B)), None, T)
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
+        self.top_k, self.norm = cfg.top_k, cfg.norm_topk_prob
+
+    def forward(self, x_ND):
+        logits_NE = F.linear(x_ND, self.weight)
+        probs_NE = torch.softmax(logits_NE.float(), dim=-1)
+        w_NK, ids_NK = torch.topk(probs_NE, self.top_k, dim=-1)
+        if self.norm:
+            w_NK = w_NK / w_NK.sum(-1, keepdim=True)
+        return logits_NE, ids_NK, w_NK.to(x_ND.dtype)
+
+
+class MoEBlock(nn.Module):
+    def __init__(self, cfg: MoEConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.gate = Router(cfg)
+        if cfg.shared_expert_intermediate_size:
+            self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+        else:
+            self.shared_expert = None
+        self.last_router_logits = None   # kept only when the model is training (auxiliary loss)
+
+    def forward(self, x_ND, batch: ForwardBatch, experts: ExpertProvider, dispatcher: LocalDispatcher):
+        logits_NE, ids_NK, w_NK = self.gate(x_ND)
+        if self.training:
+            self.last_router_logits = logits_NE
+        for hook in batch.route_hooks:
+            hook(self.layer, x_ND, ids_NK, w_NK)
+        routed = dispatcher.dispatch(self.layer, x_ND, ids_NK, w_NK)
+        y_MD = run_experts(self.layer, routed.x_MD, routed.expert_ids, routed.counts, experts)
+        out_ND = dispatcher.combine(y_MD, routed.meta)
+        if self.shared_expert is not None:
+            out_ND = out_ND + torch.sigmoid(self.shared_expert_gate(x_ND)) * self.shared_expert(x_ND)
+        return out_ND
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: MoEConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.is_moe = cfg.is_moe_layer(layer)
+        self.mlp = MoEBlock(cfg, layer) if self.is_moe else MLP(cfg.hidden_size, cfg.dense_intermediate_size)
+
+    def forward(self, x_ND, batch, rotary, experts, dispatcher):
+        x_ND = x_ND + self.self_attn(self.input_layernorm(x_ND), batch, rotary)
+        h = self.post_attention_layernorm(x_ND)
+        return x_ND + (self.mlp(h, batch, experts, dispatcher) if self.is_moe else self.mlp(h))
+
+
+class Model(nn.Module):
+    """Named like Hugging Face's ``model.*`` so dense parameter names match checkpoints."""
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class MoEForCausalLM(nn.Module):
+    def __init__(self, cfg: MoEConfig, experts: ExpertProvider | None = None, dispatcher=None,
+                 max_positions: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Model(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, max_positions or min(cfg.max_position_embeddings, 4096))
+        self.experts = experts
+        self.dispatcher = dispatcher or LocalDispatcher()
+
+    def hidden(self, ids_N: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        x = self.model.embed_tokens(ids_N)
+        for layer in self.model.layers:
+            x = layer(x, batch, self.rotary, self.experts, self.dispatcher)
+        return self.model.norm(x)
+
+    def forward(self, ids_N: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """Logits [R, V] (float32) of the rows in ``batch.logits_idx`` (all rows when None)."""
+        h = self.hidden(ids_N, batch)
+        if batch.logits_idx is not None:
+            h = h[batch.logits_idx]
+        return self.lm_head(h).float()
+
+    def router_logits(self) -> list[torch.Tensor]:
+        return [l.mlp.last_router_logits for l in self.model.layers if l.is_moe]
