@@ -1,0 +1,170 @@
+"""The engine: requests in, one model step at a time, tokens out. Mode-agnostic: an executor does the compute.
+
+Failure isolation: an exception while running a step fails only the requests of that step (with the error
+message as their ``finish_reason == "error"`` result); the engine keeps serving the others.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+
+import torch
+
+from .executor import RequestFailed, StepItem
+from .sampling import RequestError, SamplingParams, sample
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+log = logging.getLogger("moeyard")
+
+
+class Engine:
+    def __init__(self, executor, tokenizer, eos_ids: tuple[int, ...], vocab_size: int, max_model_len: int,
+                 max_num_seqs: int, max_num_batched_tokens: int = 2048, max_decode_batch: int | None = None):
+        self.executor = executor
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self._free_slots = list(range(max_num_seqs - 1, -1, -1))
+        self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens, max_decode_batch,
+                                   allocate=lambda: self._free_slots.pop() if self._free_slots else None,
+                                   free=self._free_slot)
+        self.seqs: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+        self._step_no = 0
+        self.counters = {"tokens_generated": 0, "prompt_tokens": 0, "steps": 0, "requests_finished": 0,
+                         "requests_failed": 0, "model_seconds": 0.0}
+
+    # -- requests ------------------------------------------------------------------------------------------------
+    def add_request(self, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
+                    params: SamplingParams | None = None, request_id: str | None = None) -> Sequence:
+        params = params or SamplingParams()
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise RequestError("a request needs a prompt or prompt_token_ids")
+            if not isinstance(prompt, str):
+                raise RequestError(f"prompt must be a string, got {type(prompt).__name__}")
+            if self.tokenizer is None:
+                raise RequestError("this checkpoint has no tokenizer.json: pass prompt_token_ids instead of text")
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        ids = list(prompt_token_ids)
+        if not ids:
+            raise RequestError("the prompt is empty")
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size for t in ids):
+            raise RequestError(f"prompt token ids must be integers in [0, {self.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(f"the prompt has {len(ids)} tokens but the context is {self.max_model_len} tokens "
+                               "(prompt plus at least one generated token must fit)")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.seqs:
+            raise RequestError(f"request id {rid!r} is already in use")
+        eos = () if params.ignore_eos else self.eos_ids
+        seq = Sequence(rid, prompt, ids, params, eos_ids=eos, arrival=self._step_no)
+        self.seqs[rid] = seq
+        if params.max_tokens == 0:
+            seq.finish_reason = "length"
+            seq.status = seq.status.FINISHED
+        else:
+            self.scheduler.add(seq)
+        return seq
+
+    def abort(self, request_id: str):
+        seq = self.seqs.get(request_id)
+        if seq is not None and not seq.finished:
+            seq.finish_reason = "abort"
+            self._finish(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def pop(self, request_id: str) -> Sequence | None:
+        return self.seqs.pop(request_id, None)
+
+    # -- one step ------------------------------------------------------------------------------------------------
+    def step(self) -> list[Sequence]:
+        """Run one model step; return the sequences that got a token or finished in it."""
+        sched = self.scheduler.schedule()
+        if not sched:
+            return []
+        self._step_no += 1
+        items = []
+        for s in sched:
+            seq = s.seq
+            seq.last_scheduled = self._step_no
+            toks = seq.all_ids[seq.num_computed:seq.num_computed + s.num_tokens]
+            items.append(StepItem(seq.slot, toks, seq.num_computed, s.completes, seq.request_id))
+        t0 = time.perf_counter()
+        try:
+            logits_BV = self.executor.execute(items)
+        except RequestFailed as e:
+            failed = set(e.request_ids)
+            for s in sched:
+                if s.seq.request_id in failed:
+                    self._fail(s.seq, str(e))
+            return [s.seq for s in sched if s.seq.request_id in failed]
+        except Exception as e:  # noqa: BLE001 — isolate the failure to this step's requests
+            log.exception("model step failed")
+            for s in sched:
+                self._fail(s.seq, f"{type(e).__name__}: {e}")
+            return [s.seq for s in sched]
+        self.counters["model_seconds"] += time.perf_counter() - t0
+        self.counters["steps"] += 1
+        done = [s.seq for s, it in zip(sched, items) if it.sample]
+        for s in sched:
+            if s.seq.in_prefill:
+                self.counters["prompt_tokens"] += s.num_tokens
+            s.seq.num_computed += s.num_tokens
+        results = sample(logits_BV, [q.params for q in done], [q.generator for q in done])
+        for seq, r in zip(done, results):
+            self._append(seq, r)
+        return done
+
+    def _append(self, seq: Sequence, r):
+        seq.output_ids.append(r.token)
+        if seq.params.logprobs is not None:
+            seq.logprobs.append(r)
+        self.counters["tokens_generated"] += 1
+        p = seq.params
+        if self.tokenizer is not None:
+            seq.text = self.tokenizer.decode(seq.output_ids)
+        if r.token in seq.eos_ids or r.token in p.stop_token_ids:
+            seq.finish_reason = "stop"
+        elif p.stop and self._check_stop_strings(seq):
+            seq.finish_reason = "stop"
+        elif len(seq.output_ids) >= p.max_tokens or len(seq) >= self.max_model_len:
+            seq.finish_reason = "length"
+        if seq.finish_reason:
+            self._finish(seq)
+
+    @staticmethod
+    def _check_stop_strings(seq: Sequence) -> bool:
+        hits = [(seq.text.find(s), s) for s in seq.params.stop]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if not hits:
+            return False
+        i, s = min(hits)
+        seq.text = seq.text[: i + (len(s) if seq.params.include_stop_str_in_output else 0)]
+        return True
+
+    def _fail(self, seq: Sequence, msg: str):
+        seq.finish_reason, seq.error = "error", msg
+        self.counters["requests_failed"] += 1
+        self._finish(seq)
+
+    def _free_slot(self, slot: int):
+        self.executor.free(slot)
+        self._free_slots.append(slot)
+
+    def _finish(self, seq: Sequence):
+        self.scheduler.finish(seq)
+        self.counters["requests_finished"] += 1
+
+    def stats(self) -> dict:
+        d = dict(self.counters)
+        d["running"] = len(self.scheduler.running)
+        d["waiting"] = len(self.scheduler.waiting)
+        d.update(self.executor.stats())
+        return d
