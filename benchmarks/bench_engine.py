@@ -1,0 +1,158 @@
+"""Decode speed of the local engine against transformers on a Mixtral-shaped random checkpoint (≥ 1 GB).
+
+Each system runs in its own subprocess (so peak RSS is its own), alternately, on the same checkpoint:
+- decode tokens/s at batch 1 and batch 16 (greedy, fixed new-token count, timing excludes prefill by
+  subtracting a 1-token run);
+- batch-1 roofline: active weight bytes per token (dense + top-k experts per layer) × tokens/s ÷ the copy
+  bandwidth measured in the same run (STREAM convention: bytes read + written);
+- peak RSS of our engine against the checkpoint size.
+
+    python benchmarks/bench_engine.py [--ckpt /tmp/moeyard-bench-mixtral] [--record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+SHAPE = dict(vocab_size=8000, hidden_size=1024, num_layers=4, num_heads=8, num_kv_heads=2, num_experts=8,
+             top_k=2, intermediate_size=2816, max_position_embeddings=2048)
+
+
+def make_checkpoint(path: str):
+    import torch
+    from moeyard.moe.config import MoEConfig
+    from moeyard.moe.experts import ExpertWeights
+    from moeyard.moe.save import mixtral_config_dict, save_mixtral
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return
+    cd = mixtral_config_dict(**SHAPE, dtype="float32")
+    cfg = MoEConfig.from_dict(cd)
+    g = torch.Generator().manual_seed(0)
+    D, F, V = cfg.hidden_size, cfg.expert_intermediate_size, cfg.vocab_size
+
+    def rnd(*s, std=0.02):
+        return torch.randn(*s, generator=g) * std
+
+    state = {"model.embed_tokens.weight": rnd(V, D), "model.norm.weight": torch.ones(D), "lm_head.weight": rnd(V, D)}
+    for l in range(cfg.num_layers):
+        p = f"model.layers.{l}"
+        state.update({f"{p}.input_layernorm.weight": torch.ones(D), f"{p}.post_attention_layernorm.weight": torch.ones(D),
+                      f"{p}.self_attn.q_proj.weight": rnd(D, D), f"{p}.self_attn.k_proj.weight": rnd(D // 4, D),
+                      f"{p}.self_attn.v_proj.weight": rnd(D // 4, D), f"{p}.self_attn.o_proj.weight": rnd(D, D),
+                      f"{p}.mlp.gate.weight": rnd(cfg.num_experts, D, std=0.5)})
+
+    class Experts:
+        def get(self, l, e):
+            return ExpertWeights(rnd(F, D), rnd(F, D), rnd(D, F))
+
+    save_mixtral(state, Experts(), cfg, cd, path, dtype=torch.float32, max_shard_bytes=600 << 20)
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a large tensor copy (best of 5)."""
+    import torch
+    a = torch.empty(256 << 20, dtype=torch.uint8)
+    a.fill_(1)
+    b = torch.empty_like(a)
+    best = 0.0
+    for _ in range(5):
+        t = time.perf_counter()
+        b.copy_(a)
+        best = max(best, 2 * a.numel() / (time.perf_counter() - t))
+    return best
+
+
+def worker(system: str, ckpt: str, batch: int, new_tokens: int) -> dict:
+    import torch
+    torch.manual_seed(0)
+    prompts = [[(7 * i + j) % 7000 + 10 for j in range(16)] for i in range(batch)]
+    if system == "moeyard":
+        from moeyard.runtime import LLM, SamplingParams
+        llm = LLM(ckpt, max_num_seqs=max(batch, 2), max_model_len=256)
+
+        def run(n):
+            t = time.perf_counter()
+            llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(max_tokens=n, temperature=0,
+                                                                                 ignore_eos=True))
+            return time.perf_counter() - t
+    else:
+        import transformers
+        model = transformers.MixtralForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+        ids = torch.tensor(prompts)
+
+        def run(n):
+            t = time.perf_counter()
+            with torch.inference_mode():
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                               do_sample=False, pad_token_id=0)
+            return time.perf_counter() - t
+    run(2)  # warm-up
+    t1 = min(run(1) for _ in range(2))
+    tn = min(run(new_tokens) for _ in range(2))
+    decode_tps = batch * (new_tokens - 1) / max(tn - t1, 1e-9)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"system": system, "batch": batch, "decode_tok_s": decode_tps, "peak_rss": rss}
+
+
+def sub(system, ckpt, batch, n):
+    out = subprocess.run([sys.executable, __file__, "--worker", system, "--ckpt", ckpt, "--batch", str(batch),
+                          "--new-tokens", str(n)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ckpt", default="/tmp/moeyard-bench-mixtral")
+    ap.add_argument("--new-tokens", type=int, default=24)
+    ap.add_argument("--record", action="store_true")
+    ap.add_argument("--worker")
+    ap.add_argument("--batch", type=int, default=1)
+    a = ap.parse_args()
+    if a.worker:
+        print(json.dumps(worker(a.worker, a.ckpt, a.batch, a.new_tokens)))
+        return
+    make_checkpoint(a.ckpt)
+    from moeyard.moe.checkpoint import CheckpointReader
+    from moeyard.moe.config import MoEConfig
+    from common import record, table
+    cfg = MoEConfig.from_dir(a.ckpt)
+    rd = CheckpointReader(a.ckpt)
+    size = sum(rd.nbytes(n) for n in rd.names())
+    expert = cfg.expert_bytes(4)
+    dense = size - expert * cfg.num_experts * cfg.num_layers - cfg.vocab_size * cfg.hidden_size * 4  # minus embedding
+    active = dense + cfg.hidden_size * 4 + cfg.top_k * expert * cfg.num_layers
+    bw = copy_bandwidth()
+    res = {}
+    for batch in (1, 16):
+        for system in ("moeyard", "transformers"):
+            res[(system, batch)] = sub(system, a.ckpt, batch, a.new_tokens)
+    rows = []
+    for batch in (1, 16):
+        ours, hf = res[("moeyard", batch)], res[("transformers", batch)]
+        rows.append([batch, ours["decode_tok_s"], hf["decode_tok_s"], ours["decode_tok_s"] / hf["decode_tok_s"]])
+    ours1 = res[("moeyard", 1)]
+    roof = active * ours1["decode_tok_s"] / bw
+    body = (f"Checkpoint: random Mixtral shape {SHAPE}, float32, {size / 2**30:.2f} GiB on disk.\n\n"
+            + table(["batch", "moeyard decode tok/s", "transformers decode tok/s", "ratio"], rows)
+            + f"\n\nBatch-1 roofline: {active / 2**20:.0f} MiB of active weights per token × "
+              f"{ours1['decode_tok_s']:.2f} tok/s = {active * ours1['decode_tok_s'] / 1e9:.2f} GB/s against a copy "
+              f"bandwidth of {bw / 1e9:.2f} GB/s (read + write) measured in the same run: **{100 * roof:.0f}%**.\n\n"
+            f"Peak RSS: moeyard {max(res[('moeyard', b)]['peak_rss'] for b in (1, 16)) / 2**30:.2f} GiB "
+            f"({max(res[('moeyard', b)]['peak_rss'] for b in (1, 16)) / size:.2f}× the checkpoint); transformers "
+            f"{max(res[('transformers', b)]['peak_rss'] for b in (1, 16)) / 2**30:.2f} GiB.")
+    print(body)
+    if a.record:
+        record("Engine (local mode) vs transformers", "python benchmarks/bench_engine.py --record", body)
+
+
+if __name__ == "__main__":
+    main()
