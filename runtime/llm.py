@@ -66,6 +66,9 @@ class LLM:
             eos = eos + (tokenizer.eos_token_id,)
         self.engine = Engine(executor, tokenizer, eos, self.cfg.vocab_size, self._ctx.max_model_len,
                              self._ctx.max_num_seqs, self._max_batched)
+        for attr in ("max_decode_batch", "batch_policy"):   # optional executor hooks (offload token scheduling)
+            if getattr(executor, attr, None) is not None:
+                setattr(self.engine.scheduler, attr, getattr(executor, attr))
 
     @property
     def max_model_len(self) -> int:

@@ -1,0 +1,348 @@
+"""The fast tier: a fixed pool of expert slots filled from the storage tier by an I/O thread pool.
+
+``ExpertCache`` is an expert provider (``get(layer, expert)``). The executor tells it, at each MoE layer, which
+experts the layer needs (``begin_layer``: classifies hits/misses, pins them, starts demand loads in parallel) and
+which experts upcoming layers are predicted to need (``prefetch`` + ``set_predictions``). ``get`` blocks only when
+the expert is not loaded yet (time counted as stall).
+
+Slots hold tensors on the compute device (GPU when present, else RAM). On CUDA, reads land in a pinned host
+buffer and are copied on a side stream; ``get`` makes the compute stream wait on the copy's event, and a slot is
+overwritten only after the compute stream passed the event recorded when its last user was unpinned.
+
+Eviction policies (``EVICTION``): "predicted" (first wrong prefetches, then experts no upcoming layer is predicted to
+need, farthest next use in layer order first, then least frequent/least recent), "lru", "lfu".
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+
+import torch
+
+from ..moe.experts import ExpertWeights
+from .tiers import DiskTier, ExpertReadError
+
+QUEUED, LOADING, READY, FAILED = "queued", "loading", "ready", "failed"
+
+
+class _Entry:
+    __slots__ = ("key", "slot", "state", "prefetched", "counted_use", "wrong", "freq", "last_use", "error",
+                 "cuda_event")
+
+    def __init__(self, key, slot, prefetched):
+        self.key, self.slot, self.state = key, slot, QUEUED
+        self.prefetched, self.counted_use, self.wrong = prefetched, False, False
+        self.freq, self.last_use, self.error, self.cuda_event = 0, 0, None, None
+
+
+def _lru_key(cache, e):
+    return (e.last_use,)
+
+
+def _lfu_key(cache, e):
+    return (e.freq, e.last_use)
+
+
+def _predicted_key(cache, e):
+    pred = cache.predicted.get(e.key)
+    return (0 if e.wrong else 1, 0 if pred is None else 1, -(pred if pred is not None else cache.distance(e.key[0])),
+            e.freq, e.last_use)
+
+
+EVICTION = {"predicted": _predicted_key, "lru": _lru_key, "lfu": _lfu_key}
+
+
+class ExpertCache:
+    def __init__(self, cfg, tier: DiskTier, num_slots: int, dtype: torch.dtype, device: torch.device,
+                 eviction: str = "predicted", io_threads: int = 2):
+        if eviction not in EVICTION:
+            raise ValueError(f"unknown eviction policy {eviction!r}; valid: {', '.join(EVICTION)}")
+        self.cfg, self.tier, self.dtype, self.device = cfg, tier, dtype, torch.device(device)
+        self.policy = EVICTION[eviction]
+        self.num_slots = num_slots
+        self.layer_pos = {l: i for i, l in enumerate(cfg.moe_layers)}
+        D, F = cfg.hidden_size, cfg.expert_intermediate_size
+        self.slots = [ExpertWeights(torch.empty(F, D, dtype=dtype, device=self.device),
+                                    torch.empty(F, D, dtype=dtype, device=self.device),
+                                    torch.empty(D, F, dtype=dtype, device=self.device)) for _ in range(num_slots)]
+        self.slot_bytes = self.slots[0].nbytes if num_slots else 0
+        self.free = list(range(num_slots - 1, -1, -1))
+        self.entries: dict[tuple[int, int], _Entry] = {}
+        self.pinned: set[tuple[int, int]] = set()
+        self.predicted: dict[tuple[int, int], int] = {}
+        self.cur_layer = cfg.moe_layers[0]
+        self._class: dict[tuple[int, int], bool] = {}
+        self._last_get = None
+        self._tick = itertools.count(1)
+        self._seq = itertools.count()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._jobs: list = []
+        self._closed = False
+        self.cuda = self.device.type == "cuda"
+        self._release_event = [None] * num_slots
+        self.counters = {"expert_hits": 0, "expert_misses": 0, "prefetch_issued": 0, "prefetch_used": 0,
+                         "prefetch_cancelled": 0, "prefetch_wasted": 0, "prefetch_late": 0, "bytes_loaded": 0,
+                         "stall_seconds": 0.0, "expert_requests": 0, "read_errors": 0, "evictions": 0}
+        self._threads = [threading.Thread(target=self._worker, name=f"moeyard-io-{i}", daemon=True)
+                         for i in range(max(1, io_threads))]
+        for t in self._threads:
+            t.start()
+
+    # ---- helpers (lock held) -----------------------------------------------------------------------------------
+    def distance(self, layer: int) -> int:
+        """MoE layers until ``layer`` is computed again (the current layer counts as a full cycle away)."""
+        L = len(self.layer_pos)
+        d = (self.layer_pos[layer] - self.layer_pos[self.cur_layer]) % L
+        return d or L
+
+    def _victim(self, for_prefetch: bool):
+        cands = [e for e in self.entries.values()
+                 if e.key not in self.pinned and (e.state == READY or (e.state == QUEUED and not for_prefetch))]
+        if for_prefetch:
+            # never push out something an upcoming layer is predicted to need, nor an unused prefetch
+            cands = [e for e in cands if e.state == READY and (e.wrong or e.key not in self.predicted)
+                     and not (e.prefetched and not e.counted_use and not e.wrong)]
+        if not cands:
+            return None
+        return min(cands, key=lambda e: self.policy(self, e))
+
+    def _claim(self, for_prefetch: bool):
+        if self.free:
+            return self.free.pop()
+        v = self._victim(for_prefetch)
+        if v is None:
+            return None
+        self._drop(v)
+        self.counters["evictions"] += 1
+        return v.slot
+
+    def _drop(self, e: _Entry):
+        del self.entries[e.key]
+        if e.prefetched and not e.counted_use:
+            self.counters["prefetch_wasted"] += 1
+        if e.state == QUEUED:
+            e.state = FAILED   # the worker skips it
+            e.error = "cancelled"
+
+    def _submit(self, key, slot, prefetched, priority):
+        e = _Entry(key, slot, prefetched)
+        self.entries[key] = e
+        heapq.heappush(self._jobs, (priority, next(self._seq), e))
+        self._cond.notify_all()
+        return e
+
+    def _touch(self, e: _Entry):
+        e.freq += 1
+        e.last_use = next(self._tick)
+        e.wrong = False
+        if e.prefetched and not e.counted_use:
+            self.counters["prefetch_used"] += 1
+        e.counted_use = True
+
+    def _unpin_all(self):
+        if self.cuda and self.pinned:
+            ev = torch.cuda.Event()
+            ev.record()
+            for k in self.pinned:
+                if k in self.entries:
+                    self._release_event[self.entries[k].slot] = ev
+        self.pinned.clear()
+
+    # ---- executor interface ------------------------------------------------------------------------------------
+    def begin_layer(self, layer: int, experts: list[int]):
+        """Layer ``layer`` is about to run ``experts`` (sorted as the dispatcher will ask for them)."""
+        with self._lock:
+            self.cur_layer = layer
+            self._unpin_all()
+            self._last_get = None
+            need = set(experts)
+            # real-time correction: prefetches for this layer that turned out wrong are cancelled or evicted first
+            for e in [x for x in self.entries.values() if x.key[0] == layer and x.key[1] not in need]:
+                if e.prefetched and not e.counted_use:
+                    if e.state == QUEUED:
+                        self._drop(e)
+                        self.free.append(e.slot)
+                        self.counters["prefetch_cancelled"] += 1
+                    else:
+                        e.wrong = True
+            for x in experts:
+                key = (layer, x)
+                ent = self.entries.get(key)
+                if ent is not None and ent.state != FAILED:
+                    self._class[key] = True
+                    self.pinned.add(key)
+                    self._touch(ent)
+            for x in experts:
+                key = (layer, x)
+                if key in self._class:
+                    continue
+                self._class[key] = False
+                slot = self._claim(for_prefetch=False)
+                if slot is None:
+                    continue          # every slot pinned: loaded on demand by get() once earlier experts are done
+                ent = self._submit(key, slot, False, -1)
+                self.pinned.add(key)
+                self._touch(ent)
+
+    def prefetch(self, layer: int, experts, priority: int = 1) -> int:
+        """Start loading ``experts`` of ``layer`` if absent and a slot can be had without evicting anything
+        predicted; returns how many loads were issued."""
+        n = 0
+        with self._lock:
+            for x in experts:
+                key = (layer, int(x))
+                if key in self.entries:
+                    continue
+                slot = self._claim(for_prefetch=True)
+                if slot is None:
+                    break
+                self._submit(key, slot, True, priority)
+                n += 1
+            self.counters["prefetch_issued"] += n
+        return n
+
+    def set_predictions(self, predicted: dict[tuple[int, int], int]):
+        """Experts upcoming layers are predicted to need → MoE layers until needed (used by eviction)."""
+        with self._lock:
+            self.predicted = predicted
+
+    def get(self, layer: int, expert: int) -> ExpertWeights:
+        key = (layer, expert)
+        t0 = None
+        with self._lock:
+            if self._last_get is not None and self._last_get[0] == layer:
+                self.pinned.discard(self._last_get)       # its matmuls are done (CPU) / enqueued (GPU)
+                if self.cuda and self._last_get in self.entries:
+                    ev = torch.cuda.Event()
+                    ev.record()
+                    self._release_event[self.entries[self._last_get].slot] = ev
+            self._last_get = key
+            hit = self._class.pop(key, None)
+            ent = self.entries.get(key)
+            if hit is None:
+                hit = ent is not None and ent.state != FAILED
+            self.counters["expert_requests"] += 1
+            self.counters["expert_hits" if hit else "expert_misses"] += 1
+            while True:
+                if ent is None or (ent.state == FAILED and ent.error == "cancelled"):
+                    ent = self.entries.get(key)
+                    if ent is None:
+                        slot = self._claim(for_prefetch=False)
+                        if slot is None:
+                            if t0 is None:
+                                t0 = time.perf_counter()
+                            self._cond.wait(0.05)
+                            continue
+                        ent = self._submit(key, slot, False, -2)
+                        self._touch(ent)
+                    continue
+                self.pinned.add(key)
+                if ent.state == READY:
+                    break
+                if ent.state == FAILED:
+                    raise ExpertReadError(layer, expert, ent.error)
+                if t0 is None:
+                    t0 = time.perf_counter()
+                    if hit and ent.prefetched:
+                        self.counters["prefetch_late"] += 1
+                self._cond.wait()
+            if t0 is not None:
+                self.counters["stall_seconds"] += time.perf_counter() - t0
+            if not ent.counted_use:
+                self._touch(ent)
+            w = self.slots[ent.slot]
+            ev = ent.cuda_event
+        if ev is not None:
+            torch.cuda.current_stream().wait_event(ev)
+        return w
+
+    def end_step(self):
+        with self._lock:
+            self._unpin_all()
+            self._last_get = None
+            self._class.clear()
+
+    def resident(self) -> list[tuple[int, int]]:
+        with self._lock:
+            return [k for k, e in self.entries.items() if e.state == READY]
+
+    def stats(self) -> dict:
+        with self._lock:
+            d = dict(self.counters)
+        d["bytes_loaded"] = self.tier.bytes_read
+        d["read_gbps"] = round(self.tier.gbps(), 4)
+        d["expert_slots"] = self.num_slots
+        d["expert_cache_bytes"] = self.num_slots * self.slot_bytes
+        return d
+
+    def close(self):
+        with self._lock:
+            self._closed = True
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join(timeout=5)
+
+    # ---- I/O worker --------------------------------------------------------------------------------------------
+    def _worker(self):
+        tls = {}
+        stream = torch.cuda.Stream() if self.cuda else None
+        while True:
+            with self._lock:
+                while not self._jobs and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                _, _, e = heapq.heappop(self._jobs)
+                if e.state != QUEUED or self.entries.get(e.key) is not e:
+                    continue
+                e.state = LOADING
+                release = self._release_event[e.slot]
+            try:
+                ev = self._load(e, tls, stream, release)
+                err = None
+            except ExpertReadError as x:
+                err = str(x)
+            except Exception as x:  # noqa: BLE001 — reported to the waiting request, never kills the pool
+                err = f"cannot load expert {e.key[1]} of layer {e.key[0]}: {type(x).__name__}: {x}"
+            with self._lock:
+                if err is None:
+                    e.state, e.cuda_event = READY, ev
+                    self.counters["bytes_loaded"] += self.slot_bytes
+                else:
+                    e.state, e.error = FAILED, err
+                    self.counters["read_errors"] += 1
+                    if self.entries.get(e.key) is e:     # give the slot back; a waiting get() sees FAILED
+                        del self.entries[e.key]
+                        self.pinned.discard(e.key)
+                        self.free.append(e.slot)
+                self._cond.notify_all()
+
+    def _load(self, e: _Entry, tls: dict, stream, release):
+        layer, x = e.key
+        dst = self.slots[e.slot]
+        ext = self.tier.extents[e.key]
+        direct = not self.cuda and all(d.dtype == self.dtype for d in ext)
+        if direct:
+            self.tier.read_raw(layer, x, [dst.gate, dst.up, dst.down])
+            return None
+        k = tuple(d.dtype for d in ext)
+        if k not in tls:
+            tls[k] = [torch.empty(d.shape, dtype=d.dtype, pin_memory=self.cuda) for d in ext]
+        raw = self.tier.read_raw(layer, x, tls[k])
+        if not self.cuda:
+            for d, s in zip((dst.gate, dst.up, dst.down), raw):
+                d.copy_(s)
+            return None
+        with torch.cuda.stream(stream):
+            if release is not None:
+                stream.wait_event(release)
+            for d, s in zip((dst.gate, dst.up, dst.down), raw):
+                d.copy_(s, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(stream)
+        ev.synchronize()   # the staging buffer is reused by this thread's next read
+        return ev

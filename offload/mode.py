@@ -1,0 +1,92 @@
+"""``mode="offload"``: dense weights resident, experts on disk with a budgeted slot cache in the fast tier.
+
+    LLM(model, mode="offload", expert_cache_fraction=0.25, prefetch=True, predictor="router")
+
+Options (the keyword parameters of ``build_offload``):
+- ``expert_cache_fraction`` (of all routed experts) or ``expert_cache_bytes`` (wins when given): the slot budget;
+- ``prefetch``: predict and prefetch (False: on-demand loading only);
+- ``predictor``: "router" | "transition" | "token" | "combined" (``moe.predictors``); "transition"/"token" start
+  from the checkpoint's ``trace.npz`` when present (``trace`` option overrides the path) and learn online;
+- ``eviction``: "predicted" | "lru" | "lfu";
+- ``lookahead``: MoE layers predicted/prefetched ahead; ``io_threads``: reader threads;
+- ``max_decode_batch``: sequences per decode step (default: as many as the budget's working set allows,
+  ``slots // top_k``, at most ``max_num_seqs``); ``token_scheduling``: group sequences with overlapping experts.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..moe.checkpoint import CheckpointReader
+from ..moe.errors import ModelError
+from ..moe.loader import build_dense, resolve_dtype
+from ..moe.predictors import PREDICTORS, build_predictor, load_trace
+from ..moe.tokenizer import Tokenizer
+from ..moe.weights import check_fused_shapes
+from ..runtime.modes import ModeContext, new_kv_cache
+from .cache import EVICTION, ExpertCache
+from .executor import OffloadExecutor
+from .tiers import DiskTier
+
+
+class OffloadConfigError(ModelError, ValueError):
+    """Bad offload options (budget too small, unknown predictor/policy)."""
+
+
+def plan_slots(cfg, slot_bytes: int, expert_cache_fraction: float, expert_cache_bytes: int | None,
+               max_num_seqs: int, max_decode_batch: int | None) -> tuple[int, int]:
+    """(slots, max_decode_batch); raises OffloadConfigError when the budget is below one layer's working set."""
+    total = len(cfg.moe_layers) * cfg.num_experts
+    if expert_cache_bytes is not None:
+        if expert_cache_bytes < 0:
+            raise OffloadConfigError("expert_cache_bytes must be >= 0")
+        slots = int(expert_cache_bytes // slot_bytes)
+        what = f"expert_cache_bytes={expert_cache_bytes}"
+    else:
+        if not 0 < expert_cache_fraction <= 1:
+            raise OffloadConfigError(f"expert_cache_fraction must be in (0, 1], got {expert_cache_fraction}")
+        slots = int(expert_cache_fraction * total)
+        what = f"expert_cache_fraction={expert_cache_fraction}"
+    slots = min(slots, total)
+    K, E = cfg.top_k, cfg.num_experts
+    mdb = max_decode_batch if max_decode_batch is not None else max(1, min(max_num_seqs, slots // K))
+    need = min(E, K * mdb)
+    if slots < need:
+        raise OffloadConfigError(
+            f"expert cache too small: {what} gives {slots} expert slots ({slots * slot_bytes / 2**20:.1f} MiB) but "
+            f"one MoE layer's working set for a decode batch of {mdb} is min(num_experts={E}, top_k={K} x {mdb}) = "
+            f"{need} experts; the minimum is {need} slots = {need * slot_bytes} bytes "
+            f"(fraction >= {need / total:.4f}); raise the budget or lower max_decode_batch")
+    return slots, mdb
+
+
+def build_offload(ctx: ModeContext, expert_cache_fraction: float = 0.25, expert_cache_bytes: int | None = None,
+                  prefetch: bool = True, predictor: str = "router", eviction: str = "predicted",
+                  lookahead: int = 1, io_threads: int = 2, max_decode_batch: int | None = None,
+                  token_scheduling: bool = True, trace: str | None = None, drop_page_cache: bool = True):
+    if predictor is not None and predictor not in PREDICTORS:
+        raise OffloadConfigError(f"unknown predictor {predictor!r}; valid: {', '.join(PREDICTORS)}")
+    if eviction not in EVICTION:
+        raise OffloadConfigError(f"unknown eviction policy {eviction!r}; valid: {', '.join(EVICTION)}")
+    if lookahead < 1:
+        raise OffloadConfigError(f"lookahead must be >= 1, got {lookahead}")
+    cfg, device = ctx.cfg, ctx.device        # device chosen by the runtime (GPU when present)
+    dtype = resolve_dtype(ctx.dtype, cfg, device)
+    reader = CheckpointReader(ctx.path)
+    for l in cfg.moe_layers:
+        check_fused_shapes(cfg, reader, l)
+    slot_bytes = cfg.expert_bytes(dtype.itemsize if hasattr(dtype, "itemsize") else 4)
+    slots, mdb = plan_slots(cfg, slot_bytes, expert_cache_fraction, expert_cache_bytes, ctx.max_num_seqs,
+                            max_decode_batch)
+    model = build_dense(cfg, reader, dtype, device, ctx.max_model_len)
+    tier = DiskTier(cfg, reader, drop_cache=drop_page_cache)
+    cache = ExpertCache(cfg, tier, slots, dtype, device, eviction=eviction, io_threads=io_threads)
+    pred = None
+    if predictor is not None and (prefetch or token_scheduling):
+        tpath = trace or os.path.join(ctx.path, "trace.npz")
+        tr = load_trace(tpath) if os.path.isfile(tpath) else None
+        pred = build_predictor(predictor, cfg, model=model, trace=tr, max_ahead=max(4, lookahead))
+    kv = new_kv_cache(cfg, ctx.max_num_seqs, ctx.max_model_len, dtype, device)
+    ex = OffloadExecutor(model, kv, device, cache, pred, prefetch=prefetch, lookahead=lookahead,
+                         max_decode_batch=mdb, token_scheduling=token_scheduling)
+    return ex, Tokenizer.from_dir(ctx.path)
