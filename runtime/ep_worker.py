@@ -1,0 +1,348 @@
+"""One expert-parallel worker: a shard of the experts, all dense weights, and the KV cache of its sequences.
+
+A plain class (no Ray): the Ray actor in ``moeyard.cluster.actor`` only forwards to it, and tests run several in
+threads over a gloo group. All workers of a group call ``step`` for the same step (each with its own items, maybe
+none); inside, they run the layers in lockstep and meet at every MoE layer's all-to-all.
+
+Attention is data-parallel: a sequence has a home worker (its items are sent there), which embeds its tokens and
+samples from its logits.
+
+Schemes
+  standard  the model's own forward with an all-to-all dispatcher: token rows visit their experts' workers and
+            come back home at every MoE layer.
+  coherent  ExFlow's context-coherent EP: after a MoE layer a token stays on the worker of its first-choice
+            expert (its residual stream moves there, other experts' weighted outputs are sent there) and its next
+            attention runs there. Every worker keeps every sequence's KV cache: each layer's new K/V entries are
+            all-gathered. Final hidden states of sampled rows return home for the LM head.
+
+Shapes: R tokens resident on this worker, D hidden, H/Hkv heads, Dh head dim, K top-k, E experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..comm.a2a import A2ADispatcher, Exchanger, dest_table, make_group
+from ..moe.checkpoint import CheckpointReader
+from ..moe.config import MoEConfig
+from ..moe.experts import ResidentExperts, run_experts
+from ..moe.loader import build_dense, resolve_dtype
+from .executor import StepItem, build_batch
+from .modes import new_kv_cache
+
+SCHEMES = ("standard", "coherent")
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """A StepItem plus ``key``: global index of its first token in the step's flattened batch."""
+    slot: int
+    token_ids: list
+    start: int
+    sample: bool
+    key: int
+
+
+class EPWorker:
+    def __init__(self, path: str, rank: int, world: int, holders: list[list[tuple[int, ...]]],
+                 scheme: str = "standard", dtype=None, device="cpu", max_num_seqs: int = 64,
+                 max_model_len: int = 2048):
+        if scheme not in SCHEMES:
+            raise ValueError(f"ep_scheme must be one of {SCHEMES}, got {scheme!r}")
+        self.rank, self.world, self.scheme, self.holders = rank, world, scheme, holders
+        self.device = torch.device(device)
+        self.cfg = cfg = MoEConfig.from_dir(path)
+        self.moe_layers = list(cfg.moe_layers)
+        if len(holders) != len(self.moe_layers):
+            raise ValueError(f"placement has {len(holders)} layers, the model {len(self.moe_layers)} MoE layers")
+        self.layer_index = {l: i for i, l in enumerate(self.moe_layers)}
+        self.dtype = resolve_dtype(dtype, cfg, self.device)
+        reader = CheckpointReader(path)
+        self.model = build_dense(cfg, reader, self.dtype, self.device, max_model_len)
+        only = {l: [e for e, ws in enumerate(holders[i]) if rank in ws] for i, l in enumerate(self.moe_layers)}
+        self.local_experts = only
+        self.model.experts = ResidentExperts(cfg, reader, self.dtype, self.device, only=only)
+        self.kv = new_kv_cache(cfg, max_num_seqs, max_model_len, self.dtype, self.device)
+        self.ex: Exchanger | None = None
+        self.steps = 0
+
+    # -- group ---------------------------------------------------------------------------------------------------
+    def connect(self, init_method: str, backend: str | None = None, timeout_s: float = 30.0):
+        backend = backend or ("nccl" if self.device.type == "cuda" else "gloo")
+        pg = make_group(init_method, self.rank, self.world, backend, timeout_s)
+        self.ex = Exchanger(pg, self.rank, self.world, timeout_s)
+        self.model.dispatcher = A2ADispatcher(self.ex, self.holders, self.layer_index)
+        self.dest = dest_table(self.holders, self.rank, self.world)
+        E = self.cfg.num_experts
+        self.hold_LEG = []
+        for row in self.holders:
+            m = torch.zeros(E, self.world, dtype=torch.bool)
+            for e, ws in enumerate(row):
+                m[e, list(ws)] = True
+            self.hold_LEG.append(m)
+        return True
+
+    def stats(self) -> dict:
+        d = self.ex.stats() if self.ex else {}
+        d["steps"] = self.steps
+        return d
+
+    def expert_bytes(self) -> int:
+        return self.model.experts.nbytes
+
+    # -- one step ------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self, items: list[WorkItem], max_len: int) -> torch.Tensor:
+        """Run one step for this worker's items (maybe none); returns logits [B_sample, V] of its sampled items
+        in item order."""
+        if self.ex is None:
+            raise RuntimeError("EPWorker.step before connect()")
+        self.kv.ensure(max_len)
+        self.steps += 1
+        if self.scheme == "coherent":
+            return self._coherent(items)
+        if not items:
+            self._idle_standard()
+            return torch.empty((0, self.cfg.vocab_size))
+        ids_N, batch = build_batch([StepItem(it.slot, list(it.token_ids), it.start, it.sample) for it in items],
+                                   self.device, self.kv)
+        return self.model(ids_N, batch).cpu()
+
+    def _idle_standard(self):
+        D, K = self.cfg.hidden_size, self.cfg.top_k
+        x = torch.empty((0, D), dtype=self.dtype, device=self.device)
+        ids = torch.empty((0, K), dtype=torch.long, device=self.device)
+        w = torch.empty((0, K), dtype=self.dtype, device=self.device)
+        disp = self.model.dispatcher
+        for l in self.moe_layers:
+            routed = disp.dispatch(l, x, ids, w)
+            y = run_experts(l, routed.x_MD, routed.expert_ids, routed.counts, self.model.experts)
+            disp.combine(y, routed.meta)
+
+    # -- context-coherent scheme ---------------------------------------------------------------------------------
+    def _coherent(self, items: list[WorkItem]) -> torch.Tensor:
+        m, dev = self.model, self.device
+        ids, slot, pos, key, samp = [], [], [], [], []
+        for it in items:
+            n = len(it.token_ids)
+            ids.extend(it.token_ids)
+            slot.extend([it.slot] * n)
+            pos.extend(range(it.start, it.start + n))
+            key.extend(range(it.key, it.key + n))
+            samp.extend([False] * (n - 1) + [bool(it.sample)])
+        L = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+        # token table (CPU, long): slot, pos, key, home, sample
+        tab = torch.stack([L(slot), L(pos), L(key), torch.full((len(ids),), self.rank, dtype=torch.long),
+                           L(samp)], 1) if ids else torch.empty((0, 5), dtype=torch.long)
+        x = m.model.embed_tokens(L(ids).to(dev))
+        for li, layer in enumerate(m.model.layers):
+            x = self._attention_block(li, layer, x, tab)
+            h = layer.post_attention_layernorm(x)
+            if not layer.is_moe:
+                x = x + layer.mlp(h)
+                continue
+            x, tab = self._coherent_moe(li, layer.mlp, x, h, tab)
+        x = m.model.norm(x)
+        sel = tab[:, 4].bool()
+        (hx, hk), _ = self.ex.exchange(tab[sel, 3], [x[sel.to(dev)], tab[sel, 2]], ["hidden", "meta"])
+        hx = hx[torch.argsort(hk)]
+        return m.lm_head(hx).float().cpu()
+
+    def _attention_block(self, li, layer, x, tab):
+        attn = layer.self_attn
+        R = x.shape[0]
+        H, Hkv, Dh = attn.H, attn.Hkv, attn.Dh
+        if R:
+            q, k, v = attn.qkv(layer.input_layernorm(x), tab[:, 1].to(self.device), self.model.rotary)
+        else:
+            k = v = x.new_empty((0, Hkv, Dh))
+        # replicate the new K/V entries on every worker
+        others = [g for g in range(self.world) if g != self.rank]
+        kvrow = torch.cat([k.reshape(R, Hkv * Dh), v.reshape(R, Hkv * Dh)], 1)
+        dest = torch.tensor(others, dtype=torch.long).repeat_interleave(R)
+        (rkv, rmeta), _ = self.ex.exchange(dest, [kvrow.repeat(len(others), 1), tab[:, :2].repeat(len(others), 1)],
+                                           ["kv", "kv"])
+        all_kv = torch.cat([kvrow, rkv])
+        all_meta = torch.cat([tab[:, :2], rmeta]).to(self.device)
+        if all_kv.shape[0]:
+            kk, vv = all_kv.split(Hkv * Dh, dim=1)
+            self.kv.write(li, all_meta[:, 0], all_meta[:, 1], kk.view(-1, Hkv, Dh), vv.view(-1, Hkv, Dh))
+        if not R:
+            return x
+        o = self._attend(attn, li, q, tab)
+        return x + attn.o_proj(o.reshape(R, H * Dh))
+
+    def _attend(self, attn, li, q, tab):
+        slots, pos = tab[:, 0], tab[:, 1]
+        dev = self.device
+        if len(torch.unique(slots)) == len(slots):   # one token per sequence: batched, as local decode
+            T = int(pos.max()) + 1
+            K, V = self.kv.read(li, slots.to(dev), T)
+            mask = (torch.arange(T)[None, :] <= pos[:, None])[:, None, None, :].to(dev)
+            return attn._sdpa(q.unsqueeze(2), K.transpose(1, 2), V.transpose(1, 2), mask=mask).squeeze(2)
+        o = torch.empty_like(q)
+        for s in torch.unique(slots).tolist():
+            idx = (slots == s).nonzero().squeeze(1)
+            p = pos[idx]
+            T = int(p.max()) + 1
+            K, V = self.kv.read_one(li, s, T)
+            qq = q[idx.to(dev)].transpose(0, 1).unsqueeze(0)
+            if len(idx) == T and bool((p == torch.arange(T)).all()):
+                oo = attn._sdpa(qq, K.transpose(0, 1).unsqueeze(0), V.transpose(0, 1).unsqueeze(0), causal=True)
+            else:
+                mask = (torch.arange(T)[None, :] <= p[:, None])[None, None].to(dev)
+                oo = attn._sdpa(qq, K.transpose(0, 1).unsqueeze(0), V.transpose(0, 1).unsqueeze(0), mask=mask)
+            o[idx.to(dev)] = oo[0].transpose(0, 1)
+        return o
+
+    def _coherent_moe(self, li, block, x, h, tab):
+        dev, rank = self.device, self.rank
+        pl = self.layer_index[li]
+        hold = self.hold_LEG[pl]
+        R, K, D = x.shape[0], self.cfg.top_k, x.shape[1]
+        if R:
+            _, ids_NK, w_NK = block.gate(h)
+            ids_NK = ids_NK.cpu()
+        else:
+            ids_NK = torch.empty((0, K), dtype=torch.long)
+            w_NK = x.new_empty((0, K))
+        # where each token goes next: the worker of its first-choice expert (itself if it holds a copy)
+        newloc = self.dest[pl][ids_NK[:, 0]] if R else torch.empty(0, dtype=torch.long)
+        e_M = ids_NK.reshape(-1)
+        nl_M = newloc.repeat_interleave(K)
+        first = hold[e_M].long().argmax(1) if R else torch.empty(0, dtype=torch.long)
+        dest_M = torch.where(hold[e_M, nl_M] if R else torch.empty(0, dtype=torch.bool), nl_M,
+                             torch.where(hold[e_M, rank] if R else torch.empty(0, dtype=torch.bool),
+                                         torch.full_like(nl_M, rank), first))
+        self.ex.local_assign += int((dest_M == rank).sum())
+        self.ex.total_assign += int(dest_M.numel())
+        tok_M = torch.arange(R).repeat_interleave(K)
+        choice0 = (torch.arange(R * K) % K == 0).long()
+        meta_M = torch.stack([e_M, tab[tok_M, 2], nl_M, choice0], 1) if R else torch.empty((0, 4), dtype=torch.long)
+        rows = torch.cat([h[tok_M.to(dev)], w_NK.reshape(-1, 1)], 1)
+        (rrows, rmeta), _ = self.ex.exchange(dest_M, [rows, meta_M], ["moe", "moe"])
+        # tokens move to their new location with their residual stream
+        (mx, mtab), _ = self.ex.exchange(newloc, [x, tab], ["hidden", "meta"])
+        # experts of this worker
+        perm = torch.argsort(rmeta[:, 0], stable=True)
+        e_sorted = rmeta[perm, 0]
+        uids, counts = torch.unique_consecutive(e_sorted, return_counts=True)
+        xr, wr = rrows[:, :D], rrows[:, D:]
+        y = run_experts(li, xr[perm.to(dev)], uids.tolist(), counts.tolist(), self.model.experts)
+        y_R = torch.empty_like(y)
+        y_R[perm.to(dev)] = y
+        y_R = y_R * wr
+        # h of the tokens that now live here came with their first-choice row
+        c0 = rmeta[:, 3].bool()
+        h_keys, h_rows = rmeta[c0, 1], xr[c0.to(dev)]
+        (ry, rk), _ = self.ex.exchange(rmeta[:, 2], [y_R, rmeta[:, [1, 0]]], ["moe", "meta"])
+        # assemble the resident tokens (ordered by key)
+        order = torch.argsort(mtab[:, 2])
+        mtab, mx = mtab[order], mx[order.to(dev)]
+        keys = mtab[:, 2]
+        Rn = keys.numel()
+        out = mx.new_zeros((Rn, D))
+        if ry.shape[0]:
+            eo = torch.argsort(rk[:, 1], stable=True)        # add expert outputs in expert order, as local mode
+            ry, rk = ry[eo.to(dev)], rk[eo]
+            out = out.index_add(0, torch.searchsorted(keys.contiguous(), rk[:, 0].contiguous()).to(dev), ry)
+        if block.shared_expert is not None and Rn:
+            hn = h_rows[torch.argsort(h_keys).to(dev)]
+            out = out + torch.sigmoid(block.shared_expert_gate(hn)) * block.shared_expert(hn)
+        return mx + out, mtab
+
+
+# -- driver side: split a step between workers, merge the logits ------------------------------------------------
+def home_of(slot: int, world: int) -> int:
+    """A sequence's home worker (data-parallel attention): its KV slot modulo the worker count."""
+    return slot % world
+
+
+def partition(items: list[StepItem], world: int) -> tuple[list[list[WorkItem]], list[tuple[int, int]], int]:
+    """Per-worker item lists, where each sampled item's logits row comes from ((worker, row)), and the longest
+    sequence length of the step."""
+    plans: list[list[WorkItem]] = [[] for _ in range(world)]
+    where, rows, key, max_len = [], [0] * world, 0, 0
+    for it in items:
+        g = home_of(it.slot, world)
+        plans[g].append(WorkItem(it.slot, list(it.token_ids), it.start, it.sample, key))
+        key += len(it.token_ids)
+        max_len = max(max_len, it.start + len(it.token_ids))
+        if it.sample:
+            where.append((g, rows[g]))
+            rows[g] += 1
+    return plans, where, max_len
+
+
+def merge_logits(outs: list[torch.Tensor], where: list[tuple[int, int]]) -> torch.Tensor:
+    if not where:
+        V = outs[0].shape[-1]
+        return torch.empty((0, V))
+    return torch.stack([outs[g][r] for g, r in where])
+
+
+def sum_stats(per_worker: list[dict]) -> dict:
+    """Executor counters from the workers' cumulative counters."""
+    d: dict = {}
+    for s in per_worker:
+        for k, v in s.items():
+            if k != "steps":
+                d[k] = d.get(k, 0) + v
+    tot = d.pop("total_assignments", 0)
+    loc = d.pop("local_assignments", 0)
+    d["local_fraction"] = loc / tot if tot else 0.0
+    d["routed_assignments"] = tot
+    return d
+
+
+class ThreadEPExecutor:
+    """Workers in threads of this process over a gloo FileStore group (tests, debugging; no Ray)."""
+
+    def __init__(self, path: str, holders, world: int, scheme: str = "standard", max_num_seqs: int = 8,
+                 max_model_len: int = 256, dtype=None, timeout_s: float = 30.0):
+        import tempfile
+        import threading
+        self.world = world
+        self.workers = [EPWorker(path, g, world, holders, scheme, dtype, "cpu", max_num_seqs, max_model_len)
+                        for g in range(world)]
+        fd, f = tempfile.mkstemp(prefix="moeyard_ep_")
+        import os
+        os.close(fd)
+        os.unlink(f)
+        self._run_all([lambda w=w: w.connect(f"file://{f}", "gloo", timeout_s) for w in self.workers])
+        self.route_hooks = []
+        self._threading = threading
+
+    def _run_all(self, fns):
+        import threading
+        res, errs = [None] * len(fns), []
+
+        def run(i):
+            try:
+                res[i] = fns[i]()
+            except Exception as e:  # noqa: BLE001
+                errs.append(e)
+        ts = [threading.Thread(target=run, args=(i,)) for i in range(len(fns))]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        if errs:
+            raise errs[0]
+        return res
+
+    def execute(self, items: list[StepItem]) -> torch.Tensor:
+        plans, where, max_len = partition(items, self.world)
+        outs = self._run_all([lambda w=w, p=p: w.step(p, max_len) for w, p in zip(self.workers, plans)])
+        return merge_logits(outs, where)
+
+    def free(self, slot: int):
+        pass
+
+    def stats(self) -> dict:
+        return sum_stats([w.stats() for w in self.workers])
+
+    def close(self):
+        pass
