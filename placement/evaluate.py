@@ -76,6 +76,7 @@ def evaluate(placement: Placement, data: Trace | AffinityProblem, *, nodes: int 
     else:
         inter = 0.0
     wcost = float((a * pair_cost_PEE(m_LEG, topo)).sum())
+    wrate = wcost / total
     load = worker_load_LG(m_LEG, prob.load_LE)
     ratio_L = load.max(1) / np.maximum(load.mean(1), 1e-300)
-    return Metrics(cross, inter, wcost / total, wcost, float(ratio_L.max()), float(ratio_L.mean()))
+    return Metrics(cross, inter, float(wrate), wcost, float(ratio_L.max()), float(ratio_L.mean()))
