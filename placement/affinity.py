@@ -114,3 +114,23 @@ def load_routing_stats(paths: str | os.PathLike | Iterable[str | os.PathLike], *
         tokens += c[0].sum() / k
     label = name or "+".join(os.path.splitext(os.path.basename(p))[0] for p in paths)
     return affinity_from_counts(co_PEE, counts_LE, tokens, name=label)
+
+
+def load_problem_file(path: str | os.PathLike):
+    """Load either a token trace (``experts`` array) or OLMoE-paper statistics (``coactivation``).
+
+    Returns (problem, trace) where trace is None for precomputed statistics.
+    """
+    from .trace import load_trace
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise PlacementError(f"trace file not found: {path}")
+    try:
+        with np.load(path) as d:
+            keys = set(d.files)
+    except Exception as exc:
+        raise PlacementError(f"cannot read {path}: {exc}") from exc
+    if "coactivation" in keys and "experts" not in keys:
+        return load_routing_stats(path), None
+    trace = load_trace(path)
+    return affinity_from_trace(trace, name=os.path.basename(path)), trace

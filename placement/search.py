@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+from scipy import sparse
 from scipy.optimize import Bounds, LinearConstraint, linear_sum_assignment, milp
 
 from .errors import PlacementError
@@ -103,7 +104,11 @@ def _topo_of(cost_GG):
 
 
 class LayerSolver:
-    """Exact single-layer assignment: S experts per worker, optional load cap per worker."""
+    """Exact single-layer assignment (at most S experts per worker), with an optional load cap.
+
+    Without a cap the move is exact (linear_sum_assignment). With a cap the assignment is repaired by
+    cost-aware swaps; if repair fails, a HiGHS MIP with the cap is tried within ``mip_time``.
+    """
 
     def __init__(self, G: int, S: int, load_LE: np.ndarray | None = None, cap_L: np.ndarray | None = None,
                  mip_time: float = 5.0):
@@ -111,33 +116,63 @@ class LayerSolver:
 
     def solve(self, cost_EG: np.ndarray, l: int, current_E: np.ndarray | None = None) -> np.ndarray:
         E, G, S = cost_EG.shape[0], self.G, self.S
-        if self.cap_L is None:
-            _, col = linear_sum_assignment(np.repeat(cost_EG, S, axis=1))
-            return col // S
-        load_E, cap = self.load_LE[l], self.cap_L[l]
-        rows = []
-        A_count = np.kron(np.eye(E), np.ones(G))            # each expert once
-        A_slots = np.kron(np.ones(E), np.eye(G))            # S per worker
-        A_load = np.kron(load_E, np.eye(G))                 # load per worker
-        res = milp(cost_EG.ravel(), integrality=np.ones(E * G), bounds=Bounds(0, 1),
-                   constraints=[LinearConstraint(A_count, 1, 1), LinearConstraint(A_slots, S, S),
-                                LinearConstraint(A_load, -np.inf, cap)],
-                   options={"time_limit": self.mip_time, "disp": False, "mip_rel_gap": 1e-4})
-        del rows
-        if res.x is None:
-            if current_E is not None:
-                return current_E
-            raise PlacementError(
-                f"load balance infeasible at layer {l}: cannot place {E} experts on {G} workers with "
-                f"<= {cap:.4g} expected tokens each (mean {load_E.sum() / G:.4g}); raise --balance or add --replicas")
-        new = res.x.reshape(E, G).argmax(1)
-        if current_E is not None and (cost_EG[np.arange(E), new].sum() > cost_EG[np.arange(E), current_E].sum()
-                                      and self._feasible(current_E, l)):
+        _, col = linear_sum_assignment(np.repeat(cost_EG, S, axis=1))
+        new = col // S
+        if self.cap_L is None or self.feasible(new, l):
+            return new
+        new = self._repair(cost_EG, new, l)
+        if new is not None:
+            return new
+        if current_E is not None and self.feasible(current_E, l):
             return current_E
+        new = self._mip(cost_EG, l)
+        if new is None:
+            load_E, cap = self.load_LE[l], self.cap_L[l]
+            raise PlacementError(
+                f"load balance infeasible at layer {l}: could not place {E} experts on {G} workers with "
+                f"<= {cap:.4g} expected tokens each (mean {load_E.sum() / G:.4g}); raise --balance or add --replicas")
         return new
 
-    def _feasible(self, w_E, l):
-        return np.bincount(w_E, self.load_LE[l], self.G).max() <= self.cap_L[l] + 1e-9
+    def feasible(self, w_E, l):
+        return np.bincount(w_E, self.load_LE[l], self.G).max() <= self.cap_L[l] * (1 + 1e-9)
+
+    def _repair(self, cost_EG, w_E, l, max_steps=None):
+        """Swap experts between an overloaded worker and others until loads fit, cheapest first."""
+        load_E, cap, G = self.load_LE[l], self.cap_L[l], self.G
+        w = w_E.copy()
+        for _ in range(max_steps or 4 * len(w)):
+            ld_G = np.bincount(w, load_E, G)
+            over = ld_G - cap
+            if over.max() <= cap * 1e-9:
+                return w
+            o = int(np.argmax(over))
+            a = np.flatnonzero(w == o)                       # candidates leaving o
+            b = np.flatnonzero(w != o)                       # candidates entering o
+            h = w[b]
+            d = load_E[a][:, None] - load_E[b][None, :]      # load moved out of o
+            new_o, new_h = ld_G[o] - d, ld_G[h][None, :] + d
+            viol_before = max(over[o], 0) + np.maximum(over[h], 0)[None, :]
+            viol_after = np.maximum(new_o - cap, 0) + np.maximum(new_h - cap, 0)
+            dv = viol_after - viol_before
+            dc = (cost_EG[a][:, h] + cost_EG[b, o][None, :] - cost_EG[a, o][:, None] - cost_EG[b, h][None, :])
+            score = np.where(dv < -1e-15, dc / np.maximum(-dv, 1e-15), np.inf)
+            k = int(np.argmin(score))
+            if not np.isfinite(score.flat[k]):
+                return None
+            ia, ib = np.unravel_index(k, score.shape)
+            w[a[ia]], w[b[ib]] = h[ib], o
+        return w if self.feasible(w, l) else None
+
+    def _mip(self, cost_EG, l):
+        E, G, S = cost_EG.shape[0], self.G, self.S
+        A_count = sparse.kron(sparse.eye(E), np.ones((1, G)))
+        A_slots = sparse.kron(np.ones((1, E)), sparse.eye(G))
+        A_load = sparse.kron(self.load_LE[l][None, :], sparse.eye(G))
+        res = milp(cost_EG.ravel(), integrality=np.ones(E * G), bounds=Bounds(0, 1),
+                   constraints=[LinearConstraint(A_count, 1, 1), LinearConstraint(A_slots, 0, S),
+                                LinearConstraint(A_load, -np.inf, self.cap_L[l])],
+                   options={"time_limit": self.mip_time, "disp": False, "mip_rel_gap": 1e-3})
+        return None if res.x is None else res.x.reshape(E, G).argmax(1)
 
 
 def descend(worker_LE, aff_PEE, cost_GG, layer_solver, deadline, node_of_G, *, dirty=None,

@@ -103,25 +103,31 @@ def solve(problem_or_trace, num_workers: int, *, nodes: int = 1, replicas: int =
     use_exact = method == "exact" or (method == "auto" and terms <= EXACT_MAX_TERMS)
     info = {"policy": "affinity", "seed": seed, "time_limit": time_limit, "nodes": nodes,
             "replicas": replicas, "balance": balance, "inter_node_cost": inter_node_cost}
+    member, bound, status = None, 0.0, "feasible"
     if use_exact:
-        res = solve_exact(problem, spec, copies_LE, time_limit=max(0.5, deadline - time.perf_counter()))
-        if res.member_LEG is None:
-            if res.status == "infeasible":
-                raise PlacementError("placement constraints are infeasible (balance/replicas); "
-                                     "raise --balance or change --replicas")
-            use_exact = False          # no incumbent in time: fall back to the search
-        else:
-            member, bound, status = res.member_LEG, res.bound, res.status
-            info.update(method="exact-milp", bound_method="highs-milp-dual-bound")
-    if not use_exact:
+        # exact MILP; under "auto" it gets half the budget and the search may still improve on it
+        budget = deadline - time.perf_counter()
+        res = solve_exact(problem, spec, copies_LE,
+                          time_limit=max(0.5, budget if method == "exact" else 0.5 * budget))
+        if res.status == "infeasible":
+            raise PlacementError("placement constraints are infeasible (balance/replicas); "
+                                 "raise --balance or change --replicas")
+        bound = res.bound
+        info.update(method="exact-milp", bound_method="highs-milp-dual-bound", milp_status=res.status)
+        if res.member_LEG is not None:
+            member, status = res.member_LEG, res.status
+    if member is None or (method == "auto" and status != "optimal"):
         # 3. bound (a quarter of the budget at most)
-        bound, binfo = pair_lower_bound(problem, spec, copies_LE, time_limit=0.25 * time_limit)
-        info.update(binfo, method="layer-search")
+        pb, binfo = pair_lower_bound(problem, spec, copies_LE, time_limit=0.25 * time_limit)
+        if pb > bound:
+            bound = pb
+            info.update(binfo)
         # 4. primaries
         prim_load_LE = problem.load_LE / copies_LE
         prim_cap = None if cap_L is None else (cap_L if not replicas else
                                                (1 + balance) * prim_load_LE.sum(1) / G)
-        layer_solver = LayerSolver(G, -(-E // G), prim_load_LE, prim_cap)
+        layer_solver = LayerSolver(G, -(-E // G), prim_load_LE, prim_cap,
+                                   mip_time=max(0.2, 0.05 * time_limit))
         topo = spec.topology
         worker_LE, cost, iters = local_search(problem.aff_PEE, topo.cost_GG(), topo.node_of_G, -(-E // G),
                                               layer_solver, max(0.2, deadline - time.perf_counter()),
@@ -129,10 +135,13 @@ def solve(problem_or_trace, num_workers: int, *, nodes: int = 1, replicas: int =
         info["iterations"] = iters
         # 5. replicas
         if replicas:
-            member = add_replicas(worker_LE, copies_LE, problem.aff_PEE, problem.load_LE, G, slots, cap_L)
+            found = add_replicas(worker_LE, copies_LE, problem.aff_PEE, problem.load_LE, G, slots, cap_L)
         else:
-            member = np.zeros((L, E, G), dtype=bool)
-            member[np.arange(L)[:, None], np.arange(E)[None, :], worker_LE] = True
+            found = np.zeros((L, E, G), dtype=bool)
+            found[np.arange(L)[:, None], np.arange(E)[None, :], worker_LE] = True
+        if member is None or placement_cost(found, problem, spec) < placement_cost(member, problem, spec):
+            member = found
+            info["method"] = "layer-search" if not use_exact else "exact-milp+layer-search"
         status = "feasible"
     # 6. score
     obj = placement_cost(member, problem, spec)
