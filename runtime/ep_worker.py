@@ -67,6 +67,7 @@ class EPWorker:
         self.kv = new_kv_cache(cfg, max_num_seqs, max_model_len, self.dtype, self.device)
         self.ex: Exchanger | None = None
         self.steps = 0
+        self.recording: dict[int, list] | None = None   # layer -> [ids_NK] while calibrating (standard scheme)
 
     # -- group ---------------------------------------------------------------------------------------------------
     def connect(self, init_method: str, backend: str | None = None, timeout_s: float = 30.0):
@@ -108,7 +109,19 @@ class EPWorker:
             return torch.empty((0, self.cfg.vocab_size))
         ids_N, batch = build_batch([StepItem(it.slot, list(it.token_ids), it.start, it.sample) for it in items],
                                    self.device, self.kv)
+        if self.recording is not None:
+            batch.route_hooks = [lambda layer, x, ids, w: self.recording.setdefault(layer, []).append(ids.cpu())]
         return self.model(ids_N, batch).cpu()
+
+    def start_recording(self):
+        self.recording = {}
+
+    def take_trace(self):
+        """Routing of this worker's tokens since ``start_recording``: int64 [T, L_moe, K] (numpy)."""
+        rec, self.recording = self.recording or {}, None
+        if not rec:
+            return None
+        return torch.stack([torch.cat(rec[l]) for l in self.moe_layers], 1).numpy()
 
     def _idle_standard(self):
         D, K = self.cfg.hidden_size, self.cfg.top_k

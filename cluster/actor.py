@@ -1,0 +1,57 @@
+"""The Ray actor around an ``EPWorker``: forwards calls, builds the worker lazily (on ``load``)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+
+class EPWorkerActor:
+    """Decorated with ``ray.remote`` by the worker group; holds one ``moeyard.runtime.ep_worker.EPWorker``."""
+
+    def __init__(self, **worker_kwargs):
+        self._kw = worker_kwargs
+        self._w = None
+
+    def _worker(self):
+        if self._w is None:
+            import torch
+            torch.set_num_threads(int(os.environ.get("MOEYARD_WORKER_THREADS", "1")))
+            from ..runtime.ep_worker import EPWorker
+            self._w = EPWorker(**self._kw)
+        return self._w
+
+    def load(self) -> dict:
+        import ray
+        w = self._worker()
+        return {"rank": w.rank, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+                "expert_bytes": w.expert_bytes(), "local_experts": w.local_experts}
+
+    def address(self) -> tuple[str, int]:
+        """This node's IP and a free TCP port (rank 0 hosts the rendezvous store)."""
+        import ray
+        ip = ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ip, port
+
+    def connect(self, init_method: str, backend: str | None, timeout_s: float) -> bool:
+        return self._worker().connect(init_method, backend, timeout_s)
+
+    def step(self, items, max_len: int):
+        w = self._worker()
+        logits = w.step(items, max_len)
+        return logits, w.stats()
+
+    def stats(self) -> dict:
+        return self._worker().stats()
+
+    def start_recording(self):
+        self._worker().start_recording()
+
+    def take_trace(self):
+        return self._worker().take_trace()
+
+    def pid(self) -> int:
+        return os.getpid()

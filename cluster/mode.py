@@ -1,0 +1,94 @@
+"""Ray mode: ``LLM(model, mode="ray", num_workers=N, placement=..., ep_scheme=..., ray_address=None)``.
+
+The driver reads only the config and tokenizer; each worker actor loads the dense weights and its experts.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..moe.errors import MoeyardError
+from ..moe.tokenizer import Tokenizer
+from ..runtime.ep_worker import SCHEMES
+from . import layout
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_TEXT = ("The quick brown fox jumps over the lazy dog. In the beginning was the word, and numbers "
+                    "like 3.14159 and 2.71828 appear in science. def main(): return sum(range(10)) # code "
+                    "Once upon a time there lived a king who had three daughters. Q: What is the capital of "
+                    "France? A: Paris. The weather today is sunny with a chance of rain in the afternoon.")
+
+
+def build_ray(ctx, num_workers: int = 2, placement: str = "round_robin", ep_scheme: str = "standard",
+              ray_address: str | None = None, num_cpus_per_worker: float = 0.25,
+              resources_per_worker: dict | None = None, step_timeout: float = 60.0,
+              collective_timeout: float = 20.0, placement_time_limit: float = 20.0):
+    cfg = ctx.cfg
+    if ep_scheme not in SCHEMES:
+        raise MoeyardError(f"ep_scheme must be one of {', '.join(SCHEMES)}, got {ep_scheme!r}")
+    if not isinstance(placement, str):
+        raise MoeyardError(f"placement must be a string (a built-in name or a placement.json path), "
+                           f"got {type(placement).__name__}")
+    # resolve the placement before anything starts (except a calibration run for affinity without a trace)
+    info = {"placement": placement}
+    trace = None
+    if placement in ("round_robin", "contiguous"):
+        holders = layout.static_holders(placement, cfg, num_workers)
+    elif placement == "affinity":
+        layout.check_workers(cfg, num_workers)
+        trace = layout.trace_of_model(ctx.path)
+        holders = None
+    else:
+        holders = layout.load_placement_file(placement, cfg, num_workers)
+    tokenizer = Tokenizer.from_dir(ctx.path)
+
+    from .executor import RayEPExecutor
+    from .group import WorkerGroup, ensure_ray
+    started = ensure_ray(ray_address, num_workers)
+
+    def start(h, scheme):
+        kws = [dict(path=ctx.path, rank=g, world=num_workers, holders=h, scheme=scheme,
+                    dtype=ctx.dtype, device=str(ctx.device), max_num_seqs=ctx.max_num_seqs,
+                    max_model_len=ctx.max_model_len) for g in range(num_workers)]
+        return WorkerGroup(kws, num_cpus_per_worker, resources_per_worker, collective_timeout=collective_timeout)
+
+    try:
+        if placement == "affinity":
+            if trace is None:
+                trace = _calibrate(ctx, tokenizer, num_workers, start)
+                info["trace"] = f"calibration run ({trace.num_tokens} tokens)"
+            else:
+                info["trace"] = f"{ctx.path}/trace.npz ({trace.num_tokens} tokens)"
+            holders, res = layout.affinity_holders(trace, cfg, num_workers, placement_time_limit)
+            info["objective"] = getattr(res, "objective", None)
+        group = start(holders, ep_scheme)
+    except BaseException:
+        if started:
+            import ray
+            ray.shutdown()
+        raise
+    info["holders"] = holders
+    return RayEPExecutor(group, ep_scheme, step_timeout, started, info), tokenizer
+
+
+def _calibrate(ctx, tokenizer, num_workers, start):
+    """A short prefill on a round-robin group, recording every MoE layer's routing."""
+    import numpy as np
+    cfg = ctx.cfg
+    n = min(64, ctx.max_model_len)
+    if tokenizer is not None:
+        ids = tokenizer.encode(CALIBRATION_TEXT)
+        seqs = [ids[i:i + n] for i in range(0, len(ids), n) if len(ids[i:i + n]) > 1][:8]
+    else:
+        rng = np.random.default_rng(0)
+        seqs = [rng.integers(0, cfg.vocab_size, n).tolist() for _ in range(8)]
+    seqs = seqs[:ctx.max_num_seqs] if len(seqs) > ctx.max_num_seqs else seqs
+    group = start(layout.static_holders("round_robin", cfg, num_workers), "standard")
+    from .executor import RayEPExecutor
+    ex = RayEPExecutor(group, "standard", 120.0)
+    try:
+        experts = ex.calibrate(seqs, max(1, min(4, ctx.max_num_seqs)))
+    finally:
+        group.close()
+    return layout.make_trace(experts, cfg.num_experts)
