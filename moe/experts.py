@@ -85,17 +85,23 @@ class ResidentExperts:
 
 
 class ParamExperts(torch.nn.Module):
-    """Trainable experts (stacked parameters), used by the training script with autograd."""
+    """Trainable experts, used by the training script with autograd.
+
+    One parameter per (layer, expert) matrix, flat index ``layer * E + expert``: slicing a stacked [L, E, F, D]
+    parameter instead makes every backward zero-fill a gradient of the whole stack per expert (slow on CPU).
+    """
 
     def __init__(self, cfg: MoEConfig, init_std: float = 0.02):
         super().__init__()
         L, E, D, F = cfg.num_layers, cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size
-        self.gate = torch.nn.Parameter(torch.randn(L, E, F, D) * init_std)
-        self.up = torch.nn.Parameter(torch.randn(L, E, F, D) * init_std)
-        self.down = torch.nn.Parameter(torch.randn(L, E, D, F) * init_std)
+        self.num_experts = E
+        mk = lambda *shape: torch.nn.ParameterList(torch.nn.Parameter(torch.randn(*shape) * init_std)
+                                                   for _ in range(L * E))
+        self.gate, self.up, self.down = mk(F, D), mk(F, D), mk(D, F)
 
     def get(self, layer: int, expert: int) -> ExpertWeights:
-        return ExpertWeights(self.gate[layer, expert], self.up[layer, expert], self.down[layer, expert])
+        i = layer * self.num_experts + expert
+        return ExpertWeights(self.gate[i], self.up[i], self.down[i])
 
 
 def expert_mlp(x_MD: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
