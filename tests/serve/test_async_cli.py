@@ -135,3 +135,8 @@ def test_serve_process_sigterm(serve_ckpt, tmp_path):
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def test_ray_serve_module_importable():
+    import moeyard.cluster.serve as rs
+    assert callable(rs.build_deployment) and callable(rs.app_builder)
