@@ -54,6 +54,18 @@ def metric_name(name: str) -> str:
     return "moeyard_" + n
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """Nested stats dicts become ``outer_inner`` keys (e.g. ``{"cache": {"hit_rate": .5}}`` -> ``cache_hit_rate``)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "_"))
+        else:
+            out[key] = v
+    return out
+
+
 class ServingMetrics:
     def __init__(self):
         self._lock = threading.Lock()
@@ -150,7 +162,7 @@ class ServingMetrics:
         head("moeyard_tokens_per_second", "gauge", f"Generated tokens per second over the last {self.window:g} s.")
         out.append(f"moeyard_tokens_per_second {_fmt(float(self.tokens_per_second()))}")
         seen = {"moeyard_tokens_per_second"}
-        for k, v in sorted((gauges or {}).items()):
+        for k, v in sorted(flatten(gauges or {}).items()):
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 continue
             name = metric_name(k)

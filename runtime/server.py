@@ -229,7 +229,8 @@ def build_app(async_llm, model_name: str = "moeyard") -> FastAPI:
             raise APIError("echo is not supported", param="echo")
         prompts = _prompts(req.prompt)
         sp = _sampling(req, req.max_tokens if req.max_tokens is not None else 16, req.logprobs)
-        return await _run(llm, req, prompts, sp, "cmpl", "prompt", tt(llm), chat=False, model_name=model_name)
+        return await _run(llm, req, prompts, sp, "cmpl", "prompt", tt(llm), chat=False, model_name=model_name,
+                          request=request)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request):
@@ -255,7 +256,8 @@ def build_app(async_llm, model_name: str = "moeyard") -> FastAPI:
         if req.top_logprobs and not req.logprobs:
             raise APIError("top_logprobs needs logprobs: true", param="top_logprobs")
         sp = _sampling(req, mt, lp)
-        return await _run(llm, req, [prompt], sp, "chatcmpl", "messages", tt(llm), chat=True, model_name=model_name)
+        return await _run(llm, req, [prompt], sp, "chatcmpl", "messages", tt(llm), chat=True, model_name=model_name,
+                          request=request)
 
     return app
 
@@ -356,7 +358,18 @@ def _logprobs_chat(outs_lps, tt: TokenText):
     return {"content": content}
 
 
-async def _run(llm: AsyncLLM, req, prompts, sp, prefix, param, tt: TokenText, chat: bool, model_name: str):
+async def _watch_disconnect(request: Request, llm: AsyncLLM, choices):
+    """Non-streaming requests: abort the engine requests when the HTTP client goes away."""
+    while True:
+        await asyncio.sleep(0.25)
+        if await request.is_disconnected():
+            for c in choices:
+                llm.abort(c.stream.request_id)
+            return
+
+
+async def _run(llm: AsyncLLM, req, prompts, sp, prefix, param, tt: TokenText, chat: bool, model_name: str,
+               request: Request | None = None):
     rid = f"{prefix}-{uuid.uuid4().hex[:24]}"
     choices = await _start(llm, prompts, sp, req.n, rid, param)
     created = int(time.time())
@@ -365,9 +378,12 @@ async def _run(llm: AsyncLLM, req, prompts, sp, prefix, param, tt: TokenText, ch
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return StreamingResponse(_sse(llm, choices, rid, created, model_name, chat, want_lp, include_usage, tt),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    watcher = asyncio.create_task(_watch_disconnect(request, llm, choices)) if request is not None else None
     try:
         await asyncio.gather(*[_collect(llm, c) for c in choices])
     finally:
+        if watcher is not None:
+            watcher.cancel()
         for c in choices:
             if not c.stream.finished:
                 llm.abort(c.stream.request_id)

@@ -269,3 +269,21 @@ def test_chat_without_tokenizer(serve_ckpt_no_tok):
         asyncio.run(go())
     finally:
         allm.shutdown()
+
+
+def test_disconnect_non_streaming_frees_slot(server):
+    aborted = server.allm.metrics.requests.get("abort", 0)
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 900, "temperature": 0, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, timeout=httpx.Timeout(30, read=1.5))
+    t0 = time.time()
+    while server.allm.metrics.requests.get("abort", 0) == aborted or server.allm.get_stats()["running"]:
+        assert time.time() - t0 < 15
+        time.sleep(0.1)
+    assert not server.llm.engine.scheduler.running
+
+
+def test_stats_gauges_flatten():
+    from moeyard.runtime.metrics import ServingMetrics
+    txt = ServingMetrics().render({"cache": {"hit_rate": 0.25}, "a2a_bytes": 10, "name": "x", "ok": True})
+    assert "moeyard_cache_hit_rate 0.25" in txt and "moeyard_a2a_bytes 10" in txt and "moeyard_name" not in txt
