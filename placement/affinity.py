@@ -54,7 +54,7 @@ def expert_load(trace: Trace, *, weighted: bool = False) -> np.ndarray:
 def _smooth(counts_PEE, load_LE, num_tokens, smoothing):
     if smoothing <= 0:
         return counts_PEE
-    p_LE = load_LE / np.maximum(load_LE.sum(1, keepdims=True), 1e-300)
+    p_LE = (load_LE + 1.0) / (load_LE + 1.0).sum(1, keepdims=True)   # add-one keeps unseen experts
     per_tok = counts_PEE.sum((1, 2)) / max(num_tokens, 1)             # [P] pairs per token
     prior_PEE = p_LE[:-1, :, None] * p_LE[1:, None, :] * per_tok[:, None, None]
     return counts_PEE + smoothing * prior_PEE

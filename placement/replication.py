@@ -73,7 +73,7 @@ def _make_room(m_EG, free_G, e):
     """Every free slot is on a worker already holding e: move some other replica there instead."""
     g_free = int(np.flatnonzero(free_G > 0)[0])
     for h in np.flatnonzero(~m_EG[e]):
-        movable = np.flatnonzero(m_EG[:, h] & ~m_EG[:, g_free] & (m_EG.sum(1) > 1))
+        movable = np.flatnonzero(m_EG[:, h] & ~m_EG[:, g_free])
         if len(movable):
             x = movable[0]
             m_EG[x, h], m_EG[x, g_free] = False, True

@@ -133,6 +133,9 @@ class LayerSolver:
                 f"<= {cap:.4g} expected tokens each (mean {load_E.sum() / G:.4g}); raise --balance or add --replicas")
         return new
 
+    def feasible_all(self, worker_LE) -> bool:
+        return self.cap_L is None or all(self.feasible(worker_LE[l], l) for l in range(len(worker_LE)))
+
     def feasible(self, w_E, l):
         return np.bincount(w_E, self.load_LE[l], self.G).max() <= self.cap_L[l] * (1 + 1e-9)
 
@@ -255,6 +258,8 @@ def local_search(aff_PEE, cost_GG, node_of_G, S, layer_solver, time_limit, seed=
                                   layers=int(rng.integers(1, 4)))
         dirty = None if it % 8 == 0 else {x for l in touched for x in (l - 1, l, l + 1) if 0 <= x < L}
         trial, c = descend(trial, aff_PEE, cost_GG, layer_solver, deadline, node_of_G, dirty=dirty)
+        if not layer_solver.feasible_all(trial):   # a kick cut short by the deadline
+            continue
         if c < cur - 1e-12:
             cur_w, cur = trial, c
         if c < best - 1e-12:
