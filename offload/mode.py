@@ -60,6 +60,13 @@ def plan_slots(cfg, slot_bytes: int, expert_cache_fraction: float, expert_cache_
     return slots, mdb
 
 
+def _own_dense_weights(model):
+    """Copy dense weights out of the checkpoint's memory map: they must stay valid (and be really resident) even if
+    the file changes underneath; a truncated mmap would otherwise kill the process with SIGBUS."""
+    for p in model.parameters():          # shared (tied) parameters are visited once
+        p.data = p.data.clone()
+
+
 def build_offload(ctx: ModeContext, expert_cache_fraction: float = 0.25, expert_cache_bytes: int | None = None,
                   prefetch: bool = True, predictor: str = "router", eviction: str = "predicted",
                   lookahead: int = 1, io_threads: int = 2, max_decode_batch: int | None = None,
@@ -79,6 +86,7 @@ def build_offload(ctx: ModeContext, expert_cache_fraction: float = 0.25, expert_
     slots, mdb = plan_slots(cfg, slot_bytes, expert_cache_fraction, expert_cache_bytes, ctx.max_num_seqs,
                             max_decode_batch)
     model = build_dense(cfg, reader, dtype, device, ctx.max_model_len)
+    _own_dense_weights(model)
     tier = DiskTier(cfg, reader, drop_cache=drop_page_cache)
     cache = ExpertCache(cfg, tier, slots, dtype, device, eviction=eviction, io_threads=io_threads)
     pred = None

@@ -1,0 +1,245 @@
+"""Offload mode: lossless vs local mode, counters, eviction policies, predictors, budget errors, read faults."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from moeyard.moe.checkpoint import CheckpointReader
+from moeyard.moe.config import MoEConfig
+from moeyard.moe.experts import read_expert
+from moeyard.moe.predictors import PREDICTORS, TokenTablePredictor, TransitionPredictor, build_predictor
+from moeyard.offload.cache import ExpertCache
+from moeyard.offload.mode import OffloadConfigError
+from moeyard.offload.tiers import DiskTier, ExpertReadError
+from moeyard.runtime.llm import LLM
+from moeyard.runtime.sampling import SamplingParams
+
+PROMPTS = [[1, 5, 9, 30, 77, 12], [3, 4, 100, 2], [200, 201, 7, 8, 9, 10, 11], [42]]
+GREEDY = SamplingParams(max_tokens=10, temperature=0)
+
+
+def _gen(llm, prompts=PROMPTS, sp=GREEDY):
+    return [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=sp)]
+
+
+@pytest.fixture(scope="module")
+def refs(tiny_ckpt):
+    out = {}
+    for arch, fused in (("mixtral", False), ("qwen2_moe", True)):
+        path, _ = tiny_ckpt(arch, fused=fused)
+        llm = LLM(path, max_num_seqs=4)
+        out[arch] = (path, _gen(llm))
+        llm.close()
+    return out
+
+
+def _check_counters(st):
+    assert st["expert_hits"] + st["expert_misses"] == st["expert_requests"] > 0
+    assert 0 <= st["prefetch_used"] <= st["prefetch_issued"]
+    assert st["bytes_loaded"] > 0 and st["stall_seconds"] >= 0
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("predictor", PREDICTORS)
+def test_lossless_every_predictor(refs, arch, predictor):
+    path, ref = refs[arch]
+    for frac in (0.25, 0.6):
+        llm = LLM(path, mode="offload", max_num_seqs=4, expert_cache_fraction=frac, predictor=predictor)
+        assert _gen(llm) == ref, (predictor, frac)
+        st = llm.stats()
+        _check_counters(st)
+        assert st["tokens_generated"] == sum(len(r) for r in ref)
+        llm.close()
+
+
+@pytest.mark.parametrize("opts", [dict(prefetch=False, eviction="lru"), dict(eviction="lfu", lookahead=2),
+                                  dict(expert_cache_fraction=0.1, io_threads=1),
+                                  dict(expert_cache_fraction=1.0, predictor="combined", lookahead=3),
+                                  dict(max_decode_batch=2, token_scheduling=True),
+                                  dict(max_decode_batch=2, token_scheduling=False)])
+def test_lossless_options(refs, opts):
+    path, ref = refs["mixtral"]
+    llm = LLM(path, mode="offload", max_num_seqs=4, **opts)
+    assert _gen(llm) == ref
+    _check_counters(llm.stats())
+    if not opts.get("prefetch", True):
+        assert llm.stats()["prefetch_issued"] == 0
+    llm.close()
+
+
+def test_full_budget_all_hits_after_warmup(refs):
+    path, ref = refs["mixtral"]
+    llm = LLM(path, mode="offload", max_num_seqs=4, expert_cache_fraction=1.0)
+    _gen(llm)
+    before = llm.stats()
+    assert _gen(llm) == ref
+    after = llm.stats()
+    assert after["expert_misses"] == before["expert_misses"]      # everything stayed resident
+    assert after["bytes_loaded"] == before["bytes_loaded"]
+    llm.close()
+
+
+def test_budget_below_working_set_is_a_clear_error(refs):
+    path, _ = refs["mixtral"]
+    cfg = MoEConfig.from_dir(path)
+    eb = cfg.expert_bytes(4)
+    with pytest.raises(OffloadConfigError, match=r"minimum is 2 slots"):
+        LLM(path, mode="offload", expert_cache_bytes=eb)           # one slot < top_k
+    with pytest.raises(OffloadConfigError, match=r"minimum is 8 slots"):
+        LLM(path, mode="offload", expert_cache_bytes=4 * eb, max_decode_batch=4)
+    with pytest.raises(OffloadConfigError, match="fraction"):
+        LLM(path, mode="offload", expert_cache_fraction=0)
+    with pytest.raises(OffloadConfigError, match="predictor"):
+        LLM(path, mode="offload", predictor="oracle")
+    with pytest.raises(Exception, match="valid"):
+        LLM(path, mode="offload", warp=3)
+
+
+def test_disk_tier_matches_checkpoint(refs):
+    for arch in ("mixtral", "qwen2_moe"):
+        path, _ = refs[arch]
+        cfg = MoEConfig.from_dir(path)
+        reader = CheckpointReader(path)
+        tier = DiskTier(cfg, reader)
+        for l in cfg.moe_layers:
+            for e in (0, cfg.num_experts - 1):
+                got = tier.read_raw(l, e)
+                want = read_expert(cfg, reader, l, e)
+                for g, w in zip(got, (want.gate, want.up, want.down)):
+                    assert torch.equal(g, w)
+        assert tier.bytes_read > 0 and tier.gbps() > 0
+
+
+def _cache(path, slots, eviction):
+    cfg = MoEConfig.from_dir(path)
+    return cfg, ExpertCache(cfg, DiskTier(cfg, CheckpointReader(path)), slots, torch.float32, torch.device("cpu"),
+                            eviction=eviction, io_threads=1)
+
+
+def _use(cache, layer, experts):
+    cache.begin_layer(layer, experts)
+    for e in experts:
+        cache.get(layer, e)
+    cache.end_step()
+
+
+def test_eviction_policies(refs):
+    path, _ = refs["mixtral"]
+    # lru: 3 slots, use A A B C then D → A (least recent... used before B, C) is evicted
+    for policy, evicted in (("lru", (0, 0)), ("lfu", (0, 1))):
+        cfg, c = _cache(path, 3, policy)
+        _use(c, 0, [0]); _use(c, 0, [1]); _use(c, 0, [1]); _use(c, 0, [2]); _use(c, 0, [0])
+        # freq: e0=2, e1=2, e2=1 ; recency: e1 < e2 < e0
+        _use(c, 0, [3])
+        res = set(c.resident())
+        gone = {(0, 0), (0, 1), (0, 2)} - res
+        assert len(gone) == 1
+        if policy == "lru":
+            assert gone == {(0, 1)}
+        else:
+            assert gone == {(0, 2)}
+        st = c.stats()
+        assert st["expert_hits"] + st["expert_misses"] == st["expert_requests"] == 6
+        c.close()
+    # predicted: whatever an upcoming layer is predicted to need survives, even if least recent
+    cfg, c = _cache(path, 3, "predicted")
+    _use(c, 0, [0]); _use(c, 0, [1]); _use(c, 0, [2])
+    c.set_predictions({(0, 0): 1})
+    _use(c, 1, [5])
+    res = set(c.resident())
+    assert (0, 0) in res and (1, 5) in res and len(res) == 3
+    # a prefetch never evicts a predicted expert; wrong prefetches are dropped first at their layer
+    c.set_predictions({(0, 0): 1, (1, 5): 2, (2, 3): 1})
+    assert c.prefetch(2, [3]) == 1
+    assert c.prefetch(2, [4]) == 0           # only predicted experts are left
+    _use(c, 2, [6])                          # (2,3) was a wrong prediction → it goes first
+    import time
+    time.sleep(0.05)
+    assert (2, 3) not in set(c.resident())
+    st = c.stats()
+    assert st["prefetch_used"] <= st["prefetch_issued"] == 1
+    c.close()
+
+
+def test_predictors_find_planted_structure():
+    E, K, L, T = 8, 2, 4, 4000
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 50, T)
+    ex = np.zeros((T, L, K), dtype=np.int16)
+    ex[:, 0, 0] = tokens % E
+    ex[:, 0, 1] = (tokens % E + 1) % E
+    for l in range(1, L):
+        ex[:, l] = (ex[:, l - 1] * 3 + 1) % E          # deterministic path
+    layers = list(range(L))
+    tr = TransitionPredictor(ex[:3000], layers, E, K, learn=False)
+    tt = TokenTablePredictor(50, layers, E, K, trace={"experts": ex[:3000], "tokens": tokens[:3000]}, learn=False)
+    held = torch.as_tensor(ex[3000:].astype(np.int64))
+    toks = torch.as_tensor(tokens[3000:])
+    for p in (tr, tt):
+        p.begin(toks)
+        p.observe(0, torch.zeros(len(toks), 4), held[:, 0])
+        for ahead in (1, 2, 3):
+            ids, sc = p.predict(0, ahead)
+            assert ids.shape == (len(toks), K)
+            prec = np.mean([set(ids[i].tolist()) == set(held[i, ahead].tolist()) for i in range(len(toks))])
+            assert prec > 0.95, (type(p).__name__, ahead, prec)
+    # combined on a config; an unknown name names the valid ones
+    cfg = MoEConfig.from_dict({"model_type": "mixtral", "vocab_size": 50, "hidden_size": 4, "num_hidden_layers": L,
+                               "num_attention_heads": 1, "num_local_experts": E, "num_experts_per_tok": K,
+                               "intermediate_size": 4})
+    comb = build_predictor("combined", cfg, trace={"experts": ex, "tokens": tokens})
+    comb.begin(toks)
+    comb.observe(0, torch.zeros(len(toks), 4), held[:, 0])
+    ids, _ = comb.predict(0, 1)
+    assert np.mean([set(ids[i].tolist()) == set(held[i, 1].tolist()) for i in range(len(toks))]) > 0.95
+    with pytest.raises(ValueError, match="router"):
+        build_predictor("psychic", cfg)
+
+
+def test_token_scheduling_groups_and_does_not_starve(refs):
+    path, _ = refs["mixtral"]
+    prompts = [[i * 7 % 256, (i * 13 + 1) % 256, 5] for i in range(8)]
+    sp = SamplingParams(max_tokens=6, temperature=0)
+    base = LLM(path, max_num_seqs=8)
+    ref = _gen(base, prompts, sp)
+    res = {}
+    for ts in (True, False):
+        llm = LLM(path, mode="offload", max_num_seqs=8, max_decode_batch=3, token_scheduling=ts,
+                  expert_cache_fraction=0.5)
+        assert llm.engine.scheduler.max_decode_batch == 3
+        assert (llm.engine.scheduler.batch_policy is not None) == ts
+        assert _gen(llm, prompts, sp) == ref             # everyone finished, same tokens
+        res[ts] = llm.stats()["distinct_experts_per_decode_step"]
+        llm.close()
+    assert res[True] <= res[False] + 1e-9
+
+
+def test_read_fault_fails_requests_then_recovers(refs, tmp_path):
+    src, ref = refs["mixtral"]
+    dst = str(tmp_path / "ckpt")
+    shutil.copytree(src, dst)
+    fn = os.path.join(dst, "model.safetensors")
+    with open(fn, "rb") as f:
+        original = f.read()
+    llm = LLM(dst, mode="offload", max_num_seqs=4, expert_cache_fraction=0.25)
+    assert _gen(llm) == ref
+    # truncate the file underneath the running engine: experts not resident cannot be read
+    with open(fn, "r+b") as f:
+        f.truncate(4096)
+    outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)
+    failed = [o for o in outs if o.finish_reason == "error"]
+    assert failed, "some request must need an expert that is not resident"
+    assert all("truncated" in o.error and "expert" in o.error for o in failed)
+    assert llm.stats()["read_errors"] > 0
+    # remove it: same clear failure, no hang
+    os.remove(fn)
+    outs = llm.generate(prompt_token_ids=PROMPTS[:1], sampling_params=GREEDY)
+    assert outs[0].finish_reason in ("error", "length")
+    # restore: the engine serves again, tokens identical to local mode
+    with open(fn, "wb") as f:
+        f.write(original)
+    assert _gen(llm) == ref
+    llm.close()
