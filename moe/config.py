@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from .errors import ModelError
 
-SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss")
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,30 @@ class MoEConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str = "float32"
+    # ---- rotary scaling (all archs may use it; the original four parse only "default") ---------------------
+    rope_type: str = "default"        # "default" | "yarn"
+    rope_scaling: tuple = ()          # the rope parameters as sorted (key, value) pairs
+    rotary_dim: int = 0               # rotated width; 0 = head_dim
+    # ---- DeepSeek-V3: multi-head latent attention, sigmoid group-limited routing, shared experts ------------
+    attention_kind: str = "mha"       # "mha" | "mla" (DeepSeek) | "sinks" (gpt-oss: learned sinks, sliding window)
+    q_lora_rank: int | None = None    # None: plain q_proj
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False
+    router_kind: str = "softmax"      # "softmax" | "sigmoid_group" (DeepSeek-V3) | "topk_softmax" (gpt-oss)
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    num_shared_experts: int = 0       # DeepSeek: ungated shared MLP of width num_shared_experts * F
+    # ---- gpt-oss ---------------------------------------------------------------------------------------------
+    expert_act: str = "swiglu"        # "swiglu" | "swiglu_oss" (clamped, (up + 1) * glu, biases)
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    layer_types: tuple[str, ...] = () # per layer "full_attention" | "sliding_attention" (empty: all full)
+    sliding_window: int | None = None
+    o_proj_bias: bool = False
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
@@ -61,6 +85,19 @@ class MoEConfig:
         for ok, msg in checks:
             if not ok:
                 raise ModelError(f"config.json: {msg}")
+
+    def is_sliding_layer(self, layer: int) -> bool:
+        return bool(self.layer_types) and self.layer_types[layer] == "sliding_attention" and bool(self.sliding_window)
+
+    @property
+    def kv_shape(self) -> tuple[int, int, int, int]:
+        """Per-token KV cache shape ``(key heads, key dim, value heads, value dim)`` of every layer.
+
+        MLA caches the compressed latent (kv_lora_rank, after kv_a_layernorm) and the roped shared key
+        (qk_rope_head_dim) as one "key" of one head, and no value."""
+        if self.attention_kind == "mla":
+            return (1, self.kv_lora_rank + self.qk_rope_head_dim, 1, 0)
+        return (self.num_kv_heads, self.head_dim, self.num_kv_heads, self.head_dim)
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer not in self.dense_layers
@@ -175,4 +212,96 @@ def _olmoe(d):
                      attention_bias=bool(d.get("attention_bias", False)), qk_norm="full", clip_qkv=d.get("clip_qkv"))
 
 
-_PARSERS = {"mixtral": _mixtral, "qwen2_moe": _qwen2_moe, "qwen3_moe": _qwen3_moe, "olmoe": _olmoe}
+def _rope_scaled(d: dict) -> dict:
+    """rope_type, rope_theta and the parameters of a config that may use YaRN (DeepSeek-V3, gpt-oss)."""
+    rp = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if not isinstance(rp, dict):
+        raise ModelError("config.json: rope_parameters must be an object")
+    rt = rp.get("rope_type", rp.get("type", "default")) or "default"
+    if rt not in ("default", "yarn"):
+        raise ModelError(f"config.json: rope type {rt!r} is not supported (only 'default' and 'yarn')")
+    theta = float(rp.get("rope_theta", d.get("rope_theta", 10000.0)))
+    params = {k: v for k, v in rp.items() if k not in ("rope_type", "type", "rope_theta")}
+    if rt == "yarn":
+        if "factor" not in params:
+            raise ModelError("config.json: rope_parameters.factor is required for rope type 'yarn'")
+        if d.get("original_max_position_embeddings"):
+            params["original_max_position_embeddings"] = d["original_max_position_embeddings"]
+        params.setdefault("original_max_position_embeddings", d.get("max_position_embeddings", 4096))
+    return dict(rope_type=rt, rope_theta=theta, rope_scaling=tuple(sorted(params.items())))
+
+
+def _fail(msg: str):
+    raise ModelError(f"config.json: {msg}")
+
+
+def _deepseek_v3(d):
+    c = _common({**d, "rope_parameters": None, "rope_scaling": None})
+    c.update(_rope_scaled(d))
+    E, K = int(d["n_routed_experts"]), int(d["num_experts_per_tok"])
+    ng, tg = int(d.get("n_group") or 1), int(d.get("topk_group") or 1)
+    L, fk = int(d["num_hidden_layers"]), int(d.get("first_k_dense_replace") or 0)
+    if E < 1:
+        _fail(f"n_routed_experts ({E}) must be >= 1")
+    if ng < 1 or tg < 1:
+        _fail(f"n_group ({ng}) and topk_group ({tg}) must be >= 1")
+    if tg > ng:
+        _fail(f"topk_group ({tg}) must not exceed n_group ({ng})")
+    if E % ng:
+        _fail(f"n_routed_experts ({E}) must be divisible by n_group ({ng})")
+    if ng > 1 and E // ng < 2:
+        _fail(f"n_routed_experts / n_group ({E}/{ng}) must be >= 2 (groups are scored by their top-2 experts)")
+    if K > E:
+        _fail(f"num_experts_per_tok ({K}) must not exceed n_routed_experts ({E})")
+    if K > tg * (E // ng):
+        _fail(f"num_experts_per_tok ({K}) must not exceed topk_group x experts per group "
+              f"({tg} x {E // ng} = {tg * E // ng}; n_routed_experts {E}, n_group {ng})")
+    if not 0 <= fk <= L:
+        _fail(f"first_k_dense_replace ({fk}) must be between 0 and num_hidden_layers ({L})")
+    for f in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"):
+        if int(d[f]) <= 0:
+            _fail(f"{f} ({d[f]}) must be positive")
+    if int(d["qk_rope_head_dim"]) % 2:
+        _fail(f"qk_rope_head_dim ({d['qk_rope_head_dim']}) must be even")
+    qk = int(d["qk_nope_head_dim"]) + int(d["qk_rope_head_dim"])
+    c["head_dim"] = qk
+    return MoEConfig(**c, num_experts=E, top_k=K, expert_intermediate_size=int(d["moe_intermediate_size"]),
+                     norm_topk_prob=bool(d.get("norm_topk_prob", True)),
+                     attention_bias=bool(d.get("attention_bias", False)),
+                     dense_intermediate_size=int(d.get("intermediate_size", 0) or 0),
+                     dense_layers=tuple(range(fk)), rotary_dim=int(d["qk_rope_head_dim"]),
+                     attention_kind="mla", q_lora_rank=(int(d["q_lora_rank"]) if d.get("q_lora_rank") else None),
+                     kv_lora_rank=int(d["kv_lora_rank"]), qk_nope_head_dim=int(d["qk_nope_head_dim"]),
+                     qk_rope_head_dim=int(d["qk_rope_head_dim"]), v_head_dim=int(d["v_head_dim"]),
+                     rope_interleave=bool(d.get("rope_interleave", True)), router_kind="sigmoid_group",
+                     n_group=ng, topk_group=tg, routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
+                     num_shared_experts=int(d.get("n_shared_experts") or 0), o_proj_bias=bool(d.get("attention_bias", False)))
+
+
+def _gpt_oss(d):
+    c = _common({**d, "rope_parameters": None, "rope_scaling": None})
+    c.update(_rope_scaled(d))
+    E, K, L = int(d["num_local_experts"]), int(d["num_experts_per_tok"]), int(d["num_hidden_layers"])
+    if K > E:
+        _fail(f"num_experts_per_tok ({K}) must not exceed num_local_experts ({E})")
+    lt = d.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(L)]
+    if len(lt) != L:
+        _fail(f"layer_types has {len(lt)} entries but num_hidden_layers is {L}")
+    bad = [t for t in lt if t not in ("sliding_attention", "full_attention")]
+    if bad:
+        _fail(f"layer_types: unsupported layer type {bad[0]!r}")
+    sw = d.get("sliding_window")
+    if sw is not None and int(sw) < 1:
+        _fail(f"sliding_window ({sw}) must be >= 1")
+    if float(d.get("swiglu_limit", 7.0)) <= 0:
+        _fail(f"swiglu_limit ({d.get('swiglu_limit')}) must be positive")
+    return MoEConfig(**c, num_experts=E, top_k=K, expert_intermediate_size=int(d["intermediate_size"]),
+                     norm_topk_prob=True, attention_bias=bool(d.get("attention_bias", True)),
+                     o_proj_bias=bool(d.get("attention_bias", True)), attention_kind="sinks",
+                     router_kind="topk_softmax", expert_act="swiglu_oss",
+                     swiglu_alpha=float(d.get("swiglu_alpha", 1.702)), swiglu_limit=float(d.get("swiglu_limit", 7.0)),
+                     layer_types=tuple(lt), sliding_window=int(sw) if sw else None)
+
+
+_PARSERS = {"mixtral": _mixtral, "qwen2_moe": _qwen2_moe, "qwen3_moe": _qwen3_moe, "olmoe": _olmoe,
+            "deepseek_v3": _deepseek_v3, "gpt_oss": _gpt_oss}

@@ -24,10 +24,26 @@ class ExpertWeights:
     gate: torch.Tensor   # [F, D]
     up: torch.Tensor     # [F, D]
     down: torch.Tensor   # [D, F]
+    gate_bias: torch.Tensor | None = None   # [F] (gpt-oss)
+    up_bias: torch.Tensor | None = None     # [F]
+    down_bias: torch.Tensor | None = None   # [D]
+    act: str = "swiglu"                      # "swiglu" | "swiglu_oss" (gpt-oss: clamped, (up + 1) * glu)
+    alpha: float = 1.702                     # swiglu_oss parameters
+    limit: float = 7.0
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(t for t in (self.gate, self.up, self.down, self.gate_bias, self.up_bias, self.down_bias)
+                     if t is not None)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.gate, self.up, self.down))
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+    def to(self, device=None, dtype=None) -> "ExpertWeights":
+        f = lambda t: None if t is None else t.to(device=device, dtype=dtype)
+        return ExpertWeights(f(self.gate), f(self.up), f(self.down), f(self.gate_bias), f(self.up_bias),
+                             f(self.down_bias), self.act, self.alpha, self.limit)
 
 
 class ExpertProvider(Protocol):
@@ -42,6 +58,12 @@ def read_ref(reader: CheckpointReader, ref: TensorRef, shape: tuple[int, int]) -
     t = reader._handle(reader.file_of(ref.name)).get_slice(ref.name)[ref.index]
     if ref.rows is not None:
         t = t[ref.rows[0]:ref.rows[1]]
+    if ref.cols is not None:
+        t = t[..., ref.cols[0]:ref.cols[1]:ref.cols[2]]
+    if ref.transpose:
+        t = t.transpose(-1, -2)
+    if ref.cols is not None or ref.transpose:
+        t = t.contiguous()
     if tuple(t.shape) != tuple(shape):
         from .errors import CheckpointError
         raise CheckpointError(f"tensor {ref.name!r} has shape {list(full)}, expert slice {list(t.shape)} but the "
@@ -52,6 +74,11 @@ def read_ref(reader: CheckpointReader, ref: TensorRef, shape: tuple[int, int]) -
 def read_expert(cfg: MoEConfig, reader: CheckpointReader, layer: int, expert: int) -> ExpertWeights:
     D, F = cfg.hidden_size, cfg.expert_intermediate_size
     refs = expert_refs(cfg, reader, layer, expert)
+    if refs.gate_bias is not None:     # gpt-oss
+        return ExpertWeights(read_ref(reader, refs.gate, (F, D)), read_ref(reader, refs.up, (F, D)),
+                             read_ref(reader, refs.down, (D, F)), read_ref(reader, refs.gate_bias, (F,)),
+                             read_ref(reader, refs.up_bias, (F,)), read_ref(reader, refs.down_bias, (D,)),
+                             act=cfg.expert_act, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit)
     return ExpertWeights(read_ref(reader, refs.gate, (F, D)), read_ref(reader, refs.up, (F, D)),
                          read_ref(reader, refs.down, (D, F)))
 
@@ -67,9 +94,7 @@ class ResidentExperts:
             check_fused_shapes(cfg, reader, layer)
             ids = range(cfg.num_experts) if only is None else only.get(layer, [])
             for e in ids:
-                w = read_expert(cfg, reader, layer, e)
-                self._w[(layer, e)] = ExpertWeights(*(t.to(device=device, dtype=dtype) for t in
-                                                      (w.gate, w.up, w.down)))
+                self._w[(layer, e)] = read_expert(cfg, reader, layer, e).to(device=device, dtype=dtype)
             if progress is not None:
                 progress(layer)
 
@@ -105,7 +130,15 @@ class ParamExperts(torch.nn.Module):
 
 
 def expert_mlp(x_MD: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
-    """SwiGLU expert: down(silu(gate x) * up x)."""
+    """SwiGLU expert: down(silu(gate x) * up x); gpt-oss's clamped variant when ``w.act == "swiglu_oss"``."""
+    if w.act == "swiglu_oss":
+        gate = F_.linear(x_MD, w.gate, w.gate_bias).clamp(max=w.limit)
+        up = F_.linear(x_MD, w.up, w.up_bias).clamp(-w.limit, w.limit)
+        glu = gate * torch.sigmoid(gate * w.alpha)
+        return F_.linear((up + 1) * glu, w.down, w.down_bias)
+    if w.gate_bias is not None or w.down_bias is not None:
+        return F_.linear(F_.silu(F_.linear(x_MD, w.gate, w.gate_bias)) * F_.linear(x_MD, w.up, w.up_bias),
+                         w.down, w.down_bias)
     return F_.linear(F_.silu(F_.linear(x_MD, w.gate)) * F_.linear(x_MD, w.up), w.down)
 
 

@@ -30,10 +30,14 @@ class RMSNorm(nn.Module):
 class Rotary(nn.Module):
     """Non-interleaved RoPE; the cos/sin table is built the way Hugging Face builds it, so values match bit for bit."""
 
-    def __init__(self, head_dim: int, theta: float, max_pos: int):
+    def __init__(self, head_dim: int, theta: float, max_pos: int, inv_freq: torch.Tensor | None = None,
+                 scale: float = 1.0):
         super().__init__()
         inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        if inv_freq is not None:      # scaled RoPE (YaRN, see rope.py): precomputed frequencies
+            inv = inv_freq.float()
         self.register_buffer("inv_freq", inv, persistent=False)
+        self.scale = scale            # attention factor multiplied into cos/sin (YaRN)
         self.max_pos = 0
         self._grow(max_pos)
 
@@ -41,11 +45,16 @@ class Rotary(nn.Module):
         freqs = torch.arange(n, dtype=torch.int64, device=self.inv_freq.device).float()[:, None] * self.inv_freq[None]
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos, self.sin, self.max_pos = emb.cos(), emb.sin(), n
+        if self.scale != 1.0:
+            self.cos, self.sin = self.cos * self.scale, self.sin * self.scale
+
+    def ensure(self, pos_N: torch.Tensor, device):
+        if int(pos_N.max()) >= self.max_pos or self.cos.device != device:
+            self.inv_freq = self.inv_freq.to(device)
+            self._grow(max(self.max_pos, int(pos_N.max()) + 1))
 
     def forward(self, x_NHD: torch.Tensor, pos_N: torch.Tensor) -> torch.Tensor:
-        if int(pos_N.max()) >= self.max_pos or self.cos.device != x_NHD.device:
-            self.inv_freq = self.inv_freq.to(x_NHD.device)
-            self._grow(max(self.max_pos, int(pos_N.max()) + 1))
+        self.ensure(pos_N, x_NHD.device)
         cos = self.cos[pos_N].to(x_NHD.dtype).unsqueeze(-2)
         sin = self.sin[pos_N].to(x_NHD.dtype).unsqueeze(-2)
         h = x_NHD.shape[-1] // 2

@@ -84,8 +84,8 @@ def build_dense(cfg: MoEConfig, reader: CheckpointReader, dtype, device, max_pos
     """The model with its dense weights loaded from ``reader`` and no expert provider yet."""
     with torch.device("meta"):
         model = MoEForCausalLM(cfg)
-    from .layers import Rotary
-    model.rotary = Rotary(cfg.head_dim, cfg.rope_theta, max_positions or min(cfg.max_position_embeddings, 4096))
+    from .rope import make_rotary
+    model.rotary = make_rotary(cfg, max_positions or min(cfg.max_position_embeddings, 4096))
     model.rotary.to(device)
     for pname, p in list(model.named_parameters()):
         if pname == "lm_head.weight" and (cfg.tie_word_embeddings or pname not in reader) \

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from .config import MoEConfig
 from .dispatch import LocalDispatcher
 from .experts import ExpertProvider, run_experts
-from .layers import MLP, Attention, RMSNorm, Rotary
+from .layers import MLP, Attention, RMSNorm, Rotary  # noqa: F401  (Rotary: re-exported)
+from .rope import make_rotary
 
 # hook(layer, x_ND, topk_ids_NK, topk_w_NK): told the routing of every MoE layer (profiler, predictors, prefetch)
 RouteHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -106,14 +107,35 @@ class MoEBlock(nn.Module):
         return out_ND
 
 
+def make_attention(cfg: MoEConfig, layer: int) -> nn.Module:
+    """The attention module of ``cfg``'s architecture (MLA for DeepSeek-V3, sink attention for gpt-oss)."""
+    if cfg.attention_kind == "mla":
+        from .mla import MLAttention
+        return MLAttention(cfg, layer)
+    if cfg.attention_kind == "sinks":
+        from .gpt_oss import SinkAttention
+        return SinkAttention(cfg, layer)
+    return Attention(cfg, layer)
+
+
+def make_moe_block(cfg: MoEConfig, layer: int) -> nn.Module:
+    if cfg.router_kind == "sigmoid_group":
+        from .routers import DeepseekMoEBlock
+        return DeepseekMoEBlock(cfg, layer)
+    if cfg.router_kind == "topk_softmax":
+        from .routers import GptOssMoEBlock
+        return GptOssMoEBlock(cfg, layer)
+    return MoEBlock(cfg, layer)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: MoEConfig, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer)
+        self.self_attn = make_attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.is_moe = cfg.is_moe_layer(layer)
-        self.mlp = MoEBlock(cfg, layer) if self.is_moe else MLP(cfg.hidden_size, cfg.dense_intermediate_size)
+        self.mlp = make_moe_block(cfg, layer) if self.is_moe else MLP(cfg.hidden_size, cfg.dense_intermediate_size)
 
     def forward(self, x_ND, batch, rotary, experts, dispatcher):
         x_ND = x_ND + self.self_attn(self.input_layernorm(x_ND), batch, rotary)
@@ -138,7 +160,7 @@ class MoEForCausalLM(nn.Module):
         self.cfg = cfg
         self.model = Model(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, max_positions or min(cfg.max_position_embeddings, 4096))
+        self.rotary = make_rotary(cfg, max_positions or min(cfg.max_position_embeddings, 4096))
         self.experts = experts
         self.dispatcher = dispatcher or LocalDispatcher()
 

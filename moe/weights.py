@@ -4,6 +4,9 @@ Dense weights (attention, norms, embeddings, shared experts, routers) are addres
 name; routed experts by ``(layer, expert)``. Experts come in two on-disk layouts and both are accepted:
 - per expert: ``<moe>.experts.{e}.w1/w3/w2.weight`` (Mixtral) or ``gate_proj/up_proj/down_proj`` (Qwen, OLMoE);
 - fused 3-D: ``<moe>.experts.gate_up_proj [E, 2F, D]`` (gate rows then up rows) and ``<moe>.experts.down_proj [E, D, F]``.
+gpt-oss has one layout, fused, transposed and with biases: ``<moe>.experts.gate_up_proj [E, D, 2F]`` (gate and up
+interleaved along the last dimension: gate = ``[..., 0::2]``, up = ``[..., 1::2]``), ``gate_up_proj_bias [E, 2F]``
+(interleaved the same way), ``down_proj [E, F, D]``, ``down_proj_bias [E, D]``; its router is ``<moe>.router``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ class TensorRef:
     name: str
     index: int | None = None
     rows: tuple[int, int] | None = None
+    # gpt-oss: a strided slice of the last dimension ``[..., start:stop:step]`` and then a transpose. A ref with
+    # ``cols`` is not one contiguous byte range: byte-level readers must read the expert's whole slab instead.
+    cols: tuple[int, int, int] | None = None
+    transpose: bool = False
 
 
 @dataclass(frozen=True)
@@ -28,6 +35,15 @@ class ExpertRefs:
     gate: TensorRef   # [F, D]
     up: TensorRef     # [F, D]
     down: TensorRef   # [D, F]
+    gate_bias: TensorRef | None = None   # [F]   (gpt-oss)
+    up_bias: TensorRef | None = None     # [F]
+    down_bias: TensorRef | None = None   # [D]
+
+    @property
+    def contiguous(self) -> bool:
+        """Every matrix is one contiguous byte range on disk (false for gpt-oss's interleaved, transposed layout)."""
+        return all(r is None or (r.cols is None and not r.transpose)
+                   for r in (self.gate, self.up, self.down, self.gate_bias, self.up_bias, self.down_bias))
 
 
 def moe_prefix(cfg: MoEConfig, reader: CheckpointReader, layer: int) -> str:
@@ -35,6 +51,8 @@ def moe_prefix(cfg: MoEConfig, reader: CheckpointReader, layer: int) -> str:
     for cand in (f"model.layers.{layer}.block_sparse_moe", f"model.layers.{layer}.mlp"):
         if f"{cand}.gate.weight" in reader:
             return cand
+    if cfg.router_kind == "topk_softmax" and f"model.layers.{layer}.mlp.router.weight" in reader:   # gpt-oss
+        return f"model.layers.{layer}.mlp"
     raise CheckpointError(f"tensor 'model.layers.{layer}.mlp.gate.weight' (the router of layer {layer}) "
                           f"not found in checkpoint {reader.path}")
 
@@ -42,6 +60,14 @@ def moe_prefix(cfg: MoEConfig, reader: CheckpointReader, layer: int) -> str:
 def expert_refs(cfg: MoEConfig, reader: CheckpointReader, layer: int, expert: int) -> ExpertRefs:
     p = moe_prefix(cfg, reader, layer)
     F = cfg.expert_intermediate_size
+    if cfg.expert_act == "swiglu_oss":
+        gu, dn = f"{p}.experts.gate_up_proj", f"{p}.experts.down_proj"
+        return ExpertRefs(TensorRef(gu, expert, cols=(0, 2 * F, 2), transpose=True),
+                          TensorRef(gu, expert, cols=(1, 2 * F, 2), transpose=True),
+                          TensorRef(dn, expert, transpose=True),
+                          TensorRef(f"{gu}_bias", expert, cols=(0, 2 * F, 2)),
+                          TensorRef(f"{gu}_bias", expert, cols=(1, 2 * F, 2)),
+                          TensorRef(f"{dn}_bias", expert))
     if f"{p}.experts.gate_up_proj" in reader:
         return ExpertRefs(TensorRef(f"{p}.experts.gate_up_proj", expert, (0, F)),
                           TensorRef(f"{p}.experts.gate_up_proj", expert, (F, 2 * F)),
@@ -56,7 +82,15 @@ def expert_refs(cfg: MoEConfig, reader: CheckpointReader, layer: int, expert: in
 def check_fused_shapes(cfg: MoEConfig, reader: CheckpointReader, layer: int) -> None:
     p = moe_prefix(cfg, reader, layer)
     E, F, D = cfg.num_experts, cfg.expert_intermediate_size, cfg.hidden_size
-    for name, shape in ((f"{p}.experts.gate_up_proj", (E, 2 * F, D)), (f"{p}.experts.down_proj", (E, D, F))):
+    shapes = ((f"{p}.experts.gate_up_proj", (E, 2 * F, D)), (f"{p}.experts.down_proj", (E, D, F)))
+    if cfg.expert_act == "swiglu_oss":
+        shapes = ((f"{p}.experts.gate_up_proj", (E, D, 2 * F)), (f"{p}.experts.down_proj", (E, F, D)),
+                  (f"{p}.experts.gate_up_proj_bias", (E, 2 * F)), (f"{p}.experts.down_proj_bias", (E, D)))
+        for name, _ in shapes:
+            if name not in reader:
+                raise CheckpointError(f"tensor {name!r} (gpt-oss experts of layer {layer}) not found in checkpoint "
+                                      f"{reader.path}")
+    for name, shape in shapes:
         if name in reader and reader.shape(name) != shape:
             raise CheckpointError(f"tensor {name!r} has shape {list(reader.shape(name))} but the config implies "
                                   f"{list(shape)} ({reader.file_of(name)})")

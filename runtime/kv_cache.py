@@ -2,6 +2,8 @@
 
 Per layer: ``k[l], v[l]`` of shape [S, C, Hkv, Dh] (S slots, C positions of capacity, doubled up to the model
 length when a sequence needs more). A slot belongs to one running sequence and is freed when it finishes.
+Keys and values may have different head counts and dims (``v_heads``/``v_dim``; value dim 0 allowed): multi-head
+latent attention caches one compressed "key" per token (kv_lora_rank + qk_rope_head_dim) and no value.
 """
 
 from __future__ import annotations
@@ -11,8 +13,11 @@ import torch
 
 class KVCache:
     def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int, max_len: int,
-                 dtype: torch.dtype, device: torch.device, initial: int = 256):
+                 dtype: torch.dtype, device: torch.device, initial: int = 256, v_heads: int | None = None,
+                 v_dim: int | None = None):
         self.L, self.S, self.Hkv, self.Dh, self.max_len = num_layers, num_slots, num_kv_heads, head_dim, max_len
+        self.Hv = num_kv_heads if v_heads is None else v_heads
+        self.Dv = head_dim if v_dim is None else v_dim
         self.dtype, self.device = dtype, device
         self.capacity = 0
         self.k: list[torch.Tensor] = []
@@ -22,8 +27,9 @@ class KVCache:
 
     def _grow(self, cap: int):
         shape = (self.S, cap, self.Hkv, self.Dh)
+        vshape = (self.S, cap, self.Hv, self.Dv)
         new_k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.L)]
-        new_v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.L)]
+        new_v = [torch.zeros(vshape, dtype=self.dtype, device=self.device) for _ in range(self.L)]
         for l in range(len(self.k)):
             new_k[l][:, :self.capacity] = self.k[l]
             new_v[l][:, :self.capacity] = self.v[l]
@@ -35,10 +41,10 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.L * self.S * self.capacity * self.Hkv * self.Dh * self.k[0].element_size()
+        return self.S * self.capacity * self.bytes_per_token()
 
     def bytes_per_token(self) -> int:
-        return 2 * self.L * self.Hkv * self.Dh * self.k[0].element_size()
+        return self.L * (self.Hkv * self.Dh + self.Hv * self.Dv) * self.k[0].element_size()
 
     def allocate(self) -> int | None:
         return self.free_slots.pop() if self.free_slots else None

@@ -58,4 +58,8 @@ def build_local(ctx: ModeContext):
 
 
 def new_kv_cache(cfg: MoEConfig, slots: int, max_len: int, dtype, device) -> KVCache:
-    return KVCache(cfg.num_layers, slots, cfg.num_kv_heads, cfg.head_dim, max_len, dtype, device)
+    """The KV cache for ``cfg``: per-token shape from ``cfg.kv_shape`` (MLA caches the compressed latent)."""
+    hk, dk, hv, dv = cfg.kv_shape
+    if (hk, dk, hv, dv) == (cfg.num_kv_heads, cfg.head_dim, cfg.num_kv_heads, cfg.head_dim):
+        return KVCache(cfg.num_layers, slots, cfg.num_kv_heads, cfg.head_dim, max_len, dtype, device)
+    return KVCache(cfg.num_layers, slots, hk, dk, max_len, dtype, device, v_heads=hv, v_dim=dv)

@@ -7,6 +7,12 @@ import os
 import torch
 
 ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+NEW_ARCHS = ("deepseek_v3", "gpt_oss")   # tests/test_archs_v3_oss.py
+
+_DS_ROPE = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "beta_fast": 32,
+            "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10000.0}
+_OSS_ROPE = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "beta_fast": 32.0,
+             "beta_slow": 1.0, "truncate": False, "rope_theta": 150000.0}
 
 _COMMON = dict(vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False)
@@ -28,6 +34,21 @@ def hf_config(arch: str, **over):
     elif arch == "olmoe":
         cfg = tf.OlmoeConfig(**_COMMON, intermediate_size=48, num_experts=8, num_experts_per_tok=2,
                              norm_topk_prob=False)
+    elif arch == "deepseek_v3":
+        cfg = tf.DeepseekV3Config(
+            vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+            max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False, intermediate_size=96,
+            moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4,
+            topk_group=2, first_k_dense_replace=1, q_lora_rank=48, kv_lora_rank=32, qk_rope_head_dim=8,
+            qk_nope_head_dim=16, v_head_dim=16, routed_scaling_factor=2.5, norm_topk_prob=True, rope_interleave=True,
+            rope_parameters=dict(over.pop("rope_parameters", _DS_ROPE)))
+    elif arch == "gpt_oss":
+        cfg = tf.GptOssConfig(
+            vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False,
+            intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, sliding_window=8,
+            swiglu_limit=over.pop("swiglu_limit", 1.0),
+            rope_parameters=dict(over.pop("rope_parameters", _OSS_ROPE)))
     else:
         raise ValueError(arch)
     for k, v in over.items():
@@ -41,10 +62,18 @@ def build_hf(arch: str, seed: int = 0, **over):
     cfg = hf_config(arch, **over)
     model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     # Random init leaves tiny weights: scale the routers up so routing is decisive and not a near-tie.
+    g = torch.Generator().manual_seed(seed + 1)
+    rnd = lambda t, std: t.copy_(torch.randn(t.shape, generator=g) * std)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
+            if name.endswith("mlp.gate.weight") or name.endswith("mlp.router.weight"):
                 p.mul_(8.0)
+            if arch == "gpt_oss" and (name.endswith("bias") or name.endswith("sinks")):
+                # sinks, router/expert/attention biases start at zero or tiny: make them matter
+                rnd(p, 1.0 if name.endswith("sinks") else 0.1)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):   # used for the choice only, never the weights
+                rnd(b, 0.05)
     return model.eval()
 
 

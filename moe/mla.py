@@ -1,0 +1,120 @@
+"""Multi-head latent attention (DeepSeek-V2/V3) over a compressed KV cache.
+
+Per token the cache holds ``c_kv`` (``kv_lora_rank``, after ``kv_a_layernorm``) and the roped shared key ``k_pe``
+(``qk_rope_head_dim``), concatenated as the "key" of one head (see ``MoEConfig.kv_shape``; the value part is
+empty). Keys and values are expanded with ``kv_b_proj`` when attending, exactly as transformers does, so results
+agree with it; the cache is ``(kv_lora_rank + qk_rope_head_dim)`` numbers per token and layer instead of
+``H * (qk_nope + qk_rope + v_head_dim)``.
+
+Shapes: N tokens, H heads, r = kv_lora_rank, dr = qk_rope_head_dim, dn = qk_nope_head_dim, dv = v_head_dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import MoEConfig
+from .layers import RMSNorm, Rotary
+from .rope import apply_interleaved, rope_params, yarn_get_mscale
+
+
+class MLAttention(nn.Module):
+    def __init__(self, cfg: MoEConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        D, H = cfg.hidden_size, cfg.num_heads
+        self.H, self.r, self.dr, self.dn, self.dv = (H, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim,
+                                                     cfg.v_head_dim)
+        self.dq = self.dn + self.dr
+        self.q_lora_rank = cfg.q_lora_rank
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * self.dq, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * self.dq, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, self.r + self.dr, bias=cfg.attention_bias)
+        self.kv_a_layernorm = RMSNorm(self.r, 1e-6)
+        self.kv_b_proj = nn.Linear(self.r, H * (self.dn + self.dv), bias=False)
+        self.o_proj = nn.Linear(H * self.dv, D, bias=cfg.attention_bias)
+        self.interleave = cfg.rope_interleave
+        scale = self.dq ** -0.5
+        if cfg.rope_type != "default":
+            p = rope_params(cfg)
+            if p.get("mscale_all_dim"):
+                m = yarn_get_mscale(p["factor"], p["mscale_all_dim"])
+                scale = scale * m * m
+        self.scale = scale
+
+    # ---- projections -----------------------------------------------------------------------------------------
+    def _rope(self, rotary: Rotary, x, pos):
+        return apply_interleaved(rotary, x, pos) if self.interleave else rotary(x, pos)
+
+    def project(self, x_ND, pos_N, rotary: Rotary):
+        """(q [N, H, dn+dr], latent [N, 1, r+dr]: normed c_kv then roped k_pe — what the cache stores)."""
+        N = x_ND.shape[0]
+        q = self.q_proj(x_ND) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_ND)))
+        q = q.view(N, self.H, self.dq)
+        q_pass, q_rot = q.split([self.dn, self.dr], dim=-1)
+        ckv = self.kv_a_proj_with_mqa(x_ND)
+        c, k_rot = ckv.split([self.r, self.dr], dim=-1)
+        c = self.kv_a_layernorm(c)
+        q_rot = self._rope(rotary, q_rot, pos_N)
+        k_rot = self._rope(rotary, k_rot.view(N, 1, self.dr), pos_N)
+        return torch.cat((q_pass, q_rot), dim=-1), torch.cat((c.view(N, 1, self.r), k_rot), dim=-1)
+
+    def expand(self, lat_T1L):
+        """Keys [.., T, H, dn+dr] and values [.., T, H, dv] from cached latents [.., T, 1, r+dr]."""
+        c, k_rot = lat_T1L[..., 0, :self.r], lat_T1L[..., :, self.r:]
+        kv = self.kv_b_proj(c).view(*c.shape[:-1], self.H, self.dn + self.dv)
+        k_nope, v = kv.split([self.dn, self.dv], dim=-1)
+        k = torch.cat((k_nope, k_rot.expand(*k_nope.shape[:-1], self.dr)), dim=-1)
+        return k, v
+
+    # ---- attention -------------------------------------------------------------------------------------------
+    def forward(self, x_ND, batch, rotary: Rotary) -> torch.Tensor:
+        q, lat = self.project(x_ND, batch.positions_N, rotary)
+        N = x_ND.shape[0]
+        if batch.kv is None:
+            o = self._blocks(q, lat, batch)
+        elif batch.is_decode:
+            o = self._decode(q, lat, batch)
+        else:
+            o = self._prefill(q, lat, batch)
+        return self.o_proj(o.reshape(N, self.H * self.dv))
+
+    def _sdpa(self, q, k, v, mask=None, causal=False):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale)
+
+    def _blocks(self, q, lat, batch):
+        T = batch.block_len
+        B = q.shape[0] // T
+        k, v = self.expand(lat)
+        f = lambda t: t.view(B, T, self.H, t.shape[-1]).transpose(1, 2)
+        o = self._sdpa(f(q), f(k), f(v), causal=True)
+        return o.transpose(1, 2).reshape(B * T, self.H, self.dv)
+
+    def _decode(self, q, lat, batch):
+        kv = batch.kv
+        kv.write(self.layer, batch.slots_B, batch.positions_N, lat, lat[..., :0])
+        L, _ = kv.read(self.layer, batch.slots_B, batch.max_len)        # [B, T, 1, r+dr]
+        k, v = self.expand(L)                                            # [B, T, H, *]
+        o = self._sdpa(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), mask=batch.decode_mask)
+        return o.squeeze(2)
+
+    def _prefill(self, q, lat, batch):
+        kv = batch.kv
+        outs = []
+        for i, (start, n, ctx) in enumerate(batch.chunks):
+            pos = batch.positions_N[start:start + n]
+            kv.write(self.layer, batch.slot_tensor(i, n), pos, lat[start:start + n], lat[start:start + n, :, :0])
+            L, _ = kv.read_one(self.layer, batch.slots[i], ctx + n)          # [T, 1, r+dr]
+            k, v = self.expand(L)
+            qq = q[start:start + n].transpose(0, 1).unsqueeze(0)
+            mask = batch.prefill_mask(i)
+            o = self._sdpa(qq, k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0), mask=mask,
+                           causal=mask is None)
+            outs.append(o[0].transpose(0, 1))
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
