@@ -38,6 +38,7 @@ def plot_placement(problem: AffinityProblem, placement: Placement, path: str, ma
     ax.set_title(f"placement: worker of each expert ({G} workers)")
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
+    ax.set_yticks(range(prim_LE.shape[0]) if prim_LE.shape[0] <= 16 else ax.get_yticks())
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
