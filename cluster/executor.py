@@ -24,11 +24,14 @@ class RayEPExecutor:
         self.broken: str | None = None
         self._stats = [{} for _ in range(self.world)]
         self._started_ray = started_ray
+        self.steps = 0
+        self.ray_calls = 0
         self.placement_info = placement_info or {}
 
     def _call_all(self, method: str, args_per_worker: list[tuple], what: str) -> list:
         import ray
         refs = [getattr(a, method).remote(*args) for a, args in zip(self.group.actors, args_per_worker)]
+        self.ray_calls += len(refs)
         index = {r: i for i, r in enumerate(refs)}
         out = [None] * len(refs)
         pending, deadline = list(refs), time.monotonic() + self.step_timeout
@@ -52,6 +55,7 @@ class RayEPExecutor:
             raise RequestFailed(ids, f"the expert-parallel worker group is down ({self.broken}); call "
                                      f"llm.restart()")
         plans, where, max_len = partition(items, self.world)
+        self.steps += 1
         try:
             res = self._call_all("step", [(p, max_len) for p in plans], "model step")
         except WorkerLost as exc:
@@ -76,7 +80,8 @@ class RayEPExecutor:
 
     def stats(self) -> dict:
         d = sum_stats(self._stats)
-        d.update(num_workers=self.world, ep_scheme=self.scheme)
+        d.update(num_workers=self.world, ep_scheme=self.scheme, ep_steps=self.steps,
+                 ray_calls_per_step=self.ray_calls / self.steps if self.steps else 0.0)
         return d
 
     def close(self):
