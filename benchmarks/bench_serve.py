@@ -239,7 +239,14 @@ def main(argv=None):
     if res["errors"]:
         print("errors:", *res["errors"], sep="\n  ", file=sys.stderr)
     if not a.no_record:
-        cmd = "python benchmarks/bench_serve.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
+        args, shown = list(argv if argv is not None else sys.argv[1:]), []
+        while args:   # the note is recorded as its own line, not inside the command
+            x = args.pop(0)
+            if x == "--note":
+                args = args[1:]
+            elif not x.startswith("--note="):
+                shown.append(x)
+        cmd = " ".join(["python benchmarks/bench_serve.py"] + [shlex.quote(x) for x in shown])
         record(cmd, table, a.note)
         print(f"recorded in {BENCH_MD}")
     return 1 if res["failed"] else 0
