@@ -18,7 +18,13 @@ from moeyard.runtime import LLM, AsyncLLM, SamplingParams
 from moeyard.runtime.executor import RequestFailed
 from moeyard.runtime.sampling import RequestError
 
-from test_server import free_port  # noqa: E402  (tests/serve is on sys.path via rootdir conftest)
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 

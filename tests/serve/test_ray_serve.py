@@ -19,9 +19,10 @@ def test_ray_serve_deployment(serve_ckpt):
     from ray import serve
 
     from moeyard.cluster.serve import build_deployment
-    from test_server import free_port
-
-    port = free_port()
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
