@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import itertools
 import logging
 import threading
 import time
@@ -123,7 +122,6 @@ class AsyncLLM:
         self._stopping = False
         self._dead: str | None = None
         self._idle_wait = idle_wait
-        self._ids = itertools.count()
         self._last_stats: dict = {}
         self._thread = threading.Thread(target=self._run, name="moeyard-engine", daemon=True)
         self._thread.start()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import threading
 import time
@@ -14,7 +13,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-from moeyard.runtime import LLM, AsyncLLM, SamplingParams  # noqa: E402
+from moeyard.runtime import LLM, AsyncLLM  # noqa: E402
 from moeyard.runtime.server import build_app, make_server  # noqa: E402
 
 MODEL = "tiny"
