@@ -62,8 +62,9 @@ class Plan:
 
 
 class Exchanger:
-    def __init__(self, pg, rank: int, world: int, timeout_s: float = 30.0):
+    def __init__(self, pg, rank: int, world: int, timeout_s: float = 30.0, device=None):
         self.pg, self.rank, self.world = pg, rank, world
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.bytes = {k: 0 for k in KINDS}
         self.calls = 0
@@ -79,7 +80,8 @@ class Exchanger:
     # -- primitive ---------------------------------------------------------------------------------------------
     def a2a(self, send: torch.Tensor, send_counts: list[int], recv_counts: list[int], kind: str) -> torch.Tensor:
         """Rows ``send[sum(send_counts[:j]) : ...]`` go to rank j; returns the rows received, by source rank."""
-        send = send.contiguous()
+        back_to_cpu = self.device.type == "cuda" and send.device.type == "cpu"   # NCCL needs device tensors
+        send = (send.to(self.device) if back_to_cpu else send).contiguous()
         row_shape = tuple(send.shape[1:])
         width = 1
         for s in row_shape:
@@ -94,7 +96,7 @@ class Exchanger:
         except Exception as exc:  # noqa: BLE001 — gloo raises RuntimeError subclasses of several kinds
             raise CollectiveError(f"all-to-all between expert-parallel workers failed on rank {self.rank} "
                                   f"(a peer worker may have died): {exc}") from exc
-        return out
+        return out.cpu() if back_to_cpu else out
 
     def counts(self, send_counts: list[int]) -> list[int]:
         t = torch.tensor(send_counts, dtype=torch.int64)
@@ -110,8 +112,7 @@ class Exchanger:
         order = torch.argsort(dest_n, stable=True)
         send_counts = torch.bincount(dest_n, minlength=self.world).tolist()
         recv_counts = self.counts(send_counts)
-        dev_order = order.to(tensors[0].device) if tensors else order
-        out = [self.a2a(t[dev_order], send_counts, recv_counts, k) for t, k in zip(tensors, kinds)]
+        out = [self.a2a(t[order.to(t.device)], send_counts, recv_counts, k) for t, k in zip(tensors, kinds)]
         return out, Plan(order, send_counts, recv_counts)
 
     def reverse(self, plan: Plan, tensors: list[torch.Tensor], kinds: list[str]) -> list[torch.Tensor]:

@@ -73,7 +73,7 @@ class EPWorker:
     def connect(self, init_method: str, backend: str | None = None, timeout_s: float = 30.0):
         backend = backend or ("nccl" if self.device.type == "cuda" else "gloo")
         pg = make_group(init_method, self.rank, self.world, backend, timeout_s)
-        self.ex = Exchanger(pg, self.rank, self.world, timeout_s)
+        self.ex = Exchanger(pg, self.rank, self.world, timeout_s, self.device)
         self.model.dispatcher = A2ADispatcher(self.ex, self.holders, self.layer_index)
         self.dest = dest_table(self.holders, self.rank, self.world)
         E = self.cfg.num_experts
