@@ -161,11 +161,12 @@ def main(argv=None):
 
     # 4. scale
     md += ["### Scale: time and proven gap", "",
-           "| instance | time limit | seconds | cross-worker rate | weighted cost/transition | gap | bound method |",
-           "|---|---|---|---|---|---|---|"]
+           "| instance | time limit | seconds | cross-worker rate | weighted cost/transition | gap | bound method "
+           "| round_robin rate / weighted |",
+           "|---|---|---|---|---|---|---|---|"]
     scale_cases = [(32, 64, 8, 1, 20000, 30.0)]
     if not args.skip_scale:
-        scale_cases.append((58, 256, 32, 4, 8000, 120.0))
+        scale_cases += [(58, 256, 32, 4, 8000, 120.0), (58, 256, 32, 1, 8000, 60.0)]
     for L, E, G, N, T, tl in scale_cases:
         prob = affinity_from_trace(synthetic_trace(T, L, E, 8, seed=2))
         r = solve(prob, G, nodes=N, time_limit=tl)
@@ -173,31 +174,40 @@ def main(argv=None):
         md.append(f"| {L}L x {E}E x {G} workers, {N} node(s), top-8, {T} tokens | {tl:.0f} s | {r.seconds:.1f} | "
                   f"{m.cross_rate:.3f} | {m.weighted_rate:.3f} | {r.gap:.1%} | {r.placement.solver.get('bound_method')} |")
         rr = evaluate(get_policy("round_robin")(prob, PlaceSpec(G, N)), prob, nodes=N)
-        md[-1] += f" (round_robin: {rr.cross_rate:.3f} / {rr.weighted_rate:.3f})"
+        md[-1] += f" {rr.cross_rate:.3f} / {rr.weighted_rate:.3f} |"
         print("scale", L, E, G, N, r.seconds, r.gap, flush=True)
-    md += ["", "Weighted cost: 1 per intra-node crossing, 4 per inter-node crossing (worker w on node w // (G/N)).", ""]
+    md += ["", "Weighted cost: 1 per intra-node crossing, 4 per inter-node crossing (worker w on node w // (G/N)). "
+           "The per-pair b-matching bound is tight when a worker holds few experts per layer (8 here) but loose "
+           "for large groups: with 4 nodes the node-level term groups 64 experts per node, and that term "
+           "dominates the 4-node gap; the same instance on one node (worker level only) shows the search itself "
+           "is within a few % of optimal there.", ""]
 
     # 5. balance and 6. replication, synthetic OLMoE-like, held-out half
     trace = synthetic_trace(args.tokens, 16, 64, 8, seed=3)
     fit_t, held_t = split_tokens(trace)
     fit, held = affinity_from_trace(fit_t), affinity_from_trace(held_t)
     md += ["### Balance and replication (synthetic 16L x 64E top-8, 8 workers, held-out half)", "",
-           "| policy | cross-worker rate | load max/mean (worst layer) | load max/mean (mean of layers) | gap |",
-           "|---|---|---|---|---|"]
+           "Balance is enforced on the fitted half; the held-out half's loads drift slightly.", "",
+           "| policy | cross-worker rate | load max/mean (worst layer) | load max/mean (mean of layers) "
+           "| load max/mean on fitted half | gap |",
+           "|---|---|---|---|---|---|"]
     for label, kw in (("ours, no constraint", {}), ("ours, balance eps=0.10", {"balance": 0.1}),
                       ("ours, 1 replica slot/worker", {"replicas": 1}), ("ours, 2 replica slots/worker", {"replicas": 2}),
                       ("ours, 2 replicas + balance 0.10", {"replicas": 2, "balance": 0.1})):
         try:
             r = solve(fit, 8, time_limit=args.time_limit, **kw)
         except PlacementError as exc:
-            md.append(f"| {label} | n/a ({exc}) | | | |")
+            md.append(f"| {label} | n/a ({exc}) | | | | |")
             continue
         m = evaluate(r.placement, held)
-        md.append(f"| {label} | {m.cross_rate:.3f} | {m.load_max_mean:.3f} | {m.load_max_mean_avg:.3f} | {r.gap:.1%} |")
+        mf = evaluate(r.placement, fit)
+        md.append(f"| {label} | {m.cross_rate:.3f} | {m.load_max_mean:.3f} | {m.load_max_mean_avg:.3f} | "
+                  f"{mf.load_max_mean:.3f} | {r.gap:.1%} |")
     for name, R in (("eplb", 0), ("eplb", 2), ("round_robin", 0)):
-        m = evaluate(get_policy(name)(fit, PlaceSpec(8, replicas=R)), held)
+        p = get_policy(name)(fit, PlaceSpec(8, replicas=R))
+        m, mf = evaluate(p, held), evaluate(p, fit)
         md.append(f"| {name}{f', {R} replica slots' if R else ''} | {m.cross_rate:.3f} | {m.load_max_mean:.3f} | "
-                  f"{m.load_max_mean_avg:.3f} | |")
+                  f"{m.load_max_mean_avg:.3f} | {mf.load_max_mean:.3f} | |")
     md += ["", f"Total benchmark wall time: {time.perf_counter() - t_start:.0f} s.", ""]
     text = "\n".join(md)
     print(text)

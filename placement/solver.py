@@ -129,9 +129,9 @@ def solve(problem_or_trace, num_workers: int, *, nodes: int = 1, replicas: int =
         layer_solver = LayerSolver(G, -(-E // G), prim_load_LE, prim_cap,
                                    mip_time=max(0.2, 0.05 * time_limit))
         topo = spec.topology
+        search_time = max(0.2, deadline - time.perf_counter() - 0.03 * time_limit)   # keep time to score
         worker_LE, cost, iters = local_search(problem.aff_PEE, topo.cost_GG(), topo.node_of_G, -(-E // G),
-                                              layer_solver, max(0.2, deadline - time.perf_counter()),
-                                              seed=seed, target=bound * (1 + 1e-9))
+                                              layer_solver, search_time, seed=seed, target=bound * (1 + 1e-9))
         info["iterations"] = iters
         # 5. replicas
         if replicas:
