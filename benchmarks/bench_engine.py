@@ -8,6 +8,13 @@ Each system runs in its own subprocess (so peak RSS is its own), alternately, on
 - peak RSS of our engine against the checkpoint size.
 
     python benchmarks/bench_engine.py [--ckpt /tmp/moeyard-bench-mixtral] [--record]
+
+``--arch deepseek_v3``: the same decode comparison on a DeepSeek-V3-shaped random checkpoint (MLA, YaRN,
+group-limited sigmoid routing, shared expert, a dense first layer; written by transformers'
+``DeepseekV3ForCausalLM`` at random init + ``save_pretrained`` into /tmp), plus the KV cache bytes per token of
+our compressed latent cache against what full keys and values would take.
+
+    python benchmarks/bench_engine.py --arch deepseek_v3 [--ckpt /tmp/moeyard-bench-dsv3] [--record]
 """
 
 from __future__ import annotations
@@ -57,6 +64,36 @@ def make_checkpoint(path: str):
     save_mixtral(state, Experts(), cfg, cd, path, dtype=torch.float32, max_shard_bytes=600 << 20)
 
 
+DSV3_SHAPE = dict(vocab_size=8000, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=1024,
+                  num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=8, num_key_value_heads=8,
+                  n_routed_experts=32, n_shared_experts=1, num_experts_per_tok=8, n_group=8, topk_group=4,
+                  q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+                  routed_scaling_factor=2.5, norm_topk_prob=True, rope_interleave=True, max_position_embeddings=2048,
+                  tie_word_embeddings=False,
+                  rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512,
+                                   "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0,
+                                   "rope_theta": 10000.0})
+
+
+def make_checkpoint_dsv3(path: str):
+    """Random-init DeepseekV3ForCausalLM (routers scaled up, random score-correction bias) saved by transformers."""
+    import torch
+    import transformers
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return
+    torch.manual_seed(0)
+    cfg = transformers.DeepseekV3Config(**DSV3_SHAPE)
+    model = transformers.DeepseekV3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.mul_(8.0)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn(b.shape) * 0.05)
+    model.save_pretrained(path, max_shard_size="600MB")
+
+
 def copy_bandwidth() -> float:
     """Bytes read + written per second by a large tensor copy (best of 5)."""
     import torch
@@ -86,7 +123,7 @@ def worker(system: str, ckpt: str, batch: int, new_tokens: int) -> dict:
             return time.perf_counter() - t
     else:
         import transformers
-        model = transformers.MixtralForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+        model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
         ids = torch.tensor(prompts)
 
         def run(n):
@@ -111,7 +148,8 @@ def sub(system, ckpt, batch, n):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--ckpt", default="/tmp/moeyard-bench-mixtral")
+    ap.add_argument("--ckpt", default=None)
+    ap.add_argument("--arch", default="mixtral", choices=["mixtral", "deepseek_v3"])
     ap.add_argument("--new-tokens", type=int, default=24)
     ap.add_argument("--record", action="store_true")
     ap.add_argument("--worker")
@@ -120,6 +158,9 @@ def main():
     if a.worker:
         print(json.dumps(worker(a.worker, a.ckpt, a.batch, a.new_tokens)))
         return
+    if a.arch == "deepseek_v3":
+        return main_dsv3(a)
+    a.ckpt = a.ckpt or "/tmp/moeyard-bench-mixtral"
     make_checkpoint(a.ckpt)
     from moeyard.moe.checkpoint import CheckpointReader
     from moeyard.moe.config import MoEConfig
@@ -152,6 +193,48 @@ def main():
     print(body)
     if a.record:
         record("Engine (local mode) vs transformers", "python benchmarks/bench_engine.py --record", body)
+
+
+def main_dsv3(a):
+    a.ckpt = a.ckpt or "/tmp/moeyard-bench-dsv3"
+    make_checkpoint_dsv3(a.ckpt)
+    import torch
+    from moeyard.moe.checkpoint import CheckpointReader
+    from moeyard.moe.config import MoEConfig
+    from moeyard.runtime.modes import new_kv_cache
+    from common import record, table
+    cfg = MoEConfig.from_dir(a.ckpt)
+    rd = CheckpointReader(a.ckpt)
+    size = sum(rd.nbytes(n) for n in rd.names())
+    kv = new_kv_cache(cfg, 1, 16, torch.float32, torch.device("cpu"))
+    ours_kv = kv.bytes_per_token()
+    full_kv = cfg.num_layers * cfg.num_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * 4
+    res = {}
+    for batch in (1, 8):
+        for system in ("moeyard", "transformers"):
+            res[(system, batch)] = sub(system, a.ckpt, batch, a.new_tokens)
+            print(res[(system, batch)], flush=True)
+    rows = []
+    for batch in (1, 8):
+        ours, hf = res[("moeyard", batch)], res[("transformers", batch)]
+        rows.append([batch, ours["decode_tok_s"], hf["decode_tok_s"], ours["decode_tok_s"] / hf["decode_tok_s"]])
+    shape = {k: v for k, v in DSV3_SHAPE.items() if k != "rope_parameters"}
+    body = (f"Checkpoint: random DeepSeek-V3 shape {shape}, YaRN factor 4 (mscale_all_dim 1), float32, "
+            f"written by transformers `DeepseekV3ForCausalLM.save_pretrained` (per-expert layout), "
+            f"{size / 2**30:.2f} GiB on disk. 16-token prompts, {a.new_tokens} new tokens, greedy; decode tok/s "
+            f"excludes prefill (a 1-token run is subtracted). Each system in its own subprocess.\n\n"
+            + table(["batch", "moeyard decode tok/s", "transformers decode tok/s", "ratio"], rows)
+            + f"\n\nKV cache per token (all {cfg.num_layers} layers, float32): moeyard caches the MLA latent "
+              f"(kv_lora_rank {cfg.kv_lora_rank} after kv_a_layernorm + roped k_pe {cfg.qk_rope_head_dim}) = "
+              f"**{ours_kv} B/token**; full keys and values ({cfg.num_heads} heads × (qk {cfg.qk_nope_head_dim}+"
+              f"{cfg.qk_rope_head_dim} + v {cfg.v_head_dim})) would take {full_kv} B/token: "
+              f"**{full_kv / ours_kv:.1f}× smaller**. (At DeepSeek-V3's real shape, 128 heads × (192 + 128) vs "
+              f"512 + 64, the ratio is {128 * 320 / 576:.0f}×.)\n\n"
+              f"Peak RSS: moeyard {max(res[('moeyard', b)]['peak_rss'] for b in (1, 8)) / 2**30:.2f} GiB, "
+              f"transformers {max(res[('transformers', b)]['peak_rss'] for b in (1, 8)) / 2**30:.2f} GiB.")
+    print(body)
+    if a.record:
+        record("DeepSeek-V3 and gpt-oss", "python benchmarks/bench_engine.py --arch deepseek_v3 --record", body)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,11 @@ class SinkAttention(Attention):
         self.sinks = nn.Parameter(torch.zeros(self.H))
         self.window = cfg.sliding_window if cfg.is_sliding_layer(layer) else None
 
+    def _sdpa(self, *a, **k):
+        # plain scaled-dot-product attention would silently drop the sinks and the window
+        raise NotImplementedError("gpt-oss attention has learned sinks and sliding windows: use SinkAttention's "
+                                  "own paths (_attend), not a plain SDPA call")
+
     def _attend(self, q_BHQD, k_BTHD, v_BTHD, qpos_BQ):
         """Eager attention with sinks; keys are positions 0..T-1, query i of batch b is at ``qpos_BQ[b, i]``."""
         B, H, Q, _ = q_BHQD.shape
