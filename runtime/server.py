@@ -158,6 +158,7 @@ def build_app(async_llm, model_name: str = "moeyard") -> FastAPI:
 
     app = FastAPI(title="moeyard", lifespan=lifespan)
     app.state.model_name = model_name
+    app.state.get_llm = get_llm
     token_text: dict[int, TokenText] = {}
 
     def tt(llm) -> TokenText:
@@ -492,13 +493,31 @@ async def _sse(llm, choices, rid, created, model_name, chat, want_lp, include_us
 # -- running -------------------------------------------------------------------------------------------------------
 def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
                 graceful_timeout: float = 30.0):
-    """A ``uvicorn.Server`` for ``app``: on SIGTERM/SIGINT it stops accepting, lets in-flight requests finish
-    (at most ``graceful_timeout`` seconds, then cancels them, which aborts their requests), then the app's
-    lifespan stops the engine thread."""
+    """A ``uvicorn.Server`` for ``app``. On SIGTERM/SIGINT it stops accepting connections and lets in-flight
+    requests finish; requests still running shortly before ``graceful_timeout`` seconds are ended by the engine
+    with a clear error (streams get an ``error`` event and ``data: [DONE]``, others a 500 error body), so nothing
+    is cut off silently and nothing hangs; then the app's lifespan stops the engine thread."""
     import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            get_llm = getattr(app.state, "get_llm", None)
+
+            async def deadline():
+                await asyncio.sleep(max(graceful_timeout - 1.0, graceful_timeout * 0.5))
+                llm = get_llm() if get_llm is not None else None
+                if llm is not None:
+                    await asyncio.to_thread(llm.shutdown, 30.0, False)   # fail what runs; keep the model open
+
+            task = asyncio.create_task(deadline())
+            try:
+                await super().shutdown(sockets)
+            finally:
+                task.cancel()
+
     cfg = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_timeout,
                          lifespan="on", access_log=False)
-    return uvicorn.Server(cfg)
+    return Server(cfg)
 
 
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
