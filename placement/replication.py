@@ -49,7 +49,36 @@ def add_replicas(worker_LE: np.ndarray, copies_LE: np.ndarray, aff_PEE: np.ndarr
             member[l, e, g] = True
             free_G[g] -= 1
             copies_E[e] += 1
+        if cap_L is not None:
+            _repair_balance(member[l], load_LE[l], cap_L[l])
     return member
+
+
+def _repair_balance(m_EG, load_E, cap, max_steps=200):
+    """Swap copies between the most loaded worker and others until every worker is under ``cap``
+    (or no swap lowers the overload). Copies stay on distinct workers; slot counts are unchanged."""
+    per_copy_E = load_E / np.maximum(m_EG.sum(1), 1)
+    for _ in range(max_steps):
+        ld_G = (m_EG * per_copy_E[:, None]).sum(0)
+        o = int(np.argmax(ld_G))
+        if ld_G[o] <= cap * (1 + 1e-9):
+            return
+        best, move = 0.0, None
+        for x in np.flatnonzero(m_EG[:, o]):
+            for h in np.flatnonzero(~m_EG[x]):
+                ys = np.flatnonzero(m_EG[:, h] & ~m_EG[:, o])
+                if not len(ys):
+                    continue
+                d = per_copy_E[x] - per_copy_E[ys]                 # load leaving o
+                new_peak = np.maximum(ld_G[o] - d, ld_G[h] + d)
+                k = int(np.argmin(new_peak))
+                gain = ld_G[o] - new_peak[k]
+                if gain > best + 1e-12:
+                    best, move = gain, (x, h, ys[k])
+        if move is None:
+            return
+        x, h, y = move
+        m_EG[x, o], m_EG[x, h], m_EG[y, h], m_EG[y, o] = False, True, False, True
 
 
 def _worker_load(m_EG, load_E, copies_E):

@@ -8,6 +8,8 @@ Glossary
                                 balance constraint (a relaxation, so still valid)
              With replication the bound holds for the replica counts fixed by the EPLB rule.
   gap        (objective - bound) / objective
+  status     "optimal" (gap 0), "feasible", or "balance_not_met" when replicas + balance could not both
+             be satisfied by the greedy replica placement (the loads reached are in solver metadata)
   method     "exact" (whole MILP in HiGHS), "search" (layer-wise exact re-solves + iterated local
              search, see search.py) or "auto" (exact when the MILP is small, else search)
 
@@ -25,7 +27,7 @@ import numpy as np
 from .affinity import affinity_from_trace
 from .bounds import pair_lower_bound
 from .errors import PlacementError
-from .evaluate import pair_cost_PEE
+from .evaluate import pair_cost_PEE, worker_load_LG
 from .ilp import solve_exact
 from .placement import Placement
 from .problem import AffinityProblem
@@ -147,7 +149,13 @@ def solve(problem_or_trace, num_workers: int, *, nodes: int = 1, replicas: int =
     obj = placement_cost(member, problem, spec)
     bound = min(float(bound), obj)
     gap = 0.0 if obj <= 1e-12 else (obj - bound) / obj
-    if gap <= 1e-9:
+    if cap_L is not None:
+        load_LG = worker_load_LG(member, problem.load_LE)
+        info["balance_met"] = bool((load_LG.max(1) <= cap_L * (1 + 1e-9)).all())
+        info["load_max_mean"] = float((load_LG.max(1) / load_LG.mean(1)).max())
+        if not info["balance_met"]:
+            status = "balance_not_met"
+    if gap <= 1e-9 and status != "balance_not_met":
         status = "optimal"
     secs = time.perf_counter() - t0
     info.update(status=status, seconds=round(secs, 3), gap=gap,

@@ -1,5 +1,3 @@
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -35,6 +33,8 @@ def test_balance_respected():
     assert evaluate(free.placement, prob).load_max_mean > 1.1
     assert evaluate(bal.placement, prob).load_max_mean <= 1.1 + 1e-9
     assert bal.bound <= bal.objective
+    rep = solve(prob, 4, balance=0.1, replicas=1, time_limit=2)
+    assert rep.placement.solver["balance_met"] and evaluate(rep.placement, prob).load_max_mean <= 1.1 + 1e-9
 
 
 def test_infeasible_balance_message():

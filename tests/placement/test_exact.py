@@ -2,7 +2,7 @@ import itertools
 
 import numpy as np
 
-from moeyard.placement import AffinityProblem, PlaceSpec, affinity_from_trace, solve
+from moeyard.placement import PlaceSpec, affinity_from_trace, solve
 from moeyard.placement.ilp import solve_exact
 from moeyard.placement.search import total_cost
 from moeyard.placement.synthetic import synthetic_trace
@@ -11,12 +11,10 @@ from moeyard.placement.synthetic import synthetic_trace
 def _brute_force(prob, G, cost_GG):
     E = prob.num_experts
     S = E // G
-    layer_options = [np.array(w) for w in itertools.product(range(G), repeat=E)
-                     if (np.bincount(w, minlength=G) == S).all() and w[0] == 0 or False]
-    # w[0] == 0 only fixes layer 0 below; other layers need every balanced assignment
     every = [np.array(w) for w in itertools.product(range(G), repeat=E) if (np.bincount(w, minlength=G) == S).all()]
+    # relabelling workers maps optima to optima, so layer 0 may keep expert 0 on worker 0
     best = np.inf
-    for first in layer_options:
+    for first in (w for w in every if w[0] == 0):
         for rest in itertools.product(every, repeat=prob.num_layers - 1):
             best = min(best, total_cost(np.stack([first, *rest]), prob.aff_PEE, cost_GG))
     return best
