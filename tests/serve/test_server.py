@@ -286,3 +286,25 @@ def test_stats_gauges_flatten():
     from moeyard.runtime.metrics import ServingMetrics
     txt = ServingMetrics().render({"cache": {"hit_rate": 0.25}, "a2a_bytes": 10, "name": "x", "ok": True})
     assert "moeyard_cache_hit_rate 0.25" in txt and "moeyard_a2a_bytes 10" in txt and "moeyard_name" not in txt
+
+
+def test_prompt_batch_and_chat_n_stream(server):
+    c = server.client
+    r = c.completions.create(model=MODEL, prompt=["Hello", "The quick"], max_tokens=4, temperature=0, n=2,
+                             extra_body={"ignore_eos": True})
+    assert [ch.index for ch in r.choices] == [0, 1, 2, 3]
+    assert r.choices[0].text == r.choices[1].text and r.choices[2].text == r.choices[3].text   # greedy
+    tok = server.llm.tokenizer
+    assert r.usage.prompt_tokens == len(tok.encode("Hello")) + len(tok.encode("The quick"))
+    assert r.usage.completion_tokens == 16
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+    chunks = list(c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=5, temperature=0.9, seed=3, n=2,
+                                            stream=True, extra_body={"ignore_eos": True}))
+    fin = {0: [], 1: []}
+    roles = {0: 0, 1: 0}
+    for ch in chunks:
+        for x in ch.choices:
+            roles[x.index] += x.delta.role == "assistant"
+            if x.finish_reason:
+                fin[x.index].append(x.finish_reason)
+    assert fin == {0: ["length"], 1: ["length"]} and roles == {0: 1, 1: 1}
