@@ -9,7 +9,7 @@ import logging
 
 from ..moe.errors import MoeyardError
 from ..moe.tokenizer import Tokenizer
-from ..runtime.ep_worker import SCHEMES
+from ..runtime.ep_worker import SCHEMES, check_scheme
 from . import layout
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,10 @@ def build_ray(ctx, num_workers: int = 2, placement: str = "round_robin", ep_sche
     cfg = ctx.cfg
     if ep_scheme not in SCHEMES:
         raise MoeyardError(f"ep_scheme must be one of {', '.join(SCHEMES)}, got {ep_scheme!r}")
+    try:
+        check_scheme(ep_scheme, cfg)
+    except ValueError as exc:
+        raise MoeyardError(str(exc)) from None
     if not isinstance(placement, str):
         raise MoeyardError(f"placement must be a string (a built-in name or a placement.json path), "
                            f"got {type(placement).__name__}")

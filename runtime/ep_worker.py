@@ -33,6 +33,17 @@ from .executor import StepItem, build_batch
 from .modes import new_kv_cache
 
 SCHEMES = ("standard", "coherent")
+COHERENT_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+
+
+def check_scheme(scheme: str, cfg: MoEConfig):
+    """The coherent scheme re-implements plain (GQA) attention and the softmax-top-k MoE block."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"ep_scheme must be one of {SCHEMES}, got {scheme!r}")
+    if scheme == "coherent" and (cfg.model_type not in COHERENT_TYPES
+                                 or getattr(cfg, "attention_kind", "mha") != "mha"):
+        raise ValueError(f"ep_scheme='coherent' supports {', '.join(COHERENT_TYPES)} (plain attention, softmax "
+                         f"top-k routing); this model is {cfg.model_type!r}: use ep_scheme='standard'")
 
 
 @dataclass(frozen=True)
@@ -49,11 +60,10 @@ class EPWorker:
     def __init__(self, path: str, rank: int, world: int, holders: list[list[tuple[int, ...]]],
                  scheme: str = "standard", dtype=None, device="cpu", max_num_seqs: int = 64,
                  max_model_len: int = 2048):
-        if scheme not in SCHEMES:
-            raise ValueError(f"ep_scheme must be one of {SCHEMES}, got {scheme!r}")
         self.rank, self.world, self.scheme, self.holders = rank, world, scheme, holders
         self.device = torch.device(device)
         self.cfg = cfg = MoEConfig.from_dir(path)
+        check_scheme(scheme, cfg)
         self.moe_layers = list(cfg.moe_layers)
         if len(holders) != len(self.moe_layers):
             raise ValueError(f"placement has {len(holders)} layers, the model {len(self.moe_layers)} MoE layers")

@@ -160,3 +160,13 @@ def test_bad_placement_and_worker_count(tiny_ckpt, tmp_path):
         LLM(path, mode="ray", num_workers=2, placement="no_such_policy")
     with pytest.raises(ValueError, match="ep_scheme"):
         LLM(path, mode="ray", num_workers=2, ep_scheme="nope")
+
+
+def test_coherent_refuses_unsupported_attention():
+    from types import SimpleNamespace
+
+    from moeyard.runtime.ep_worker import check_scheme
+    check_scheme("coherent", SimpleNamespace(model_type="mixtral", attention_kind="mha"))
+    check_scheme("standard", SimpleNamespace(model_type="deepseek_v3", attention_kind="mla"))
+    with pytest.raises(ValueError, match="use ep_scheme='standard'"):
+        check_scheme("coherent", SimpleNamespace(model_type="deepseek_v3", attention_kind="mla"))
