@@ -1,6 +1,6 @@
 """Offload-mode benchmark (issue 5).
 
-    .venv/bin/python benchmarks/bench_offload.py [--quick] [--skip-big] [--out runs/bench/offload.json]
+    .venv/bin/python benchmarks/bench_offload.py [--quick] [--skip-big] [--out /tmp/moeyard_bench_offload/offload.json]
 
 Part A (model): the default model (``moe/default_model``) when present, else a random Mixtral written to /tmp.
 For budgets 10/25/50 % of experts resident: all-resident local mode vs offload with prediction+prefetch vs
@@ -259,7 +259,7 @@ def main():
     ap.add_argument("--worker", nargs=2)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip-big", action="store_true")
-    ap.add_argument("--out", default=os.path.join(ROOT, "runs", "bench", "offload.json"))
+    ap.add_argument("--out", default="/tmp/moeyard_bench_offload/offload.json")
     a = ap.parse_args()
     if a.worker:
         kind, cfg = a.worker

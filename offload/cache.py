@@ -10,7 +10,7 @@ buffer and are copied on a side stream; ``get`` makes the compute stream wait on
 overwritten only after the compute stream passed the event recorded when its last user was unpinned.
 
 Eviction policies (``EVICTION``): "predicted" (first wrong prefetches, then experts no upcoming layer is predicted to
-need, farthest next use in layer order first, then least frequent/least recent), "lru", "lfu".
+need, least frequent/least recent first, predicted ones last), "lru", "lfu".
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ QUEUED, LOADING, READY, FAILED = "queued", "loading", "ready", "failed"
 
 class _Entry:
     __slots__ = ("key", "slot", "state", "prefetched", "counted_use", "wrong", "freq", "last_use", "error",
-                 "cuda_event")
+                 "cuda_event", "last_step")
 
     def __init__(self, key, slot, prefetched):
         self.key, self.slot, self.state = key, slot, QUEUED
         self.prefetched, self.counted_use, self.wrong = prefetched, False, False
-        self.freq, self.last_use, self.error, self.cuda_event = 0, 0, None, None
+        self.freq, self.last_use, self.error, self.cuda_event, self.last_step = 0, 0, None, None, -1
 
 
 def _lru_key(cache, e):
@@ -47,9 +47,10 @@ def _lfu_key(cache, e):
 
 
 def _predicted_key(cache, e):
+    # wrong prefetches first; then experts no upcoming layer is predicted to need, least frequently/recently used
+    # first (decode reuses a layer's experts token after token); predicted ones last, farthest-needed first
     pred = cache.predicted.get(e.key)
-    return (0 if e.wrong else 1, 0 if pred is None else 1, -(pred if pred is not None else cache.distance(e.key[0])),
-            e.freq, e.last_use)
+    return (0 if e.wrong else 1, 0 if pred is None else 1, -(pred or 0), e.freq, e.last_use)
 
 
 EVICTION = {"predicted": _predicted_key, "lru": _lru_key, "lfu": _lfu_key}
@@ -82,6 +83,7 @@ class ExpertCache:
         self._cond = threading.Condition(self._lock)
         self._jobs: list = []
         self._closed = False
+        self.step = 0
         self.cuda = self.device.type == "cuda"
         self._release_event = [None] * num_slots
         self.counters = {"expert_hits": 0, "expert_misses": 0, "prefetch_issued": 0, "prefetch_used": 0,
@@ -104,7 +106,9 @@ class ExpertCache:
                  if e.key not in self.pinned and (e.state == READY or (e.state == QUEUED and not for_prefetch))]
         if for_prefetch:
             # never push out something an upcoming layer is predicted to need, nor an unused prefetch
-            cands = [e for e in cands if e.state == READY and (e.wrong or e.key not in self.predicted)
+            # nor what the previous or current step used (decode reuses a layer's experts token after token)
+            cands = [e for e in cands if e.state == READY and (e.wrong or (
+                     e.key not in self.predicted and e.last_step < self.step - 1))
                      and not (e.prefetched and not e.counted_use and not e.wrong)]
         if not cands:
             return None
@@ -138,6 +142,7 @@ class ExpertCache:
     def _touch(self, e: _Entry):
         e.freq += 1
         e.last_use = next(self._tick)
+        e.last_step = self.step
         e.wrong = False
         if e.prefetched and not e.counted_use:
             self.counters["prefetch_used"] += 1
@@ -262,6 +267,7 @@ class ExpertCache:
 
     def end_step(self):
         with self._lock:
+            self.step += 1
             self._unpin_all()
             self._last_get = None
             self._class.clear()
