@@ -10,7 +10,7 @@ Objective (minimise): sum_l sum_ij aff[l,i,j] * (1 - loc + (inter_cost - 1) * (1
 expected (weighted) cross-worker transitions per token. Strengthening cuts: sum_j z[l,i,j,g] <=
 slots * x[l,i,g] (and symmetrically), which make the LP relaxation a b-matching per layer pair.
 Symmetry: relabelling workers changes nothing, so on one node expert e of layer 0 may only use
-workers 0..e; with several nodes only (layer 0, expert 0) -> worker 0 is fixed.
+workers 0..e; with several nodes or replicas only x[0, 0, 0] = 1 is fixed.
 
 Only small instances (a few layers, E <= ~16) prove optimal quickly; the size grows as L*E^2*G.
 """
@@ -92,7 +92,7 @@ def solve_exact(problem: AffinityProblem, spec: PlaceSpec, copies_LE: np.ndarray
     if topo.num_nodes == 1 and (copies_LE[0] == 1).all():
         hi[0][np.arange(E)[:, None] < np.arange(G)[None, :]] = 0.0
     else:
-        hi[0, 0, 1:] = 0.0
+        m.lo[0][0] = 1.0          # some copy of (layer 0, expert 0) may be assumed on worker 0
     m.hi[0][:] = hi.ravel()
     m.row([x[l, e] for l in range(L) for e in range(E)], [np.ones(G)] * (L * E),
           copies_LE.ravel().astype(float), copies_LE.ravel().astype(float))

@@ -112,8 +112,10 @@ def solve(problem_or_trace, num_workers: int, *, nodes: int = 1, replicas: int =
         res = solve_exact(problem, spec, copies_LE,
                           time_limit=max(0.5, budget if method == "exact" else 0.5 * budget))
         if res.status == "infeasible":
-            raise PlacementError("placement constraints are infeasible (balance/replicas); "
-                                 "raise --balance or change --replicas")
+            raise PlacementError(
+                f"no placement satisfies balance eps={balance} with {slots} slots per worker "
+                f"(replicas={replicas}; replica counts fixed by the EPLB rule) - proved infeasible by the exact "
+                f"MILP; raise --balance or change --replicas")
         bound = res.bound
         info.update(method="exact-milp", bound_method="highs-milp-dual-bound", milp_status=res.status)
         if res.member_LEG is not None:

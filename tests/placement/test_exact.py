@@ -52,3 +52,13 @@ def test_bound_never_exceeds_objective():
         for kw in ({}, {"nodes": 2}, {"replicas": 1}):
             r = solve(prob, 4, method="search", time_limit=0.5, seed=seed, **kw)
             assert r.bound <= r.objective + 1e-9 and 0 <= r.gap <= 1
+
+
+def test_exact_with_replicated_first_expert():
+    # expert 0 of layer 0 is the hottest, so the EPLB rule replicates it: symmetry breaking must allow that
+    from moeyard.placement import AffinityProblem
+    rng = np.random.default_rng(0)
+    load = np.array([[5.0, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]])
+    prob = AffinityProblem(rng.random((2, 4, 4)), load)
+    r = solve(prob, 2, replicas=1, method="exact", time_limit=20)
+    assert r.status == "optimal" and r.placement.workers_of(0, 0) == (0, 1)
