@@ -134,15 +134,13 @@ def main():
         from moeyard.moe.config import MoEConfig
         cfg = MoEConfig.from_dir(path)
         for r in results:
-            if r["scheme"] != "standard":
-                continue
             for hidden in (cfg.hidden_size, 4096):
                 s = simulate(None, None, 64, 8, intra_gbps=150.0, inter_gbps=25.0, hidden_size=hidden,
                              bytes_per_elem=2, tokens_per_step=256, local_fraction=r["local_fraction"],
                              num_layers=len(cfg.moe_layers), top_k=cfg.top_k)
-                sim.append({"placement": r["placement"], "hidden": hidden, "local_fraction": r["local_fraction"],
+                sim.append({"placement": r["placement"], "scheme": r["scheme"], "hidden": hidden, "local_fraction": r["local_fraction"],
                             "bytes_intra": s.bytes_intra, "bytes_inter": s.bytes_inter, "seconds": s.seconds})
-                print(f"sim 64w/8n hidden {hidden}: {r['placement']:12s} local {r['local_fraction']:.3f} "
+                print(f"sim 64w/8n hidden {hidden}: {r['placement']:12s} {r['scheme']:9s} local {r['local_fraction']:.3f} "
                       f"bytes/step {s.bytes_total / 1e6:8.2f} MB  time/step {s.seconds * 1e6:8.1f} us")
     except Exception as exc:  # noqa: BLE001
         print("placement simulator not usable:", exc)
