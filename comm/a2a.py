@@ -8,7 +8,8 @@ Glossary
 
 Every byte handed to a collective that crosses workers is counted (a worker's rows to itself are not), by kind:
 ``moe`` (token rows and their expert ids / gate weights), ``kv`` (KV-cache replication), ``hidden`` (residual
-streams and final hidden states that move with a token), ``meta`` (split sizes, token bookkeeping).
+streams and final hidden states that move with a token), ``meta`` (split sizes, token bookkeeping), ``shuffle``
+(KV caches of sequences moved between workers by speculative shuffling, with their slot/position rows).
 
 Works with any c10d process group object (gloo on CPU, nccl on GPU); no default process group is needed, so
 several workers can live in one process (threads) for tests.
@@ -24,7 +25,7 @@ import torch.distributed as dist
 
 from ..moe.dispatch import DispatchMeta, LocalDispatcher, Routed
 
-KINDS = ("moe", "kv", "hidden", "meta")
+KINDS = ("moe", "kv", "hidden", "meta", "shuffle")
 
 
 class CollectiveError(RuntimeError):

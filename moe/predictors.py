@@ -150,8 +150,8 @@ class TokenTablePredictor(_Base):
         super().__init__(moe_layers, num_experts, top_k, width)
         self.learn = learn
         self.C = torch.zeros(vocab_size, len(self.moe_layers), num_experts, dtype=torch.float32)
-        if trace is not None and trace.get("tokens") is not None:
-            tok = torch.as_tensor(np.asarray(trace["tokens"]).astype(np.int64))
+        if trace is not None and trace_tokens(trace) is not None:
+            tok = torch.as_tensor(np.asarray(trace_tokens(trace)).astype(np.int64))
             ex = torch.as_tensor(np.asarray(trace["experts"]).astype(np.int64))
             T, L, K = ex.shape
             lid = torch.arange(L)[None, :, None].expand(T, L, K)
@@ -200,6 +200,34 @@ class CombinedPredictor(_Base):
                 s = s.float().cpu() * w
                 tot = s if tot is None else tot + s
         return tot
+
+
+def trace_tokens(trace: dict):
+    """The token ids of a routing trace: ``tokens[T]`` or ``token_ids[T]`` (the default model's trace), or None."""
+    for k in ("tokens", "token_ids"):
+        if trace.get(k) is not None:
+            return trace[k]
+    return None
+
+
+def token_table_problem(trace: dict | None, cfg) -> str | None:
+    """Why ``trace`` cannot seed a token-identity table for ``cfg`` (None: it can)."""
+    if trace is None:
+        return "no routing trace"
+    ex, tok = trace.get("experts"), trace_tokens(trace)
+    if tok is None:
+        return "the routing trace has no token ids (tokens/token_ids)"
+    if ex is None or np.ndim(ex) != 3:
+        return "the routing trace has no experts[T, L, k] array"
+    L = len(cfg.moe_layers)
+    if ex.shape[1] != L or ex.shape[0] != len(tok):
+        return (f"the routing trace does not match the model (experts {tuple(ex.shape)}, {len(tok)} token ids; "
+                f"the model has {L} MoE layers)")
+    if ex.size and (int(ex.max()) >= cfg.num_experts or int(ex.min()) < 0):
+        return f"the routing trace names experts outside [0, {cfg.num_experts})"
+    if len(tok) and (int(np.max(tok)) >= cfg.vocab_size or int(np.min(tok)) < 0):
+        return f"the routing trace names token ids outside the vocabulary ({cfg.vocab_size})"
+    return None
 
 
 def load_trace(path: str) -> dict:

@@ -78,6 +78,8 @@ class EPWorker:
         self.ex: Exchanger | None = None
         self.steps = 0
         self.recording: dict[int, list] | None = None   # layer -> [ids_NK] while calibrating (standard scheme)
+        self.capture_routing = False      # speculative shuffling: keep the step's routing in ``last_routing``
+        self.last_routing = None          # int16 [N, L_moe, K] of this worker's tokens in the last step
 
     # -- group ---------------------------------------------------------------------------------------------------
     def connect(self, init_method: str, backend: str | None = None, timeout_s: float = 30.0):
@@ -105,23 +107,68 @@ class EPWorker:
 
     # -- one step ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def step(self, items: list[WorkItem], max_len: int) -> torch.Tensor:
+    def step(self, items: list[WorkItem], max_len: int, moves: list | None = None) -> torch.Tensor:
         """Run one step for this worker's items (maybe none); returns logits [B_sample, V] of its sampled items
-        in item order."""
+        in item order. ``moves`` (speculative shuffling; the same list on every worker): sequences
+        ``(slot, src, dst, T)`` whose first T KV entries move from worker src to dst before the step."""
         if self.ex is None:
             raise RuntimeError("EPWorker.step before connect()")
         self.kv.ensure(max_len)
         self.steps += 1
+        if moves:
+            self.move_kv(moves)
         if self.scheme == "coherent":
             return self._coherent(items)
+        L, K = len(self.moe_layers), self.cfg.top_k
         if not items:
             self._idle_standard()
+            if self.capture_routing:
+                self.last_routing = torch.empty((0, L, K), dtype=torch.int16)
             return torch.empty((0, self.cfg.vocab_size))
         ids_N, batch = build_batch([StepItem(it.slot, list(it.token_ids), it.start, it.sample) for it in items],
                                    self.device, self.kv)
+        hooks, cap = [], {}
         if self.recording is not None:
-            batch.route_hooks = [lambda layer, x, ids, w: self.recording.setdefault(layer, []).append(ids.cpu())]
-        return self.model(ids_N, batch).cpu()
+            hooks.append(lambda layer, x, ids, w: self.recording.setdefault(layer, []).append(ids.cpu()))
+        if self.capture_routing:
+            hooks.append(lambda layer, x, ids, w: cap.__setitem__(layer, ids.cpu()))
+        if hooks:
+            batch.route_hooks = hooks
+        out = self.model(ids_N, batch).cpu()
+        if self.capture_routing:
+            self.last_routing = torch.stack([cap[l] for l in self.moe_layers], 1).to(torch.int16)
+        return out
+
+    def move_kv(self, moves: list):
+        """Speculative shuffling: move whole sequences' KV caches between workers (one exchange, counted as
+        ``shuffle`` bytes). Every worker calls this with the same ``moves``; rows of a sequence to itself are
+        not moved."""
+        kv, dev = self.kv, self.device
+        rows, meta, dest = [], [], []
+        for slot, src, dst, T in moves:
+            if src != self.rank or dst == src or T <= 0:
+                continue
+            k, v = kv.export(slot, T)                                    # [L, T, Hkv, Dh], [L, T, Hv, Dv]
+            rows.append(torch.cat([k.transpose(0, 1).reshape(T, -1), v.transpose(0, 1).reshape(T, -1)], 1))
+            meta.append(torch.stack([torch.full((T,), slot, dtype=torch.long), torch.arange(T)], 1))
+            dest.append(torch.full((T,), dst, dtype=torch.long))
+        wk, wv = kv.L * kv.Hkv * kv.Dh, kv.L * kv.Hv * kv.Dv
+        if rows:
+            rows_t, meta_t, dest_t = torch.cat(rows), torch.cat(meta), torch.cat(dest)
+        else:
+            rows_t = torch.empty((0, wk + wv), dtype=kv.dtype, device=dev)
+            meta_t, dest_t = torch.empty((0, 2), dtype=torch.long), torch.empty(0, dtype=torch.long)
+        (got, gmeta), _ = self.ex.exchange(dest_t, [rows_t, meta_t], ["shuffle", "shuffle"])
+        if got.shape[0]:
+            need = int(gmeta[:, 1].max()) + 1
+            kv.ensure(need)
+            n = got.shape[0]
+            k = got[:, :wk].reshape(n, kv.L, kv.Hkv, kv.Dh)
+            v = got[:, wk:].reshape(n, kv.L, kv.Hv, kv.Dv)
+            s_, p_ = gmeta[:, 0].to(dev), gmeta[:, 1].to(dev)
+            for l in range(kv.L):
+                kv.k[l][s_, p_] = k[:, l]
+                kv.v[l][s_, p_] = v[:, l]
 
     def start_recording(self):
         self.recording = {}
@@ -283,13 +330,14 @@ def home_of(slot: int, world: int) -> int:
     return slot % world
 
 
-def partition(items: list[StepItem], world: int) -> tuple[list[list[WorkItem]], list[tuple[int, int]], int]:
+def partition(items: list[StepItem], world: int, home: dict | None = None
+              ) -> tuple[list[list[WorkItem]], list[tuple[int, int]], int]:
     """Per-worker item lists, where each sampled item's logits row comes from ((worker, row)), and the longest
-    sequence length of the step."""
+    sequence length of the step. ``home``: slot -> worker overrides (speculative shuffling)."""
     plans: list[list[WorkItem]] = [[] for _ in range(world)]
     where, rows, key, max_len = [], [0] * world, 0, 0
     for it in items:
-        g = home_of(it.slot, world)
+        g = home[it.slot] if home is not None and it.slot in home else home_of(it.slot, world)
         plans[g].append(WorkItem(it.slot, list(it.token_ids), it.start, it.sample, key))
         key += len(it.token_ids)
         max_len = max(max_len, it.start + len(it.token_ids))
@@ -324,10 +372,16 @@ class ThreadEPExecutor:
     """Workers in threads of this process over a gloo FileStore group (tests, debugging; no Ray)."""
 
     def __init__(self, path: str, holders, world: int, scheme: str = "standard", max_num_seqs: int = 8,
-                 max_model_len: int = 256, dtype=None, timeout_s: float = 30.0):
+                 max_model_len: int = 256, dtype=None, timeout_s: float = 30.0, speculative_shuffle: bool = False,
+                 trace: dict | None = None, tokenizer=None, shuffle_options: dict | None = None):
         import tempfile
         import threading
         self.world = world
+        self.spec = None
+        if speculative_shuffle:
+            from .spec_shuffle import SpecShuffler, check_spec
+            cfg = MoEConfig.from_dir(path)
+            check_spec(scheme, world)
         self.workers = [EPWorker(path, g, world, holders, scheme, dtype, "cpu", max_num_seqs, max_model_len)
                         for g in range(world)]
         fd, f = tempfile.mkstemp(prefix="moeyard_ep_")
@@ -337,6 +391,11 @@ class ThreadEPExecutor:
         self._run_all([lambda w=w: w.connect(f"file://{f}", "gloo", timeout_s) for w in self.workers])
         self.route_hooks = []
         self._threading = threading
+        if speculative_shuffle:
+            for w in self.workers:
+                w.capture_routing = True
+            self.spec = SpecShuffler(cfg, holders, world, self.workers[0].dtype, **(shuffle_options or {}))
+            self.spec.load_table(trace, self._spec_step, tokenizer, max_num_seqs, max_model_len)
 
     def _run_all(self, fns):
         import threading
@@ -357,15 +416,26 @@ class ThreadEPExecutor:
         return res
 
     def execute(self, items: list[StepItem]) -> torch.Tensor:
+        if self.spec is not None:
+            return self.spec.execute(items, self._spec_step)
         plans, where, max_len = partition(items, self.world)
         outs = self._run_all([lambda w=w, p=p: w.step(p, max_len) for w, p in zip(self.workers, plans)])
         return merge_logits(outs, where)
 
+    def _spec_step(self, plans, max_len, moves):
+        """One step of every worker with KV moves; returns (logits, routing) per worker."""
+        outs = self._run_all([lambda w=w, p=p: w.step(p, max_len, moves) for w, p in zip(self.workers, plans)])
+        return outs, [w.last_routing for w in self.workers]
+
     def free(self, slot: int):
-        pass
+        if self.spec is not None:
+            self.spec.free(slot)
 
     def stats(self) -> dict:
-        return sum_stats([w.stats() for w in self.workers])
+        d = sum_stats([w.stats() for w in self.workers])
+        if self.spec is not None:
+            d.update(self.spec.stats())
+        return d
 
     def close(self):
         pass

@@ -1,0 +1,269 @@
+"""Speculative token shuffling, form 1: request placement for data-parallel attention (driver side).
+
+In expert-parallel decode with the standard scheme a token's MoE rows leave its home worker for every expert that
+lives elsewhere, at every MoE layer, and come back. If the sequence's home is the worker that holds the experts
+its tokens are *predicted* to use, most of those dispatches stay local. Speculative MoE (2025) calls this
+speculative token shuffling; here the unit moved is a whole sequence (its KV cache moves with it), decided
+between decode steps:
+
+* new sequences (prefill, no KV yet) are placed for free on the worker whose experts their prompt tokens are
+  predicted to use, subject to balanced per-worker batches (at most ceil(n / G) + ``slack`` sequences each);
+* running sequences move (KV cache exported, sent through the workers' all-to-all as ``shuffle`` bytes, imported)
+  only when the cost model says it pays: predicted all-to-all bytes saved per step x ``horizon`` steps must
+  exceed the KV bytes moved; at most ``max_moves`` per step, best first, balance kept.
+
+Predictions: the shared token-identity table (``moe.predictors.TokenTablePredictor``: token id -> expert
+frequencies per MoE layer, seeded from the model's ``trace.npz`` and learned online) for the next input token,
+blended with the sequence's own recent routing (an exponential average of where its tokens' experts were). A
+wrong prediction costs nothing but locality: the all-to-all dispatcher serves every (token, expert) pair wherever
+the token is, so outputs are exactly those of local mode.
+
+Counters (``stats``): ``shuffle_moves``, ``shuffle_moved_positions``; per MoE layer i ``spec_expert_precision_l{i}``
+(share of the table's top-k predicted experts that were routed to), ``spec_worker_accuracy_l{i}`` (the predicted
+worker holds the token's first-choice expert), ``spec_local_fraction_l{i}`` (share of (token, expert) pairs
+served where the token ran). KV bytes moved are counted by the workers as ``shuffle_bytes``, included in
+``a2a_bytes``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+
+import numpy as np
+import torch
+
+from ..moe.predictors import TokenTablePredictor, token_table_problem, trace_tokens
+from .ep_worker import home_of, merge_logits, partition
+from .executor import StepItem
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_TEXT = ("The quick brown fox jumps over the lazy dog. In the beginning was the word, and numbers "
+                    "like 3.14159 and 2.71828 appear in science. def main(): return sum(range(10)) # code "
+                    "Once upon a time there lived a king who had three daughters. Q: What is the capital of "
+                    "France? A: Paris. The weather today is sunny with a chance of rain in the afternoon.")
+
+
+def check_spec(scheme: str, world: int):
+    if world < 2:
+        raise ValueError(f"speculative_shuffle=True needs num_workers >= 2 (got {world}): with one worker every "
+                         f"expert is already local")
+    if scheme != "standard":
+        raise ValueError(f"speculative_shuffle=True works with ep_scheme='standard' (got {scheme!r}): the "
+                         f"coherent scheme already moves tokens to their experts inside the forward pass")
+
+
+class SpecShuffler:
+    def __init__(self, cfg, holders, world: int, dtype=torch.float32, max_moves: int = 2, horizon: float = 16.0,
+                 slack: int = 1, history: float = 0.5, ema: float = 0.3, place_new: bool = True,
+                 move: bool = True, calibration_tokens: int = 2048):
+        self.cfg, self.world = cfg, world
+        self.L, self.E, self.K = len(cfg.moe_layers), cfg.num_experts, cfg.top_k
+        self.hold = torch.zeros(self.L, self.E, world)                   # [L, E, G] 1 = worker g holds expert e
+        for l, row in enumerate(holders):
+            for e, ws in enumerate(row):
+                self.hold[l, e, list(ws)] = 1.0
+        elem = torch.tensor([], dtype=dtype).element_size()
+        # standard scheme, per remote (token, expert) pair: hidden row + int64 expert id out, hidden row back
+        self.remote_bytes = 2 * cfg.hidden_size * elem + 8
+        hk, dk, hv, dv = cfg.kv_shape
+        self.kv_bytes_per_position = cfg.num_layers * (hk * dk + hv * dv) * elem + 16   # + slot/pos meta row
+        self.max_moves, self.horizon, self.slack = max_moves, horizon, slack
+        self.history, self.ema_rate = history, ema
+        self.place_new, self.move = place_new, move
+        self.calibration_tokens = calibration_tokens
+        self.table = TokenTablePredictor(cfg.vocab_size, cfg.moe_layers, self.E, self.K)
+        self.table_source = "empty"
+        self.where: dict[int, int] = {}          # slot -> worker holding its KV
+        self.ema: dict[int, torch.Tensor] = {}   # slot -> [G] recent local (token, expert) pairs per worker
+        self.moves = self.moved_positions = 0
+        self.prec = torch.zeros(self.L)
+        self.wacc = torch.zeros(self.L)
+        self.local = torch.zeros(self.L)
+        self.ntok = 0
+
+    # -- predictions --------------------------------------------------------------------------------------------
+    def expert_probs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[N, L, E] predicted routing distribution per MoE layer from the token-identity table."""
+        self.table.begin(tokens)
+        return torch.stack([self.table.scores(l, 0) for l in self.cfg.moe_layers], 1)
+
+    def expected_local(self, P_NLE: torch.Tensor) -> torch.Tensor:
+        """[N, G] expected (token, expert) pairs served locally (all MoE layers) if the token runs on worker g."""
+        return self.K * torch.einsum("nle,leg->ng", P_NLE, self.hold)
+
+    # -- table ----------------------------------------------------------------------------------------------------
+    def load_table(self, trace: dict | None, step_fn, tokenizer=None, max_num_seqs: int = 8,
+                   max_model_len: int = 256):
+        """Seed the token-identity table from ``trace`` (``experts[T, L, k]`` + token ids); if it is missing or
+        does not match the model, rebuild it from a calibration prefill on the workers, with a warning."""
+        problem = token_table_problem(trace, self.cfg)
+        if problem is None:
+            self.table = TokenTablePredictor(self.cfg.vocab_size, self.cfg.moe_layers, self.E, self.K, trace=trace)
+            self.table_source = f"trace.npz ({len(trace_tokens(trace))} tokens)"
+            return
+        msg = (f"speculative shuffling: {problem}; rebuilding the token-identity table from a calibration run "
+               f"(predictions are weaker than from the model's routing trace)")
+        warnings.warn(msg, stacklevel=3)
+        log.warning(msg)
+        n = self.calibrate(step_fn, self.calibration_sequences(tokenizer, max_model_len), max_num_seqs)
+        self.table_source = f"calibration run ({n} tokens)"
+
+    def calibration_sequences(self, tokenizer, max_model_len: int) -> list[list[int]]:
+        """Calibration text, then a random permutation of the vocabulary (so every token id gets an entry),
+        in sequences of up to 64 tokens, ``calibration_tokens`` in all."""
+        n = max(2, min(64, max_model_len))
+        ids = tokenizer.encode(CALIBRATION_TEXT) if tokenizer is not None else []
+        rng = np.random.default_rng(0)
+        ids = list(ids) + rng.permutation(self.cfg.vocab_size).tolist()
+        ids = ids[:max(self.calibration_tokens, n)]
+        return [ids[i:i + n] for i in range(0, len(ids), n) if len(ids[i:i + n]) > 1]
+
+    def calibrate(self, step_fn, seqs: list[list[int]], batch: int) -> int:
+        batch = max(1, batch)
+        total = 0
+        for i in range(0, len(seqs), batch):
+            items = [StepItem(j, toks, 0, True) for j, toks in enumerate(seqs[i:i + batch])]
+            plans, _, max_len = partition(items, self.world)
+            _, routing = step_fn(plans, max_len, None)
+            tok, _, rt = self._gather(plans, routing)
+            self._learn(tok, rt)
+            total += len(tok)
+        self.where.clear()
+        self.ema.clear()
+        return total
+
+    def _learn(self, tok, rt):
+        if len(tok):
+            self.table.begin(tok)
+            for i, l in enumerate(self.cfg.moe_layers):
+                self.table.observe(l, None, rt[:, i])
+
+    # -- placement ------------------------------------------------------------------------------------------------
+    def free(self, slot: int):
+        self.where.pop(slot, None)
+        self.ema.pop(slot, None)
+
+    def plan(self, items: list[StepItem]) -> tuple[dict, list]:
+        G = self.world
+        new = [it for it in items if it.start == 0]
+        for it in new:
+            self.free(it.slot)
+        for it in items:                                  # sequences never placed here: default home
+            if it.start > 0 and it.slot not in self.where:
+                self.where[it.slot] = home_of(it.slot, G)
+        count = [0] * G
+        for g in self.where.values():
+            count[g] += 1
+        cap = math.ceil((len(self.where) + len(new)) / G) + self.slack
+        if new:
+            if self.place_new:
+                s = [self.expected_local(self.expert_probs(torch.tensor(it.token_ids))).sum(0) for it in new]
+                margin = [float(x.max() - x.min()) for x in s]
+                for i in sorted(range(len(new)), key=lambda i: -margin[i]):
+                    for g in torch.argsort(s[i], descending=True, stable=True).tolist():
+                        if count[g] < cap:
+                            break
+                    self.where[new[i].slot] = g
+                    count[g] += 1
+            else:
+                for it in new:
+                    g = home_of(it.slot, G)
+                    self.where[it.slot] = g
+                    count[g] += 1
+        moves = []
+        dec = [it for it in items if it.start > 0 and len(it.token_ids) == 1]
+        if self.move and dec and self.max_moves > 0:
+            nxt = self.expected_local(self.expert_probs(torch.tensor([it.token_ids[0] for it in dec])))
+            cands = []
+            for it, p in zip(dec, nxt):
+                h = self.ema.get(it.slot)
+                pred = p if h is None else (1 - self.history) * p + self.history * h
+                w = self.where[it.slot]
+                gain = (pred - pred[w]) * self.remote_bytes * self.horizon
+                net = gain - it.start * self.kv_bytes_per_position
+                g = int(torch.argmax(net))
+                if g != w and float(net[g]) > 0:
+                    cands.append((float(net[g]), it, net))
+            for _, it, net in sorted(cands, key=lambda c: -c[0]):
+                if len(moves) >= self.max_moves:
+                    break
+                w = self.where[it.slot]
+                for g in torch.argsort(net, descending=True, stable=True).tolist():
+                    if g == w or float(net[g]) <= 0:
+                        g = None
+                        break
+                    if count[g] < cap:
+                        break
+                if g is None:
+                    continue
+                moves.append((it.slot, w, g, it.start))
+                count[w] -= 1
+                count[g] += 1
+                self.where[it.slot] = g
+                self.moves += 1
+                self.moved_positions += it.start
+        return {it.slot: self.where[it.slot] for it in items}, moves
+
+    # -- feedback -------------------------------------------------------------------------------------------------
+    def _gather(self, plans, routing):
+        tok, slot_worker, rt = [], [], []
+        for g, (plan, r) in enumerate(zip(plans, routing)):
+            if r is None or not plan:
+                continue
+            r = torch.as_tensor(r).long()
+            i = 0
+            for it in plan:
+                n = len(it.token_ids)
+                tok.extend(it.token_ids)
+                slot_worker.extend([(it.slot, g)] * n)
+                rt.append(r[i:i + n])
+                i += n
+        rt = torch.cat(rt) if rt else torch.empty((0, self.L, self.K), dtype=torch.long)
+        return torch.tensor(tok, dtype=torch.long), slot_worker, rt
+
+    def feed(self, plans, routing):
+        tok, sw, rt = self._gather(plans, routing)
+        N = len(tok)
+        if not N:
+            return
+        P = self.expert_probs(tok)                                          # predictions made before learning
+        pred = torch.topk(P, self.K, dim=-1).indices                        # [N, L, K]
+        hit = (pred[:, :, :, None] == rt[:, :, None, :]).any(-1).float()    # [N, L, K]
+        self.prec += hit.mean(-1).sum(0)
+        lid = torch.arange(self.L)[None, :, None]
+        pw = torch.einsum("nle,leg->nlg", P, self.hold).argmax(-1)         # [N, L] predicted worker per layer
+        self.wacc += self.hold[torch.arange(self.L)[None, :], rt[:, :, 0], pw].sum(0)
+        held = self.hold[lid, rt]                                           # [N, L, K, G]
+        ran = torch.tensor([g for _, g in sw])
+        self.local += held[torch.arange(N), :, :, ran].mean(-1).sum(0)
+        self.ntok += N
+        self._learn(tok, rt)
+        loc = held.sum((1, 2))                                              # [N, G] local pairs if run on g
+        per_slot: dict[int, list] = {}
+        for i, (s, _) in enumerate(sw):
+            per_slot.setdefault(s, []).append(i)
+        for s, idx in per_slot.items():
+            v = loc[idx].mean(0)
+            h = self.ema.get(s)
+            self.ema[s] = v if h is None else (1 - self.ema_rate) * h + self.ema_rate * v
+
+    def execute(self, items: list[StepItem], step_fn) -> torch.Tensor:
+        home, moves = self.plan(items)
+        plans, where, max_len = partition(items, self.world, home)
+        outs, routing = step_fn(plans, max_len, moves)
+        self.feed(plans, routing)
+        return merge_logits(outs, where)
+
+    def stats(self) -> dict:
+        d = {"shuffle_moves": self.moves, "shuffle_moved_positions": self.moved_positions,
+             "spec_tokens": self.ntok}
+        n = max(1, self.ntok)
+        for name, v in (("spec_expert_precision", self.prec), ("spec_worker_accuracy", self.wacc),
+                        ("spec_local_fraction", self.local)):
+            d[name] = float(v.sum()) / (n * self.L)
+            for i in range(self.L):
+                d[f"{name}_l{i}"] = float(v[i]) / n
+        return d
