@@ -44,6 +44,13 @@ class EPWorkerActor:
         logits = w.step(items, max_len)
         return logits, w.stats()
 
+    def step_spec(self, items, max_len: int, moves):
+        """A step with speculative shuffling: KV moves first, and this worker's routing returned."""
+        w = self._worker()
+        w.capture_routing = True
+        logits = w.step(items, max_len, moves)
+        return logits, w.stats(), w.last_routing
+
     def stats(self) -> dict:
         return self._worker().stats()
 

@@ -27,6 +27,7 @@ class RayEPExecutor:
         self.steps = 0
         self.ray_calls = 0
         self.placement_info = placement_info or {}
+        self.spec = None               # runtime.spec_shuffle.SpecShuffler when speculative_shuffle=True
 
     def _call_all(self, method: str, args_per_worker: list[tuple], what: str) -> list:
         import ray
@@ -54,9 +55,11 @@ class RayEPExecutor:
         if self.broken:
             raise RequestFailed(ids, f"the expert-parallel worker group is down ({self.broken}); call "
                                      f"llm.restart()")
-        plans, where, max_len = partition(items, self.world)
         self.steps += 1
         try:
+            if self.spec is not None:
+                return self.spec.execute(items, self._spec_step)
+            plans, where, max_len = partition(items, self.world)
             res = self._call_all("step", [(p, max_len) for p in plans], "model step")
         except WorkerLost as exc:
             self.broken = str(exc)
@@ -64,6 +67,11 @@ class RayEPExecutor:
                                      f"workers)") from exc
         self._stats = [s for _, s in res]
         return merge_logits([l for l, _ in res], where)
+
+    def _spec_step(self, plans, max_len, moves):
+        res = self._call_all("step_spec", [(p, max_len, moves) for p in plans], "model step")
+        self._stats = [s for _, s, _ in res]
+        return [l for l, _, _ in res], [r for _, _, r in res]
 
     def calibrate(self, token_lists: list[list[int]], batch: int = 4):
         """Routing trace [T, L_moe, K] of a prefill of ``token_lists`` (standard scheme only)."""
@@ -76,10 +84,13 @@ class RayEPExecutor:
         return np.concatenate([p for p in parts if p is not None])
 
     def free(self, slot: int):
-        pass
+        if self.spec is not None:
+            self.spec.free(slot)
 
     def stats(self) -> dict:
         d = sum_stats(self._stats)
+        if self.spec is not None:
+            d.update(self.spec.stats())
         d.update(num_workers=self.world, ep_scheme=self.scheme, ep_steps=self.steps,
                  ray_calls_per_step=self.ray_calls / self.steps if self.steps else 0.0)
         return d

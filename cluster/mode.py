@@ -23,10 +23,17 @@ CALIBRATION_TEXT = ("The quick brown fox jumps over the lazy dog. In the beginni
 def build_ray(ctx, num_workers: int = 2, placement: str = "round_robin", ep_scheme: str = "standard",
               ray_address: str | None = None, num_cpus_per_worker: float = 0.25,
               resources_per_worker: dict | None = None, step_timeout: float = 60.0,
-              collective_timeout: float = 20.0, placement_time_limit: float = 20.0):
+              collective_timeout: float = 20.0, placement_time_limit: float = 20.0,
+              speculative_shuffle: bool = False, shuffle_options: dict | None = None):
     cfg = ctx.cfg
     if ep_scheme not in SCHEMES:
         raise MoeyardError(f"ep_scheme must be one of {', '.join(SCHEMES)}, got {ep_scheme!r}")
+    if speculative_shuffle:
+        from ..runtime.spec_shuffle import check_spec
+        try:
+            check_spec(ep_scheme, num_workers)
+        except ValueError as exc:
+            raise MoeyardError(str(exc)) from None
     try:
         check_scheme(ep_scheme, cfg)
     except ValueError as exc:
@@ -73,7 +80,42 @@ def build_ray(ctx, num_workers: int = 2, placement: str = "round_robin", ep_sche
             ray.shutdown()
         raise
     info["holders"] = holders
-    return RayEPExecutor(group, ep_scheme, step_timeout, started, info), tokenizer
+    ex = RayEPExecutor(group, ep_scheme, step_timeout, started, info)
+    if speculative_shuffle:
+        try:
+            _start_spec(ex, ctx, holders, num_workers, tokenizer, shuffle_options)
+        except BaseException:
+            ex.close()
+            raise
+    return ex, tokenizer
+
+
+def _start_spec(ex, ctx, holders, num_workers, tokenizer, shuffle_options):
+    """Speculative shuffling: the driver-side placer, its token-identity table seeded from the model's
+    ``trace.npz`` (or rebuilt by a calibration prefill on the workers, with a warning)."""
+    import os
+
+    from ..moe.predictors import load_trace
+    from ..runtime.spec_shuffle import SpecShuffler
+    try:
+        spec = SpecShuffler(ctx.cfg, holders, num_workers, ex_dtype(ctx), **(shuffle_options or {}))
+    except TypeError as exc:
+        raise MoeyardError(f"shuffle_options: {exc}") from None
+    f = os.path.join(ctx.path, "trace.npz")
+    trace = None
+    if os.path.isfile(f):
+        try:
+            trace = load_trace(f)
+        except (OSError, ValueError) as exc:
+            log.warning("speculative shuffling: cannot read %s: %s", f, exc)
+    spec.load_table(trace, ex._spec_step, tokenizer, ctx.max_num_seqs, ctx.max_model_len)
+    ex.spec = spec
+    ex.placement_info["token_table"] = spec.table_source
+
+
+def ex_dtype(ctx):
+    from ..moe.loader import resolve_dtype
+    return resolve_dtype(ctx.dtype, ctx.cfg, ctx.device)
 
 
 def _calibrate(ctx, tokenizer, num_workers, start):
