@@ -64,7 +64,13 @@ def main():
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--placement-time-limit", type=float, default=20.0)
     ap.add_argument("--out", default="runs/bench/ep.json")
+    ap.add_argument("--spec", action="store_true",
+                    help="speculative shuffling ablation (standard scheme): placement alone, shuffling alone, both; "
+                         "records docs/BENCHMARKS.md '## Speculative shuffling'")
+    ap.add_argument("--no-record", action="store_true", help="with --spec: do not write docs/BENCHMARKS.md")
     a = ap.parse_args()
+    if a.spec:
+        return spec_main(a)
 
     import ray
 
@@ -151,6 +157,140 @@ def main():
     with open(a.out, "w") as f:
         json.dump(out, f, indent=1)
     ray.shutdown()
+
+
+# -- speculative shuffling (runtime/spec_shuffle.py) ---------------------------------------------------------------
+SPEC_RUNS = [  # name, placement, speculative_shuffle, shuffle_options
+    ("round_robin (baseline)", "round_robin", False, None),
+    ("affinity (placement alone)", "affinity", False, None),
+    ("round_robin + shuffle (shuffling alone)", "round_robin", True, {}),
+    ("affinity + shuffle (both)", "affinity", True, {}),
+    ("affinity + shuffle, admission only (no KV moves)", "affinity", True, {"move": False}),
+    ("affinity + shuffle, eager KV moves (horizon 1e6)", "affinity", True, {"horizon": 1e6, "max_moves": 8}),
+]
+
+
+def oracle_locality(experts_TLK, holders, windows: int):
+    """Upper bounds of data-parallel placement on a routing trace: each token on its own best worker (all MoE
+    layers), and each window of ``windows`` consecutive tokens (a stand-in for a sequence) on its best worker."""
+    L = experts_TLK.shape[1]
+    G = 1 + max(w for row in holders for ws in row for w in ws)
+    hold = np.zeros((L, max(len(r) for r in holders), G))
+    for l, row in enumerate(holders):
+        for e, ws in enumerate(row):
+            hold[l, e, list(ws)] = 1
+    loc = hold[np.arange(L)[None, :, None], experts_TLK.astype(np.int64)].sum((1, 2))   # [T, G]
+    pairs = L * experts_TLK.shape[2]
+    T = len(loc) // windows * windows
+    return (float(loc.max(1).mean() / pairs), float(loc[:T].reshape(-1, windows, G).sum(1).max(1).mean()
+                                                   / (windows * pairs)), float(loc.mean() / pairs))
+
+
+def spec_main(a):
+    import ray
+
+    from moeyard.moe.loader import resolve_model_path
+    from moeyard.moe.predictors import load_trace
+    from moeyard.runtime import LLM, SamplingParams
+    from moeyard.cluster import layout
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from common import record, table
+    path = resolve_model_path(a.model)
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    params = SamplingParams(max_tokens=a.max_tokens, temperature=0.0, ignore_eos=True)
+    results, affinity_file, holders = [], None, {}
+    for name, placement, spec, sopts in SPEC_RUNS:
+        pl = placement if (placement != "affinity" or affinity_file is None) else affinity_file
+        kw = dict(speculative_shuffle=True, shuffle_options=sopts) if spec else {}
+        t0 = time.perf_counter()
+        llm = LLM(path, mode="ray", num_workers=a.workers, placement=pl, ep_scheme="standard",
+                  max_num_seqs=a.prompts, placement_time_limit=a.placement_time_limit, **kw)
+        start_s = time.perf_counter() - t0
+        ex = llm.engine.executor
+        holders[placement] = ex.placement_info["holders"]
+        if placement == "affinity" and affinity_file is None:
+            affinity_file = os.path.abspath(os.path.join(os.path.dirname(a.out), "ep_spec_affinity_placement.json"))
+            os.makedirs(os.path.dirname(affinity_file), exist_ok=True)
+            with open(affinity_file, "w") as f:
+                json.dump({"num_workers": a.workers,
+                           "assignment": [[list(c) for c in row] for row in holders[placement]]}, f)
+        prompts = [llm.tokenizer.encode(TEXTS[i % len(TEXTS)]) for i in range(a.prompts)]
+        llm.generate(prompt_token_ids=[prompts[0][:4]], sampling_params=SamplingParams(max_tokens=2))  # warm
+        s0 = llm.stats()
+        t1 = time.perf_counter()
+        outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+        wall = time.perf_counter() - t1
+        s1 = llm.stats()
+        llm.close()
+        gen = s1["tokens_generated"] - s0["tokens_generated"]
+        dd = {k: s1.get(k, 0) - s0.get(k, 0) for k in ("a2a_bytes", "moe_bytes", "shuffle_bytes", "meta_bytes",
+                                                      "routed_assignments", "shuffle_moves",
+                                                      "shuffle_moved_positions")}
+        loc = (s1["local_fraction"] * s1["routed_assignments"] - s0["local_fraction"] * s0["routed_assignments"])
+        r = {"name": name, "placement": placement, "speculative_shuffle": spec, "shuffle_options": sopts,
+             "generated": gen, "bytes_per_generated_token": dd["a2a_bytes"] / gen,
+             "moe_bytes_per_generated_token": dd["moe_bytes"] / gen,
+             "shuffle_bytes_per_generated_token": dd["shuffle_bytes"] / gen,
+             "meta_bytes_per_generated_token": dd["meta_bytes"] / gen,
+             "moves": dd["shuffle_moves"], "moved_positions": dd["shuffle_moved_positions"],
+             "local_fraction": loc / dd["routed_assignments"], "tokens_per_s": gen / wall, "startup_s": start_s,
+             "token_table": ex.placement_info.get("token_table"),
+             "tokens": [o.token_ids for o in outs]}
+        if spec:   # prediction counters over the whole life of the executor (workload + warm-up)
+            r.update({k: v for k, v in s1.items() if k.startswith("spec_")})
+        results.append(r)
+        print(f"{name:50s} bytes/gen-token {r['bytes_per_generated_token']:9.0f} (shuffle "
+              f"{r['shuffle_bytes_per_generated_token']:6.0f})  local {r['local_fraction']:.3f}  moves {r['moves']:3d}"
+              f"  tok/s {r['tokens_per_s']:6.1f}" + (f"  expert-prec {r['spec_expert_precision']:.3f} worker-acc "
+                                                    f"{r['spec_worker_accuracy']:.3f}" if spec else ""), flush=True)
+    same = all(r["tokens"] == results[0]["tokens"] for r in results)
+    print("identical greedy tokens in all runs:", same)
+    base = results[0]["bytes_per_generated_token"]
+    trace = load_trace(os.path.join(path, "trace.npz")) if os.path.isfile(os.path.join(path, "trace.npz")) else None
+    oracle = {}
+    if trace is not None:
+        for pl, h in holders.items():
+            oracle[pl] = oracle_locality(np.asarray(trace["experts"]), h, int(trace.get("seq_len", 64)))
+    out = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, ray {ray.__version__}",
+           "model": path, "workers": a.workers, "results": results, "identical_tokens": same, "oracle": oracle}
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(out, f, indent=1)
+    ray.shutdown()
+    if a.no_record:
+        return
+    rows = [[r["name"], f"{r['bytes_per_generated_token']:,.0f}", f"{r['moe_bytes_per_generated_token']:,.0f}",
+             f"{r['shuffle_bytes_per_generated_token']:,.0f}",
+             f"{100 * (r['bytes_per_generated_token'] / base - 1):+.0f}%", f"{r['local_fraction']:.3f}",
+             r["moves"], f"{r['tokens_per_s']:.1f}"] for r in results]
+    body = [f"Model: `{path}`; {a.workers} worker actors, standard scheme; {a.prompts} prompts x {a.max_tokens} greedy "
+            f"tokens ({sum(r['generated'] for r in results[:1])} generated). Bytes = everything handed to "
+            f"collectives that crosses workers, prefill included, KV moves included (net), / generated tokens. "
+            f"Greedy tokens identical in all runs: **{same}**. Raw: `{a.out}`.", "",
+            table(["run", "net bytes / gen. token", "MoE rows", "KV moved (shuffle)", "vs baseline",
+                   "local fraction", "KV moves", "tokens/s"], rows)]
+    sp = [r for r in results if r["speculative_shuffle"]]
+    if sp:
+        both = sp[1] if len(sp) > 1 else sp[0]
+        L = len([k for k in both if k.startswith("spec_expert_precision_l")])
+        body += ["", f"Prediction accuracy per MoE layer ({both['name']}; token table: {both['token_table']}): "
+                     "expert precision = share of the table's top-k experts actually routed to; worker accuracy = "
+                     "the predicted worker holds the token's first-choice expert; local = share of (token, expert) "
+                     "pairs served where the token ran.", "",
+                 table(["layer"] + [str(i) for i in range(L)] + ["mean"],
+                       [[m] + [f"{both[f'{k}_l{i}']:.2f}" for i in range(L)] + [f"{both[k]:.2f}"]
+                        for m, k in (("expert precision", "spec_expert_precision"),
+                                     ("worker accuracy", "spec_worker_accuracy"),
+                                     ("local fraction", "spec_local_fraction"))])]
+    if oracle:
+        body += ["", "Ceilings of request placement on the model's routing trace (share of (token, expert) pairs "
+                     "local): every token on its own best worker / every trace window on its best worker / "
+                     "no placement (average worker):", "",
+                 table(["expert placement", "per-token best", "per-window best", "average"],
+                       [[pl, f"{o[0]:.3f}", f"{o[1]:.3f}", f"{o[2]:.3f}"] for pl, o in oracle.items()])]
+    record("Speculative shuffling", "RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 .venv/bin/python "
+           + " ".join(sys.argv), "\n".join(body))
 
 
 if __name__ == "__main__":
