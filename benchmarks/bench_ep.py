@@ -167,6 +167,7 @@ SPEC_RUNS = [  # name, placement, speculative_shuffle, shuffle_options
     ("affinity + shuffle (both)", "affinity", True, {}),
     ("affinity + shuffle, admission only (no KV moves)", "affinity", True, {"move": False}),
     ("affinity + shuffle, eager KV moves (horizon 1e6)", "affinity", True, {"horizon": 1e6, "max_moves": 8}),
+    ("affinity + shuffle, no balance bound (slack 8)", "affinity", True, {"slack": 8}),
 ]
 
 
@@ -234,6 +235,7 @@ def spec_main(a):
              "meta_bytes_per_generated_token": dd["meta_bytes"] / gen,
              "moves": dd["shuffle_moves"], "moved_positions": dd["shuffle_moved_positions"],
              "local_fraction": loc / dd["routed_assignments"], "tokens_per_s": gen / wall, "startup_s": start_s,
+             "imbalance": s1.get("shuffle_imbalance", 1.0) if spec else None,
              "token_table": ex.placement_info.get("token_table"),
              "tokens": [o.token_ids for o in outs]}
         if spec:   # prediction counters over the whole life of the executor (workload + warm-up)
@@ -263,13 +265,14 @@ def spec_main(a):
     rows = [[r["name"], f"{r['bytes_per_generated_token']:,.0f}", f"{r['moe_bytes_per_generated_token']:,.0f}",
              f"{r['shuffle_bytes_per_generated_token']:,.0f}",
              f"{100 * (r['bytes_per_generated_token'] / base - 1):+.0f}%", f"{r['local_fraction']:.3f}",
-             r["moves"], f"{r['tokens_per_s']:.1f}"] for r in results]
+             r["moves"], "-" if r["imbalance"] is None else f"{r['imbalance']:.2f}",
+             f"{r['tokens_per_s']:.1f}"] for r in results]
     body = [f"Model: `{path}`; {a.workers} worker actors, standard scheme; {a.prompts} prompts x {a.max_tokens} greedy "
             f"tokens ({sum(r['generated'] for r in results[:1])} generated). Bytes = everything handed to "
             f"collectives that crosses workers, prefill included, KV moves included (net), / generated tokens. "
             f"Greedy tokens identical in all runs: **{same}**. Raw: `{a.out}`.", "",
             table(["run", "net bytes / gen. token", "MoE rows", "KV moved (shuffle)", "vs baseline",
-                   "local fraction", "KV moves", "tokens/s"], rows)]
+                   "local fraction", "KV moves", "busiest worker / mean", "tokens/s"], rows)]
     sp = [r for r in results if r["speculative_shuffle"]]
     if sp:
         both = sp[1] if len(sp) > 1 else sp[0]

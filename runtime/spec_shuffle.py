@@ -18,7 +18,8 @@ blended with the sequence's own recent routing (an exponential average of where 
 wrong prediction costs nothing but locality: the all-to-all dispatcher serves every (token, expert) pair wherever
 the token is, so outputs are exactly those of local mode.
 
-Counters (``stats``): ``shuffle_moves``, ``shuffle_moved_positions``; per MoE layer i ``spec_expert_precision_l{i}``
+Counters (``stats``): ``shuffle_moves``, ``shuffle_moved_positions``, ``shuffle_imbalance`` (mean over steps of
+the busiest worker's tokens / the average worker's; 1 = balanced); per MoE layer i ``spec_expert_precision_l{i}``
 (share of the table's top-k predicted experts that were routed to), ``spec_worker_accuracy_l{i}`` (the predicted
 worker holds the token's first-choice expert), ``spec_local_fraction_l{i}`` (share of (token, expert) pairs
 served where the token ran). KV bytes moved are counted by the workers as ``shuffle_bytes``, included in
@@ -83,6 +84,7 @@ class SpecShuffler:
         self.wacc = torch.zeros(self.L)
         self.local = torch.zeros(self.L)
         self.ntok = 0
+        self.imbalance_sum, self.imbalance_steps = 0.0, 0
 
     # -- predictions --------------------------------------------------------------------------------------------
     def expert_probs(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -253,13 +255,18 @@ class SpecShuffler:
     def execute(self, items: list[StepItem], step_fn) -> torch.Tensor:
         home, moves = self.plan(items)
         plans, where, max_len = partition(items, self.world, home)
+        n = [sum(len(it.token_ids) for it in p) for p in plans]
+        if sum(n):
+            self.imbalance_sum += max(n) * self.world / sum(n)
+            self.imbalance_steps += 1
         outs, routing = step_fn(plans, max_len, moves)
         self.feed(plans, routing)
         return merge_logits(outs, where)
 
     def stats(self) -> dict:
         d = {"shuffle_moves": self.moves, "shuffle_moved_positions": self.moved_positions,
-             "spec_tokens": self.ntok}
+             "spec_tokens": self.ntok,
+             "shuffle_imbalance": self.imbalance_sum / self.imbalance_steps if self.imbalance_steps else 1.0}
         n = max(1, self.ntok)
         for name, v in (("spec_expert_precision", self.prec), ("spec_worker_accuracy", self.wacc),
                         ("spec_local_fraction", self.local)):
