@@ -32,7 +32,7 @@ from moeyard.moe.model import ForwardBatch  # noqa: E402
 PROMPTS = {
     "arxiv": "\\begin{theorem}\nLet $G$ be a finite group and",
     "c4": "Our team of experienced professionals",
-    "github": "import numpy as np\n\ndef ",
+    "github": "for (int i = 0; i <",
     "wikipedia": "# Berlin\n\nBerlin ist",
 }
 
