@@ -66,9 +66,10 @@ class ExpertCache:
         self.num_slots = num_slots
         self.layer_pos = {l: i for i, l in enumerate(cfg.moe_layers)}
         D, F = cfg.hidden_size, cfg.expert_intermediate_size
-        self.slots = [ExpertWeights(torch.empty(F, D, dtype=dtype, device=self.device),
-                                    torch.empty(F, D, dtype=dtype, device=self.device),
-                                    torch.empty(D, F, dtype=dtype, device=self.device)) for _ in range(num_slots)]
+        shapes = [x.shape for x in next(iter(tier.extents.values()))]   # 3 matrices, then 3 biases (gpt-oss)
+        extra = dict(act=cfg.expert_act, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit)
+        self.slots = [ExpertWeights(*(torch.empty(sh, dtype=dtype, device=self.device) for sh in shapes), **extra)
+                      for _ in range(num_slots)]
         self.slot_bytes = self.slots[0].nbytes if num_slots else 0
         self.free = list(range(num_slots - 1, -1, -1))
         self.entries: dict[tuple[int, int], _Entry] = {}
@@ -331,22 +332,22 @@ class ExpertCache:
         layer, x = e.key
         dst = self.slots[e.slot]
         ext = self.tier.extents[e.key]
-        direct = not self.cuda and all(d.dtype == self.dtype for d in ext)
+        direct = not self.cuda and all(d.dtype == self.dtype and d.direct for d in ext)
         if direct:
-            self.tier.read_raw(layer, x, [dst.gate, dst.up, dst.down])
+            self.tier.read_raw(layer, x, list(dst.tensors))
             return None
-        k = tuple(d.dtype for d in ext)
+        k = tuple((d.dtype, d.slab_shape or d.shape) for d in ext)
         if k not in tls:
-            tls[k] = [torch.empty(d.shape, dtype=d.dtype, pin_memory=self.cuda) for d in ext]
-        raw = self.tier.read_raw(layer, x, tls[k])
+            tls[k] = [torch.empty(d.slab_shape or d.shape, dtype=d.dtype, pin_memory=self.cuda) for d in ext]
+        raw = [d.finish(r) for d, r in zip(ext, self.tier.read_raw(layer, x, tls[k]))]
         if not self.cuda:
-            for d, s in zip((dst.gate, dst.up, dst.down), raw):
+            for d, s in zip(dst.tensors, raw):
                 d.copy_(s)
             return None
         with torch.cuda.stream(stream):
             if release is not None:
                 stream.wait_event(release)
-            for d, s in zip((dst.gate, dst.up, dst.down), raw):
+            for d, s in zip(dst.tensors, raw):
                 d.copy_(s, non_blocking=True)
             ev = torch.cuda.Event()
             ev.record(stream)

@@ -37,30 +37,59 @@ class Extent:
     offset: int
     nbytes: int
     dtype: torch.dtype
-    shape: tuple[int, int]
+    shape: tuple[int, ...]                   # final shape of the matrix (or bias vector)
+    slab_shape: tuple[int, ...] | None = None  # gpt-oss: the expert's whole slab is read, then sliced
+    cols: tuple[int, int, int] | None = None
+    transpose: bool = False
+
+    @property
+    def direct(self) -> bool:
+        return self.slab_shape is None
+
+    def finish(self, t: torch.Tensor) -> torch.Tensor:
+        """The matrix from the bytes read (a strided slice and transpose for slab reads)."""
+        if self.direct:
+            return t
+        if self.cols is not None:
+            t = t[..., self.cols[0]:self.cols[1]:self.cols[2]]
+        if self.transpose:
+            t = t.transpose(-1, -2)
+        return t
 
 
 def expert_extents(cfg: MoEConfig, reader: CheckpointReader, layer: int, expert: int) -> list[Extent]:
-    """Byte ranges of (gate [F,D], up [F,D], down [D,F]) of one expert."""
+    """Byte ranges of (gate [F,D], up [F,D], down [D,F]) of one expert, then its biases [F], [F], [D] if any.
+
+    Every extent is one contiguous byte range: one expert's slice of a fused ``[E, ...]`` tensor is contiguous;
+    where the matrix is a strided part of that slice (gpt-oss), the whole slice is the extent and ``finish``
+    slices it after the read.
+    """
     D, F = cfg.hidden_size, cfg.expert_intermediate_size
     refs = expert_refs(cfg, reader, layer, expert)
+    todo = [(refs.gate, (F, D)), (refs.up, (F, D)), (refs.down, (D, F))]
+    if refs.gate_bias is not None:
+        todo += [(refs.gate_bias, (F,)), (refs.up_bias, (F,)), (refs.down_bias, (D,))]
     out = []
-    for ref, shape in ((refs.gate, (F, D)), (refs.up, (F, D)), (refs.down, (D, F))):
+    for ref, shape in todo:
         fp, off, nb, dt = reader.data_location(ref.name)
         if dt not in _ST_DTYPES:
             raise CheckpointError(f"tensor {ref.name!r}: dtype {dt} not supported by offload mode")
         bpe = torch.tensor([], dtype=_ST_DTYPES[dt]).element_size()
-        if ref.index is not None:
-            full = reader.shape(ref.name)
-            per = nb // full[0]
-            off += ref.index * per
-            row_bytes = per // full[1]
-            if ref.rows is not None:
-                off += ref.rows[0] * row_bytes
-        want = shape[0] * shape[1] * bpe
-        if ref.index is None and want != nb:
-            raise CheckpointError(f"tensor {ref.name!r} has {nb} bytes but the config implies {want}")
-        out.append(Extent(fp, off, want, _ST_DTYPES[dt], shape))
+        full = reader.shape(ref.name)
+        if ref.index is None:
+            want = int(torch.Size(shape).numel()) * bpe
+            if want != nb:
+                raise CheckpointError(f"tensor {ref.name!r} has {nb} bytes but the config implies {want}")
+            out.append(Extent(fp, off, want, _ST_DTYPES[dt], shape))
+            continue
+        per = nb // full[0]
+        off += ref.index * per
+        if ref.cols is not None or ref.transpose:
+            out.append(Extent(fp, off, per, _ST_DTYPES[dt], shape, tuple(full[1:]), ref.cols, ref.transpose))
+            continue
+        if ref.rows is not None:
+            off += ref.rows[0] * (per // full[1])
+        out.append(Extent(fp, off, int(torch.Size(shape).numel()) * bpe, _ST_DTYPES[dt], shape))
     return out
 
 
@@ -80,12 +109,23 @@ class DiskTier:
     def expert_nbytes(self) -> int:
         return sum(x.nbytes for x in next(iter(self.extents.values())))
 
+    def read(self, layer: int, expert: int) -> list[torch.Tensor]:
+        """The expert's matrices (and biases) in the checkpoint dtype, slab reads sliced to their final shape."""
+        exts = self.extents[(layer, expert)]
+        bufs = [torch.empty(x.slab_shape or x.shape, dtype=x.dtype) for x in exts]
+        return [x.finish(t) for x, t in zip(exts, self.read_raw(layer, expert, bufs))]
+
     def read_raw(self, layer: int, expert: int, bufs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """The three matrices in the checkpoint dtype (read into ``bufs`` when given, else fresh tensors)."""
         t0 = time.perf_counter()
-        out, total = [], 0
+        out, total, seen = [], 0, {}
         for i, x in enumerate(self.extents[(layer, expert)]):
-            t = bufs[i] if bufs is not None else torch.empty(x.shape, dtype=x.dtype)
+            t = bufs[i] if bufs is not None else torch.empty(x.slab_shape or x.shape, dtype=x.dtype)
+            if (x.file, x.offset, x.nbytes) in seen:      # the same slab twice (gpt-oss gate and up): read once
+                t.view(torch.uint8).copy_(seen[(x.file, x.offset, x.nbytes)].view(torch.uint8))
+                out.append(t)
+                continue
+            seen[(x.file, x.offset, x.nbytes)] = t
             mv = memoryview(t.view(torch.uint8).numpy()).cast("B")
             try:
                 fd = os.open(x.file, os.O_RDONLY)
