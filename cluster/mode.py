@@ -1,5 +1,10 @@
 """Ray mode: ``LLM(model, mode="ray", num_workers=N, placement=..., ep_scheme=..., ray_address=None)``.
 
+``speculative_shuffle=True`` (standard scheme, >= 2 workers) places each sequence on the worker its tokens'
+experts are predicted to live on and moves running sequences (with their KV cache) when the cost model says it
+pays; ``shuffle_options`` tunes it (``max_moves``, ``horizon``, ``slack``, ``history``, ``move``, ``place_new``,
+``calibration_tokens``; see ``moeyard.runtime.spec_shuffle``). Outputs are unchanged.
+
 The driver reads only the config and tokenizer; each worker actor loads the dense weights and its experts.
 """
 
