@@ -39,6 +39,13 @@ def _replica_llm() -> AsyncLLM | None:
     return _REPLICA_LLM
 
 
+def _set_replica_llm(llm: AsyncLLM | None) -> None:
+    """Module-level (pickled by reference), so the replica sets the real module's engine, not a pickled copy of
+    this module's globals that the deployment class (defined inside a function, so pickled by value) would get."""
+    global _REPLICA_LLM
+    _REPLICA_LLM = llm
+
+
 def build_deployment(model: str = "default", mode: str = "local", model_name: str | None = None,
                      num_replicas: int = 1, ray_actor_options: dict | None = None, max_ongoing_requests: int = 256,
                      **llm_kwargs):
@@ -54,9 +61,8 @@ def build_deployment(model: str = "default", mode: str = "local", model_name: st
     @serve.ingress(app)
     class MoeyardServer:
         def __init__(self, model: str, mode: str, llm_kwargs: dict):
-            global _REPLICA_LLM
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            _REPLICA_LLM = AsyncLLM.from_model(model, mode=mode, **llm_kwargs)
+            _set_replica_llm(AsyncLLM.from_model(model, mode=mode, **llm_kwargs))
 
         async def check_health(self):
             llm = _replica_llm()
