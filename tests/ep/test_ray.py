@@ -13,13 +13,6 @@ GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 PROMPTS = [[5, 6, 7], list(range(30, 61)), [100], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11, 12]]
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def local_tokens(path, prompts=PROMPTS, params=GREEDY):
     llm = LLM(path, max_num_seqs=4, max_num_batched_tokens=32)
     return [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
