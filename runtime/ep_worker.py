@@ -368,6 +368,27 @@ def sum_stats(per_worker: list[dict]) -> dict:
     return d
 
 
+
+def run_in_threads(fns, timeout: float | None = None) -> list:
+    """Call every ``fns[i]()`` in its own thread (ranks of one process group); results in order, first error raised."""
+    import threading
+    res, errs = [None] * len(fns), []
+
+    def run(i):
+        try:
+            res[i] = fns[i]()
+        except Exception as e:  # noqa: BLE001 — re-raised below in the caller's thread
+            errs.append(e)
+    ts = [threading.Thread(target=run, args=(i,)) for i in range(len(fns))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout)
+    if errs:
+        raise errs[0]
+    return res
+
+
 class ThreadEPExecutor:
     """Workers in threads of this process over a gloo FileStore group (tests, debugging; no Ray)."""
 
@@ -388,7 +409,7 @@ class ThreadEPExecutor:
         import os
         os.close(fd)
         os.unlink(f)
-        self._run_all([lambda w=w: w.connect(f"file://{f}", "gloo", timeout_s) for w in self.workers])
+        run_in_threads([lambda w=w: w.connect(f"file://{f}", "gloo", timeout_s) for w in self.workers])
         self.route_hooks = []
         self._threading = threading
         if speculative_shuffle:
@@ -397,34 +418,16 @@ class ThreadEPExecutor:
             self.spec = SpecShuffler(cfg, holders, world, self.workers[0].dtype, **(shuffle_options or {}))
             self.spec.load_table(trace, self._spec_step, tokenizer, max_num_seqs, max_model_len)
 
-    def _run_all(self, fns):
-        import threading
-        res, errs = [None] * len(fns), []
-
-        def run(i):
-            try:
-                res[i] = fns[i]()
-            except Exception as e:  # noqa: BLE001
-                errs.append(e)
-        ts = [threading.Thread(target=run, args=(i,)) for i in range(len(fns))]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-        if errs:
-            raise errs[0]
-        return res
-
     def execute(self, items: list[StepItem]) -> torch.Tensor:
         if self.spec is not None:
             return self.spec.execute(items, self._spec_step)
         plans, where, max_len = partition(items, self.world)
-        outs = self._run_all([lambda w=w, p=p: w.step(p, max_len) for w, p in zip(self.workers, plans)])
+        outs = run_in_threads([lambda w=w, p=p: w.step(p, max_len) for w, p in zip(self.workers, plans)])
         return merge_logits(outs, where)
 
     def _spec_step(self, plans, max_len, moves):
         """One step of every worker with KV moves; returns (logits, routing) per worker."""
-        outs = self._run_all([lambda w=w, p=p: w.step(p, max_len, moves) for w, p in zip(self.workers, plans)])
+        outs = run_in_threads([lambda w=w, p=p: w.step(p, max_len, moves) for w, p in zip(self.workers, plans)])
         return outs, [w.last_routing for w in self.workers]
 
     def free(self, slot: int):

@@ -3,7 +3,6 @@
 import json
 import os
 import tempfile
-import threading
 
 import numpy as np
 import pytest
@@ -12,26 +11,14 @@ import torch
 from moeyard.cluster import layout
 from moeyard.comm.a2a import Exchanger, make_group
 from moeyard.runtime import LLM, SamplingParams
-from moeyard.runtime.ep_worker import ThreadEPExecutor
+from moeyard.runtime.ep_worker import ThreadEPExecutor, run_in_threads
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 PROMPTS = [[5, 6, 7], list(range(30, 61)), [100], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11, 12]]
 
 
 def run_threads(fns):
-    res, errs = [None] * len(fns), []
-
-    def run(i):
-        try:
-            res[i] = fns[i]()
-        except Exception as e:  # noqa: BLE001
-            errs.append(e)
-    ts = [threading.Thread(target=run, args=(i,)) for i in range(len(fns))]
-    [t.start() for t in ts]
-    [t.join(60) for t in ts]
-    if errs:
-        raise errs[0]
-    return res
+    return run_in_threads(fns, timeout=60)
 
 
 def groups(world):
