@@ -105,13 +105,7 @@ def main():
             else:
                 rng = np.random.default_rng(0)
                 prompts = [rng.integers(0, llm.cfg.vocab_size, 24).tolist() for _ in range(a.prompts)]
-            llm.generate(prompt_token_ids=[prompts[0][:4]], sampling_params=SamplingParams(max_tokens=2))  # warm
-            s0 = llm.stats()
-            t1 = time.perf_counter()
-            outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
-            wall = time.perf_counter() - t1
-            s1 = llm.stats()
-            llm.close()
+            outs, wall, s0, s1 = measured_run(llm, prompts, params)
             gen = s1["tokens_generated"] - s0["tokens_generated"]
             proc = gen + sum(len(p) for p in prompts)
             d = {k: s1[k] - s0.get(k, 0) for k in ("a2a_bytes", "moe_bytes", "kv_bytes", "hidden_bytes",
@@ -171,6 +165,20 @@ SPEC_RUNS = [  # name, placement, speculative_shuffle, shuffle_options
 ]
 
 
+def measured_run(llm, prompts, params):
+    """Warm up, then generate ``prompts`` once; returns (outputs, wall seconds, stats before, stats after) and
+    closes the engine."""
+    from moeyard.runtime import SamplingParams
+    llm.generate(prompt_token_ids=[prompts[0][:4]], sampling_params=SamplingParams(max_tokens=2))  # warm
+    s0 = llm.stats()
+    t1 = time.perf_counter()
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+    wall = time.perf_counter() - t1
+    s1 = llm.stats()
+    llm.close()
+    return outs, wall, s0, s1
+
+
 def oracle_locality(experts_TLK, holders, windows: int):
     """Upper bounds of data-parallel placement on a routing trace: each token on its own best worker (all MoE
     layers), and each window of ``windows`` consecutive tokens (a stand-in for a sequence) on its best worker."""
@@ -216,13 +224,7 @@ def spec_main(a):
                 json.dump({"num_workers": a.workers,
                            "assignment": [[list(c) for c in row] for row in holders[placement]]}, f)
         prompts = [llm.tokenizer.encode(TEXTS[i % len(TEXTS)]) for i in range(a.prompts)]
-        llm.generate(prompt_token_ids=[prompts[0][:4]], sampling_params=SamplingParams(max_tokens=2))  # warm
-        s0 = llm.stats()
-        t1 = time.perf_counter()
-        outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
-        wall = time.perf_counter() - t1
-        s1 = llm.stats()
-        llm.close()
+        outs, wall, s0, s1 = measured_run(llm, prompts, params)
         gen = s1["tokens_generated"] - s0["tokens_generated"]
         dd = {k: s1.get(k, 0) - s0.get(k, 0) for k in ("a2a_bytes", "moe_bytes", "shuffle_bytes", "meta_bytes",
                                                       "routed_assignments", "shuffle_moves",
