@@ -39,6 +39,7 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv, persistent=False)
         self.scale = scale            # attention factor multiplied into cos/sin (YaRN)
         self.max_pos = 0
+        self._checked = None
         self._grow(max_pos)
 
     def _grow(self, n: int):
@@ -49,9 +50,15 @@ class Rotary(nn.Module):
             self.cos, self.sin = self.cos * self.scale, self.sin * self.scale
 
     def ensure(self, pos_N: torch.Tensor, device):
-        if int(pos_N.max()) >= self.max_pos or self.cos.device != device:
+        # Every layer passes the batch's same positions tensor: check it once per forward, not twice per layer
+        # (``pos_N.max()`` is a host sync, costly on a GPU).
+        if pos_N is self._checked and self.cos.device == device:
+            return
+        top = int(pos_N.max())
+        if top >= self.max_pos or self.cos.device != device:
             self.inv_freq = self.inv_freq.to(device)
-            self._grow(max(self.max_pos, int(pos_N.max()) + 1))
+            self._grow(max(self.max_pos, top + 1))
+        self._checked = pos_N
 
     def forward(self, x_NHD: torch.Tensor, pos_N: torch.Tensor) -> torch.Tensor:
         self.ensure(pos_N, x_NHD.device)
