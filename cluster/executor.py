@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from ..runtime.ep_worker import merge_logits, partition, sum_stats
+from ..runtime.ep_worker import merge_logits, partition, partition_tp, sum_stats
 from ..runtime.executor import RequestFailed, StepItem
 from .group import WorkerGroup
 
@@ -59,7 +59,7 @@ class RayEPExecutor:
         try:
             if self.spec is not None:
                 return self.spec.execute(items, self._spec_step)
-            plans, where, max_len = partition(items, self.world)
+            plans, where, max_len = (partition_tp if self.scheme == "tp" else partition)(items, self.world)
             res = self._call_all("step", [(p, max_len) for p in plans], "model step")
         except WorkerLost as exc:
             self.broken = str(exc)

@@ -14,7 +14,7 @@ import numpy as np
 from ..moe.config import MoEConfig
 from ..moe.errors import MoeyardError
 
-BUILTIN = ("round_robin", "contiguous", "affinity")
+BUILTIN = ("round_robin", "contiguous", "affinity", "coactivation")
 
 
 class PlacementMismatch(MoeyardError):
@@ -90,6 +90,16 @@ def affinity_holders(trace, cfg: MoEConfig, num_workers: int, time_limit: float 
     p = res.placement
     return holders_from_assignment([list(r) for r in p.assignment], p.num_workers, cfg, num_workers,
                                    "affinity placement"), res
+
+
+def coactivation_holders(trace, cfg: MoEConfig, num_workers: int, time_limit: float = 20.0):
+    """Group experts chosen together in a layer on one worker (``moeyard.placement.coactivation``): the
+    speculative expert grouping for tensor-parallel attention with token shuffling."""
+    check_workers(cfg, num_workers)
+    from ..placement.coactivation import solve_coactivation
+    res = solve_coactivation(trace, num_workers, time_limit=min(time_limit, 10.0))
+    return holders_from_assignment(res.worker_LE.tolist(), num_workers, cfg, num_workers,
+                                   "co-activation placement"), res
 
 
 def trace_of_model(path: str):

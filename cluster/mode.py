@@ -1,9 +1,12 @@
 """Ray mode: ``LLM(model, mode="ray", num_workers=N, placement=..., ep_scheme=..., ray_address=None)``.
 
-``speculative_shuffle=True`` (standard scheme, >= 2 workers) places each sequence on the worker its tokens'
-experts are predicted to live on and moves running sequences (with their KV cache) when the cost model says it
-pays; ``shuffle_options`` tunes it (``max_moves``, ``horizon``, ``slack``, ``history``, ``move``, ``place_new``,
-``calibration_tokens``; see ``moeyard.runtime.spec_shuffle``). Outputs are unchanged.
+``speculative_shuffle=True`` (>= 2 workers), form 1 with ``ep_scheme="standard"`` (data-parallel attention):
+places each sequence on the worker its tokens' experts are predicted to live on and moves running sequences (with
+their KV cache) when the cost model says it pays; ``shuffle_options`` tunes it (``max_moves``, ``horizon``,
+``slack``, ``history``, ``move``, ``place_new``, ``calibration_tokens``; see ``moeyard.runtime.spec_shuffle``).
+Form 2 with ``ep_scheme="tp"`` (tensor-parallel attention): each token's attention output is sent only to the
+worker its experts are predicted on, instead of an all-reduce (``shuffle_options``: ``slack``; see
+``moeyard.runtime.ep_tp``). Outputs are unchanged either way.
 
 The driver reads only the config and tokenizer; each worker actor loads the dense weights and its experts.
 """
@@ -43,6 +46,9 @@ def build_ray(ctx, num_workers: int = 2, placement: str = "round_robin", ep_sche
         check_scheme(ep_scheme, cfg)
     except ValueError as exc:
         raise MoeyardError(str(exc)) from None
+    if ep_scheme == "tp" and cfg.num_heads < num_workers:
+        raise MoeyardError(f"ep_scheme='tp' splits attention heads across workers: num_heads ({cfg.num_heads}) < "
+                           f"num_workers ({num_workers})")
     if not isinstance(placement, str):
         raise MoeyardError(f"placement must be a string (a built-in name or a placement.json path), "
                            f"got {type(placement).__name__}")
@@ -51,7 +57,7 @@ def build_ray(ctx, num_workers: int = 2, placement: str = "round_robin", ep_sche
     trace = None
     if placement in ("round_robin", "contiguous"):
         holders = layout.static_holders(placement, cfg, num_workers)
-    elif placement == "affinity":
+    elif placement in ("affinity", "coactivation"):
         layout.check_workers(cfg, num_workers)
         trace = layout.trace_of_model(ctx.path)
         holders = None
@@ -63,21 +69,33 @@ def build_ray(ctx, num_workers: int = 2, placement: str = "round_robin", ep_sche
     from .group import WorkerGroup, ensure_ray
     started = ensure_ray(ray_address, num_workers)
 
+    worker_shuffle = bool(speculative_shuffle) and ep_scheme == "tp"     # form 2 runs inside the workers
+    if worker_shuffle:
+        bad = set(shuffle_options or {}) - {"slack"}
+        if bad:
+            raise MoeyardError(f"shuffle_options: ep_scheme='tp' takes only 'slack', got {sorted(bad)}")
+
     def start(h, scheme):
+        extra = dict(shuffle=True, shuffle_options=shuffle_options) if worker_shuffle and scheme == "tp" else {}
         kws = [dict(path=ctx.path, rank=g, world=num_workers, holders=h, scheme=scheme,
                     dtype=ctx.dtype, device=str(ctx.device), max_num_seqs=ctx.max_num_seqs,
-                    max_model_len=ctx.max_model_len) for g in range(num_workers)]
+                    max_model_len=ctx.max_model_len, **extra) for g in range(num_workers)]
         return WorkerGroup(kws, num_cpus_per_worker, resources_per_worker, collective_timeout=collective_timeout)
 
     try:
-        if placement == "affinity":
+        if placement in ("affinity", "coactivation"):
             if trace is None:
                 trace = _calibrate(ctx, tokenizer, num_workers, start)
                 info["trace"] = f"calibration run ({trace.num_tokens} tokens)"
             else:
                 info["trace"] = f"{ctx.path}/trace.npz ({trace.num_tokens} tokens)"
-            holders, res = layout.affinity_holders(trace, cfg, num_workers, placement_time_limit)
-            info["objective"] = getattr(res, "objective", None)
+            if placement == "affinity":
+                holders, res = layout.affinity_holders(trace, cfg, num_workers, placement_time_limit)
+                info["objective"] = getattr(res, "objective", None)
+            else:
+                holders, res = layout.coactivation_holders(trace, cfg, num_workers, placement_time_limit)
+                info["coactivation_together"] = res.together
+                info["coactivation_together_round_robin"] = res.together_round_robin
         group = start(holders, ep_scheme)
     except BaseException:
         if started:
@@ -86,7 +104,7 @@ def build_ray(ctx, num_workers: int = 2, placement: str = "round_robin", ep_sche
         raise
     info["holders"] = holders
     ex = RayEPExecutor(group, ep_scheme, step_timeout, started, info)
-    if speculative_shuffle:
+    if speculative_shuffle and not worker_shuffle:
         try:
             _start_spec(ex, ctx, holders, num_workers, tokenizer, shuffle_options)
         except BaseException:

@@ -9,7 +9,9 @@ Glossary
 Every byte handed to a collective that crosses workers is counted (a worker's rows to itself are not), by kind:
 ``moe`` (token rows and their expert ids / gate weights), ``kv`` (KV-cache replication), ``hidden`` (residual
 streams and final hidden states that move with a token), ``meta`` (split sizes, token bookkeeping), ``shuffle``
-(KV caches of sequences moved between workers by speculative shuffling, with their slot/position rows).
+(KV caches of sequences moved between workers by speculative shuffling, with their slot/position rows; with
+tensor-parallel attention, the head-output scatter and residual all-gather that replace the all-reduce), ``tp``
+(tensor-parallel attention without shuffling: head-output and residual all-gathers).
 
 Works with any c10d process group object (gloo on CPU, nccl on GPU); no default process group is needed, so
 several workers can live in one process (threads) for tests.
@@ -25,7 +27,7 @@ import torch.distributed as dist
 
 from ..moe.dispatch import DispatchMeta, LocalDispatcher, Routed
 
-KINDS = ("moe", "kv", "hidden", "meta", "shuffle")
+KINDS = ("moe", "kv", "hidden", "meta", "shuffle", "tp")
 
 
 class CollectiveError(RuntimeError):

@@ -10,6 +10,9 @@ samples from its logits.
 Schemes
   standard  the model's own forward with an all-to-all dispatcher: token rows visit their experts' workers and
             come back home at every MoE layer.
+  tp        tensor-parallel attention (``runtime.ep_tp``): every worker holds every token and a share of the heads;
+            with ``shuffle`` (speculative shuffling form 2) each token's head outputs go only to the worker its
+            experts are predicted on.
   coherent  ExFlow's context-coherent EP: after a MoE layer a token stays on the worker of its first-choice
             expert (its residual stream moves there, other experts' weighted outputs are sent there) and its next
             attention runs there. Every worker keeps every sequence's KV cache: each layer's new K/V entries are
@@ -32,7 +35,7 @@ from ..moe.loader import build_dense, resolve_dtype
 from .executor import StepItem, build_batch
 from .modes import new_kv_cache
 
-SCHEMES = ("standard", "coherent")
+SCHEMES = ("standard", "coherent", "tp")
 COHERENT_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 
@@ -40,9 +43,9 @@ def check_scheme(scheme: str, cfg: MoEConfig):
     """The coherent scheme re-implements plain (GQA) attention and the softmax-top-k MoE block."""
     if scheme not in SCHEMES:
         raise ValueError(f"ep_scheme must be one of {SCHEMES}, got {scheme!r}")
-    if scheme == "coherent" and (cfg.model_type not in COHERENT_TYPES
-                                 or getattr(cfg, "attention_kind", "mha") != "mha"):
-        raise ValueError(f"ep_scheme='coherent' supports {', '.join(COHERENT_TYPES)} (plain attention, softmax "
+    if scheme in ("coherent", "tp") and (cfg.model_type not in COHERENT_TYPES
+                                         or getattr(cfg, "attention_kind", "mha") != "mha"):
+        raise ValueError(f"ep_scheme={scheme!r} supports {', '.join(COHERENT_TYPES)} (plain attention, softmax "
                          f"top-k routing); this model is {cfg.model_type!r}: use ep_scheme='standard'")
 
 
@@ -59,7 +62,7 @@ class WorkItem:
 class EPWorker:
     def __init__(self, path: str, rank: int, world: int, holders: list[list[tuple[int, ...]]],
                  scheme: str = "standard", dtype=None, device="cpu", max_num_seqs: int = 64,
-                 max_model_len: int = 2048):
+                 max_model_len: int = 2048, shuffle: bool = False, shuffle_options: dict | None = None):
         self.rank, self.world, self.scheme, self.holders = rank, world, scheme, holders
         self.device = torch.device(device)
         self.cfg = cfg = MoEConfig.from_dir(path)
@@ -74,7 +77,16 @@ class EPWorker:
         only = {l: [e for e, ws in enumerate(holders[i]) if rank in ws] for i, l in enumerate(self.moe_layers)}
         self.local_experts = only
         self.model.experts = ResidentExperts(cfg, reader, self.dtype, self.device, only=only)
-        self.kv = new_kv_cache(cfg, max_num_seqs, max_model_len, self.dtype, self.device)
+        self.tp = None
+        if scheme == "tp":
+            from .ep_tp import TPHeads, TPRunner, tp_kv_cache
+            self.tp_heads = [TPHeads(layer.self_attn, rank, world) for layer in self.model.model.layers]
+            self.kv = tp_kv_cache(cfg, self.tp_heads, max_num_seqs, max_model_len, self.dtype, self.device)
+            self.tp = TPRunner(self, shuffle, **(shuffle_options or {}))
+        else:
+            if shuffle:
+                raise ValueError("worker-side shuffling (form 2) needs ep_scheme='tp'")
+            self.kv = new_kv_cache(cfg, max_num_seqs, max_model_len, self.dtype, self.device)
         self.ex: Exchanger | None = None
         self.steps = 0
         self.recording: dict[int, list] | None = None   # layer -> [ids_NK] while calibrating (standard scheme)
@@ -100,6 +112,8 @@ class EPWorker:
     def stats(self) -> dict:
         d = self.ex.stats() if self.ex else {}
         d["steps"] = self.steps
+        if self.tp is not None:
+            d.update(self.tp.stats())
         return d
 
     def expert_bytes(self) -> int:
@@ -119,6 +133,8 @@ class EPWorker:
             self.move_kv(moves)
         if self.scheme == "coherent":
             return self._coherent(items)
+        if self.scheme == "tp":
+            return self._tp(items)
         L, K = len(self.moe_layers), self.cfg.top_k
         if not items:
             self._idle_standard()
@@ -192,8 +208,8 @@ class EPWorker:
             disp.combine(y, routed.meta)
 
     # -- context-coherent scheme ---------------------------------------------------------------------------------
-    def _coherent(self, items: list[WorkItem]) -> torch.Tensor:
-        m, dev = self.model, self.device
+    def _flatten(self, items: list[WorkItem]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids [N] and the token table [N, 5] (CPU, long): slot, pos, key, home (this worker), sample."""
         ids, slot, pos, key, samp = [], [], [], [], []
         for it in items:
             n = len(it.token_ids)
@@ -203,10 +219,25 @@ class EPWorker:
             key.extend(range(it.key, it.key + n))
             samp.extend([False] * (n - 1) + [bool(it.sample)])
         L = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
-        # token table (CPU, long): slot, pos, key, home, sample
         tab = torch.stack([L(slot), L(pos), L(key), torch.full((len(ids),), self.rank, dtype=torch.long),
                            L(samp)], 1) if ids else torch.empty((0, 5), dtype=torch.long)
-        x = m.model.embed_tokens(L(ids).to(dev))
+        return L(ids), tab
+
+    def _tp(self, items: list[WorkItem]) -> torch.Tensor:
+        """Tensor-parallel attention: every worker runs every item; sampled row i's logits come from worker
+        i % G (see ``partition_tp``)."""
+        ids, tab = self._flatten(items)
+        if not len(ids):
+            return torch.empty((0, self.cfg.vocab_size))
+        h = self.tp.forward(ids, tab)
+        rows = tab[:, 4].nonzero().squeeze(1)
+        rows = rows[self.rank::self.world]
+        return self.model.lm_head(h[rows.to(self.device)]).float().cpu()
+
+    def _coherent(self, items: list[WorkItem]) -> torch.Tensor:
+        m, dev = self.model, self.device
+        ids, tab = self._flatten(items)
+        x = m.model.embed_tokens(ids.to(dev))
         for li, layer in enumerate(m.model.layers):
             x = self._attention_block(li, layer, x, tab)
             h = layer.post_attention_layernorm(x)
@@ -347,6 +378,19 @@ def partition(items: list[StepItem], world: int, home: dict | None = None
     return plans, where, max_len
 
 
+def partition_tp(items: list[StepItem], world: int) -> tuple[list[list[WorkItem]], list[tuple[int, int]], int]:
+    """Tensor-parallel attention: every worker gets every item; sampled row i's logits come from worker i % G."""
+    plan, where, key, max_len, i = [], [], 0, 0, 0
+    for it in items:
+        plan.append(WorkItem(it.slot, list(it.token_ids), it.start, it.sample, key))
+        key += len(it.token_ids)
+        max_len = max(max_len, it.start + len(it.token_ids))
+        if it.sample:
+            where.append((i % world, i // world))
+            i += 1
+    return [plan] * world, where, max_len
+
+
 def merge_logits(outs: list[torch.Tensor], where: list[tuple[int, int]]) -> torch.Tensor:
     if not where:
         V = outs[0].shape[-1]
@@ -365,6 +409,14 @@ def sum_stats(per_worker: list[dict]) -> dict:
     loc = d.pop("local_assignments", 0)
     d["local_fraction"] = loc / tot if tot else 0.0
     d["routed_assignments"] = tot
+    tp_keys = [k for k in d if k.startswith("tp_") and "_l" in k and k.rsplit("_l", 1)[1].isdigit()]
+    if tp_keys:                                     # tensor-parallel scheme: form-2 prediction accuracy
+        from .ep_tp import tp_spec_stats
+        n = sum(1 for k in tp_keys if k.startswith("tp_tokens_l"))
+        if any(d[f"tp_tokens_l{i}"] for i in range(n)):
+            d.update(tp_spec_stats(d, n))
+        for k in tp_keys:
+            del d[k]
     return d
 
 
@@ -399,11 +451,14 @@ class ThreadEPExecutor:
         import threading
         self.world = world
         self.spec = None
+        self.scheme = scheme
+        worker_shuffle = speculative_shuffle and scheme == "tp"     # form 2 runs inside the workers
         if speculative_shuffle:
             from .spec_shuffle import SpecShuffler, check_spec
             cfg = MoEConfig.from_dir(path)
             check_spec(scheme, world)
-        self.workers = [EPWorker(path, g, world, holders, scheme, dtype, "cpu", max_num_seqs, max_model_len)
+        self.workers = [EPWorker(path, g, world, holders, scheme, dtype, "cpu", max_num_seqs, max_model_len,
+                                 shuffle=worker_shuffle, shuffle_options=shuffle_options if worker_shuffle else None)
                         for g in range(world)]
         fd, f = tempfile.mkstemp(prefix="moeyard_ep_")
         import os
@@ -412,7 +467,7 @@ class ThreadEPExecutor:
         run_in_threads([lambda w=w: w.connect(f"file://{f}", "gloo", timeout_s) for w in self.workers])
         self.route_hooks = []
         self._threading = threading
-        if speculative_shuffle:
+        if speculative_shuffle and not worker_shuffle:
             for w in self.workers:
                 w.capture_routing = True
             self.spec = SpecShuffler(cfg, holders, world, self.workers[0].dtype, **(shuffle_options or {}))
@@ -421,7 +476,7 @@ class ThreadEPExecutor:
     def execute(self, items: list[StepItem]) -> torch.Tensor:
         if self.spec is not None:
             return self.spec.execute(items, self._spec_step)
-        plans, where, max_len = partition(items, self.world)
+        plans, where, max_len = (partition_tp if self.scheme == "tp" else partition)(items, self.world)
         outs = run_in_threads([lambda w=w, p=p: w.step(p, max_len) for w, p in zip(self.workers, plans)])
         return merge_logits(outs, where)
 

@@ -51,8 +51,9 @@ def check_spec(scheme: str, world: int):
     if world < 2:
         raise ValueError(f"speculative_shuffle=True needs num_workers >= 2 (got {world}): with one worker every "
                          f"expert is already local")
-    if scheme != "standard":
-        raise ValueError(f"speculative_shuffle=True works with ep_scheme='standard' (got {scheme!r}): the "
+    if scheme not in ("standard", "tp"):
+        raise ValueError(f"speculative_shuffle=True works with ep_scheme='standard' (form 1: request placement) "
+                         f"or 'tp' (form 2: token shuffling in tensor-parallel attention), got {scheme!r}: the "
                          f"coherent scheme already moves tokens to their experts inside the forward pass")
 
 

@@ -28,3 +28,23 @@ def test_ray_lossless_with_shuffling(ray_cluster, tiny_ckpt):
     assert st["shuffle_moves"] > 0 and st["shuffle_bytes"] > before["shuffle_bytes"]
     assert st["a2a_bytes"] == sum(st[f"{k}_bytes"] for k in ("moe", "kv", "hidden", "meta", "shuffle"))
     assert 0 < st["spec_expert_precision_l0"] <= 1
+
+
+def test_ray_tp_form2_lossless(ray_cluster, tiny_ckpt):
+    """Form 2 on real Ray actors: tensor-parallel attention, head outputs scattered to predicted expert workers,
+    co-activation placement from a calibration run (tiny checkpoints ship no trace.npz)."""
+    path, _ = tiny_ckpt("qwen2_moe")
+    local = LLM(path, max_num_seqs=4, max_num_batched_tokens=32)
+    want = [o.token_ids for o in local.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)]
+    llm = LLM(path, mode="ray", num_workers=2, placement="coactivation", ep_scheme="tp", speculative_shuffle=True,
+              shuffle_options={"slack": 1.0}, max_num_seqs=4, max_num_batched_tokens=32)
+    try:
+        got = [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)]
+        st = llm.stats()
+        info = llm.engine.executor.placement_info
+    finally:
+        llm.close()
+    assert got == want
+    assert st["shuffle_bytes"] > 0 and st["tp_bytes"] == 0 and st["kv_bytes"] == 0
+    assert 0 < st["spec_expert_precision"] <= 1 and 0 < st["spec_local_fraction"] <= 1
+    assert info["coactivation_together"] >= info["coactivation_together_round_robin"]
