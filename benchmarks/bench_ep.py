@@ -68,6 +68,8 @@ def main():
                     help="speculative shuffling ablation (standard scheme): placement alone, shuffling alone, both; "
                          "records docs/BENCHMARKS.md '## Speculative shuffling'")
     ap.add_argument("--no-record", action="store_true", help="with --spec: do not write docs/BENCHMARKS.md")
+    ap.add_argument("--form", type=int, choices=(1, 2), default=None,
+                    help="with --spec: only form 1 (data-parallel) or form 2 (tensor-parallel) runs")
     a = ap.parse_args()
     if a.spec:
         return spec_main(a)
@@ -154,14 +156,23 @@ def main():
 
 
 # -- speculative shuffling (runtime/spec_shuffle.py) ---------------------------------------------------------------
-SPEC_RUNS = [  # name, placement, speculative_shuffle, shuffle_options
-    ("round_robin (baseline)", "round_robin", False, None),
-    ("affinity (placement alone)", "affinity", False, None),
-    ("round_robin + shuffle (shuffling alone)", "round_robin", True, {}),
-    ("affinity + shuffle (both)", "affinity", True, {}),
-    ("affinity + shuffle, admission only (no KV moves)", "affinity", True, {"move": False}),
-    ("affinity + shuffle, eager KV moves (horizon 1e6)", "affinity", True, {"horizon": 1e6, "max_moves": 8}),
-    ("affinity + shuffle, no balance bound (slack 8)", "affinity", True, {"slack": 8}),
+SPEC_RUNS = [  # name, ep_scheme, placement, speculative_shuffle, shuffle_options
+    # form 1: data-parallel attention, request placement (runtime/spec_shuffle.py)
+    ("round_robin (baseline)", "standard", "round_robin", False, None),
+    ("affinity (placement alone)", "standard", "affinity", False, None),
+    ("round_robin + shuffle (shuffling alone)", "standard", "round_robin", True, {}),
+    ("affinity + shuffle (both)", "standard", "affinity", True, {}),
+    ("affinity + shuffle, admission only (no KV moves)", "standard", "affinity", True, {"move": False}),
+    ("affinity + shuffle, eager KV moves (horizon 1e6)", "standard", "affinity", True,
+     {"horizon": 1e6, "max_moves": 8}),
+    ("affinity + shuffle, no balance bound (slack 8)", "standard", "affinity", True, {"slack": 8}),
+    # form 2: tensor-parallel attention, token shuffling (runtime/ep_tp.py)
+    ("TP round_robin (form-2 baseline)", "tp", "round_robin", False, None),
+    ("TP coactivation (grouping alone)", "tp", "coactivation", False, None),
+    ("TP round_robin + shuffle (shuffling alone)", "tp", "round_robin", True, {}),
+    ("TP coactivation + shuffle (both)", "tp", "coactivation", True, {}),
+    ("TP affinity + shuffle", "tp", "affinity", True, {}),
+    ("TP coactivation + shuffle, loose balance (slack 8)", "tp", "coactivation", True, {"slack": 8.0}),
 ]
 
 
@@ -195,6 +206,18 @@ def oracle_locality(experts_TLK, holders, windows: int):
                                                    / (windows * pairs)), float(loc.mean() / pairs))
 
 
+def oracle_layer_locality(experts_TLK, holders) -> float:
+    """Ceiling of form 2: every token at every MoE layer on the worker holding most of its k experts (hindsight)."""
+    L, K = experts_TLK.shape[1], experts_TLK.shape[2]
+    G = 1 + max(w for row in holders for ws in row for w in ws)
+    hold = np.zeros((L, max(len(r) for r in holders), G))
+    for l, row in enumerate(holders):
+        for e, ws in enumerate(row):
+            hold[l, e, list(ws)] = 1
+    per = hold[np.arange(L)[None, :, None], experts_TLK.astype(np.int64)].sum(2)     # [T, L, G]
+    return float(per.max(2).mean() / K)
+
+
 def spec_main(a):
     import ray
 
@@ -208,11 +231,13 @@ def spec_main(a):
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     params = SamplingParams(max_tokens=a.max_tokens, temperature=0.0, ignore_eos=True)
     results, affinity_file, holders = [], None, {}
-    for name, placement, spec, sopts in SPEC_RUNS:
+    for name, scheme, placement, spec, sopts in SPEC_RUNS:
+        if a.form and (scheme == "tp") != (a.form == 2):
+            continue
         pl = placement if (placement != "affinity" or affinity_file is None) else affinity_file
         kw = dict(speculative_shuffle=True, shuffle_options=sopts) if spec else {}
         t0 = time.perf_counter()
-        llm = LLM(path, mode="ray", num_workers=a.workers, placement=pl, ep_scheme="standard",
+        llm = LLM(path, mode="ray", num_workers=a.workers, placement=pl, ep_scheme=scheme,
                   max_num_seqs=a.prompts, placement_time_limit=a.placement_time_limit, **kw)
         start_s = time.perf_counter() - t0
         ex = llm.engine.executor
@@ -227,10 +252,12 @@ def spec_main(a):
         outs, wall, s0, s1 = measured_run(llm, prompts, params)
         gen = s1["tokens_generated"] - s0["tokens_generated"]
         dd = {k: s1.get(k, 0) - s0.get(k, 0) for k in ("a2a_bytes", "moe_bytes", "shuffle_bytes", "meta_bytes",
+                                                      "tp_bytes",
                                                       "routed_assignments", "shuffle_moves",
                                                       "shuffle_moved_positions")}
         loc = (s1["local_fraction"] * s1["routed_assignments"] - s0["local_fraction"] * s0["routed_assignments"])
-        r = {"name": name, "placement": placement, "speculative_shuffle": spec, "shuffle_options": sopts,
+        r = {"name": name, "scheme": scheme, "placement": placement, "speculative_shuffle": spec,
+             "shuffle_options": sopts, "tp_bytes_per_generated_token": dd["tp_bytes"] / gen,
              "generated": gen, "bytes_per_generated_token": dd["a2a_bytes"] / gen,
              "moe_bytes_per_generated_token": dd["moe_bytes"] / gen,
              "shuffle_bytes_per_generated_token": dd["shuffle_bytes"] / gen,
@@ -243,18 +270,21 @@ def spec_main(a):
         if spec:   # prediction counters over the whole life of the executor (workload + warm-up)
             r.update({k: v for k, v in s1.items() if k.startswith("spec_")})
         results.append(r)
-        print(f"{name:50s} bytes/gen-token {r['bytes_per_generated_token']:9.0f} (shuffle "
+        print(f"{name:50s} bytes/gen-token {r['bytes_per_generated_token']:9.0f} (tp "
+              f"{r['tp_bytes_per_generated_token']:6.0f} shuffle "
               f"{r['shuffle_bytes_per_generated_token']:6.0f})  local {r['local_fraction']:.3f}  moves {r['moves']:3d}"
               f"  tok/s {r['tokens_per_s']:6.1f}" + (f"  expert-prec {r['spec_expert_precision']:.3f} worker-acc "
                                                     f"{r['spec_worker_accuracy']:.3f}" if spec else ""), flush=True)
     same = all(r["tokens"] == results[0]["tokens"] for r in results)
     print("identical greedy tokens in all runs:", same)
     base = results[0]["bytes_per_generated_token"]
+    tp_base = next((r["bytes_per_generated_token"] for r in results if r["scheme"] == "tp"), None)
     trace = load_trace(os.path.join(path, "trace.npz")) if os.path.isfile(os.path.join(path, "trace.npz")) else None
     oracle = {}
     if trace is not None:
         for pl, h in holders.items():
-            oracle[pl] = oracle_locality(np.asarray(trace["experts"]), h, int(trace.get("seq_len", 64)))
+            ex_TLK = np.asarray(trace["experts"])
+            oracle[pl] = oracle_locality(ex_TLK, h, int(trace.get("seq_len", 64))) + (oracle_layer_locality(ex_TLK, h),)
     out = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, ray {ray.__version__}",
            "model": path, "workers": a.workers, "results": results, "identical_tokens": same, "oracle": oracle}
@@ -264,36 +294,46 @@ def spec_main(a):
     ray.shutdown()
     if a.no_record:
         return
+    pct = lambda v, b: "-" if b is None else f"{100 * (v / b - 1):+.0f}%"  # noqa: E731
     rows = [[r["name"], f"{r['bytes_per_generated_token']:,.0f}", f"{r['moe_bytes_per_generated_token']:,.0f}",
-             f"{r['shuffle_bytes_per_generated_token']:,.0f}",
-             f"{100 * (r['bytes_per_generated_token'] / base - 1):+.0f}%", f"{r['local_fraction']:.3f}",
-             r["moves"], "-" if r["imbalance"] is None else f"{r['imbalance']:.2f}",
+             f"{r['tp_bytes_per_generated_token']:,.0f}", f"{r['shuffle_bytes_per_generated_token']:,.0f}",
+             pct(r["bytes_per_generated_token"], base),
+             pct(r["bytes_per_generated_token"], tp_base) if r["scheme"] == "tp" else "-",
+             f"{r['local_fraction']:.3f}", r["moves"], "-" if r["imbalance"] is None else f"{r['imbalance']:.2f}",
              f"{r['tokens_per_s']:.1f}"] for r in results]
-    body = [f"Model: `{path}`; {a.workers} worker actors, standard scheme; {a.prompts} prompts x {a.max_tokens} greedy "
-            f"tokens ({sum(r['generated'] for r in results[:1])} generated). Bytes = everything handed to "
-            f"collectives that crosses workers, prefill included, KV moves included (net), / generated tokens. "
-            f"Greedy tokens identical in all runs: **{same}**. Raw: `{a.out}`.", "",
-            table(["run", "net bytes / gen. token", "MoE rows", "KV moved (shuffle)", "vs baseline",
-                   "local fraction", "KV moves", "busiest worker / mean", "tokens/s"], rows)]
-    sp = [r for r in results if r["speculative_shuffle"]]
-    if sp:
-        both = sp[1] if len(sp) > 1 else sp[0]
+    body = [f"Model: `{path}`; {a.workers} worker actors; {a.prompts} prompts x {a.max_tokens} greedy "
+            f"tokens ({results[0]['generated']} generated). Bytes = everything handed to "
+            f"collectives that crosses workers, prefill included, KV moves and the collectives replacing the "
+            f"all-reduce included (net), / generated tokens. Greedy tokens identical in all runs: **{same}**. "
+            f"Raw: `{a.out}`.", "",
+            table(["run", "net bytes / gen. token", "MoE rows", "TP all-gathers", "shuffle (KV moves / head "
+                   "scatter + row all-gather)", f"vs {results[0]['name']}", "vs TP baseline", "local fraction",
+                   "KV moves", "busiest worker / mean", "tokens/s"], rows)]
+    for both_name in ("affinity + shuffle (both)", "TP coactivation + shuffle (both)"):
+        both = next((r for r in results if r["name"] == both_name), None)
+        if both is None:
+            continue
         L = len([k for k in both if k.startswith("spec_expert_precision_l")])
-        body += ["", f"Prediction accuracy per MoE layer ({both['name']}; token table: {both['token_table']}): "
-                     "expert precision = share of the table's top-k experts actually routed to; worker accuracy = "
-                     "the predicted worker holds the token's first-choice expert; local = share of (token, expert) "
-                     "pairs served where the token ran.", "",
+        what = ("the token table's top-k" if both["scheme"] == "standard" else
+                "layer l's router on the pre-attention residual: its top-k")
+        body += ["", f"Prediction accuracy per MoE layer ({both_name}"
+                     + (f"; token table: {both['token_table']}" if both["scheme"] == "standard" else "")
+                     + f"): expert precision = share of {what} experts actually routed to; worker accuracy = the "
+                     "chosen worker holds the token's first-choice expert; local = share of (token, expert) pairs "
+                     "served where the token was.", "",
                  table(["layer"] + [str(i) for i in range(L)] + ["mean"],
                        [[m] + [f"{both[f'{k}_l{i}']:.2f}" for i in range(L)] + [f"{both[k]:.2f}"]
                         for m, k in (("expert precision", "spec_expert_precision"),
                                      ("worker accuracy", "spec_worker_accuracy"),
                                      ("local fraction", "spec_local_fraction"))])]
     if oracle:
-        body += ["", "Ceilings of request placement on the model's routing trace (share of (token, expert) pairs "
-                     "local): every token on its own best worker / every trace window on its best worker / "
-                     "no placement (average worker):", "",
-                 table(["expert placement", "per-token best", "per-window best", "average"],
-                       [[pl, f"{o[0]:.3f}", f"{o[1]:.3f}", f"{o[2]:.3f}"] for pl, o in oracle.items()])]
+        body += ["", "Ceilings on the model's routing trace (share of (token, expert) pairs local, hindsight, no "
+                     "balance): form 1, every token on its own best worker for all layers / every trace window "
+                     "(a stand-in for a sequence) on its best worker; form 2, every token on its best worker at "
+                     "every layer; no placement (average worker):", "",
+                 table(["expert placement", "form 1 per-token best", "form 1 per-window best",
+                        "form 2 per-token-and-layer best", "average"],
+                       [[pl, f"{o[0]:.3f}", f"{o[1]:.3f}", f"{o[3]:.3f}", f"{o[2]:.3f}"] for pl, o in oracle.items()])]
     record("Speculative shuffling", "RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 .venv/bin/python "
            + " ".join(sys.argv), "\n".join(body))
 
