@@ -35,8 +35,10 @@ class Engine:
         self.seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self._step_no = 0
+        # requests_finished counts every end (stop, length, abort, error); requests_aborted and requests_failed
+        # say how many of those were aborts (e.g. a client that went away) and errors.
         self.counters = {"tokens_generated": 0, "prompt_tokens": 0, "steps": 0, "requests_finished": 0,
-                         "requests_failed": 0, "model_seconds": 0.0}
+                         "requests_aborted": 0, "requests_failed": 0, "model_seconds": 0.0}
 
     # -- requests ------------------------------------------------------------------------------------------------
     def add_request(self, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
@@ -75,6 +77,7 @@ class Engine:
         seq = self.seqs.get(request_id)
         if seq is not None and not seq.finished:
             seq.finish_reason = "abort"
+            self.counters["requests_aborted"] += 1
             self._finish(seq)
 
     def has_unfinished(self) -> bool:
