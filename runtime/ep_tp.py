@@ -240,7 +240,7 @@ class TPRunner:
         blocks = self._all_gather_rows(mine_rows, "tp")
         new = torch.empty_like(x)
         for g in range(G):
-            new[torch.arange(g, N, G).to(dev)] = blocks[g]
+            new[torch.arange(N)[g::G].to(dev)] = blocks[g]
         return new
 
     def _shuffled_layer(self, li, layer, x, o):

@@ -63,6 +63,26 @@ def test_tp_lossless_with_and_without_shuffling(local_runs, arch, world, placeme
     assert "spec_expert_precision" not in base
 
 
+@pytest.mark.parametrize("spec", [False, True])
+def test_tp_fewer_tokens_than_workers(local_runs, spec):
+    """A lone sequence decoding on 4 workers (N = 1 < G): idle owners still take part in every collective."""
+    path, llm, _, _ = local_runs["mixtral"]
+    want = run_one(llm, None)
+    ex = ThreadEPExecutor(path, layout.static_holders("round_robin", llm.cfg, 4), 4, "tp", max_num_seqs=5,
+                          max_model_len=llm.max_model_len, speculative_shuffle=spec)
+    assert run_one(llm, ex) == want
+
+
+def run_one(llm, ex):
+    old = llm.engine.executor
+    if ex is not None:
+        llm.engine.executor = ex
+    try:
+        return llm.generate(prompt_token_ids=[[7, 8, 9]], sampling_params=GREEDY)[0].token_ids
+    finally:
+        llm.engine.executor = old
+
+
 def test_tp_bytes_accounting(local_runs):
     """Exact byte counts of the attention collectives for one prefill of one sequence (N tokens, G = 2)."""
     path, llm, _, _ = local_runs["mixtral"]
