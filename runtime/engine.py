@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from .detok import IncrementalDetokenizer
 from .executor import RequestFailed, StepItem
 from .sampling import RequestError, SamplingParams, sample
 from .scheduler import Scheduler
@@ -131,11 +132,14 @@ class Engine:
             seq.logprobs.append(r)
         self.counters["tokens_generated"] += 1
         p = seq.params
+        old_len = len(seq.text)
         if self.tokenizer is not None:
-            seq.text = self.tokenizer.decode(seq.output_ids)
+            if seq.detok is None:
+                seq.detok = IncrementalDetokenizer(self.tokenizer)
+            seq.text = seq.detok.update(seq.output_ids)
         if r.token in seq.eos_ids or r.token in p.stop_token_ids:
             seq.finish_reason = "stop"
-        elif p.stop and self._check_stop_strings(seq):
+        elif p.stop and len(seq.text) > old_len and self._check_stop_strings(seq, old_len):
             seq.finish_reason = "stop"
         elif len(seq.output_ids) >= p.max_tokens or len(seq) >= self.max_model_len:
             seq.finish_reason = "length"
@@ -143,8 +147,9 @@ class Engine:
             self._finish(seq)
 
     @staticmethod
-    def _check_stop_strings(seq: Sequence) -> bool:
-        hits = [(seq.text.find(s), s) for s in seq.params.stop]
+    def _check_stop_strings(seq: Sequence, old_len: int = 0) -> bool:
+        """Earlier text held no stop string, so only matches ending in the new text are looked for."""
+        hits = [(seq.text.find(s, max(0, old_len - len(s) + 1)), s) for s in seq.params.stop]
         hits = [(i, s) for i, s in hits if i >= 0]
         if not hits:
             return False

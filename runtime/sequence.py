@@ -30,6 +30,7 @@ class Sequence:
     num_computed: int = 0            # tokens whose K/V are in the cache
     slot: int | None = None          # KV cache slot while running
     text: str = ""
+    detok: object = None             # runtime.detok.IncrementalDetokenizer once the first token is out
     finish_reason: str | None = None
     error: str | None = None
     generator: torch.Generator | None = None
