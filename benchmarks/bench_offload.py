@@ -124,7 +124,8 @@ def run_model(cfg: dict) -> dict:
            "peak_rss_mb": round(peak_rss_mb(), 1), "outputs_hash": hash(tuple(tuple(o.token_ids) for o in outs))}
     if cfg["mode"] == "offload":
         for k in ("expert_hits", "expert_misses", "prefetch_issued", "prefetch_used", "prefetch_late",
-                  "bytes_loaded", "stall_seconds", "decode_distinct_experts", "decode_steps"):
+                  "prefetch_not_started", "loads_inline", "bytes_loaded", "stall_seconds",
+                  "decode_distinct_experts", "decode_steps"):
             res[k] = st[k] - base.get(k, 0)
         req = res["expert_hits"] + res["expert_misses"]
         res["hit_rate"] = round(res["expert_hits"] / req, 4)
@@ -244,6 +245,19 @@ def run_replay(cfg: dict) -> dict:
             round(rss0)}
 
 
+def summarize(res: dict, fracs, round_no: int):
+    """Same-run ratios: predicted+prefetch (combined) vs all-resident and vs on-demand LRU at each budget."""
+    rt = res.get("resident", {}).get("tokens_per_s")
+    for f in fracs:
+        p, l = res.get(f"{f}/predicted+prefetch(combined)"), res.get(f"{f}/on-demand LRU")
+        if not p or not l or "error" in p or "error" in l or not rt:
+            continue
+        print(f"[round {round_no}] {f}: hit rate {p['hit_rate']:.3f} (LRU {l['hit_rate']:.3f}); "
+              f"{p['tokens_per_s']:.1f} tok/s = {p['tokens_per_s'] / rt:.2f}x resident ({rt:.1f}), "
+              f"{p['tokens_per_s'] / l['tokens_per_s']:.2f}x LRU ({l['tokens_per_s']:.1f}); same outputs: "
+              f"{p['outputs_hash'] == l['outputs_hash'] == res['resident']['outputs_hash']}", flush=True)
+
+
 def sub(kind: str, cfg: dict) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([PY, __file__, "--worker", kind, json.dumps(cfg)], capture_output=True, text=True, env=env,
@@ -257,8 +271,12 @@ def sub(kind: str, cfg: dict) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--worker", nargs=2)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--skip-big", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="16 tokens per prompt, 25%% budget only")
+    ap.add_argument("--skip-big", action="store_true", help="skip part B (trace-driven, realistic sizes)")
+    ap.add_argument("--fractions", default=None, help="comma-separated budgets for part A (default 0.1,0.25,0.5)")
+    ap.add_argument("--only", default=None, help="run only part A configurations whose name contains one of these "
+                    "comma-separated substrings (the all-resident run always runs)")
+    ap.add_argument("--repeat", type=int, default=1, help="run part A this many times (rounds interleaved)")
     ap.add_argument("--out", default="/tmp/moeyard_bench_offload/offload.json")
     a = ap.parse_args()
     if a.worker:
@@ -275,34 +293,46 @@ def main():
             print("recording routing trace on training prompts ...", flush=True)
             record_trace(path, trace)
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": what,
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared, background training), "
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), "
                          f"{round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB RAM, CPU only",
-              "A": {}, "B": {}}
-    base = dict(path=path, seqs=1, n=4, seed=7, max_tokens=16 if a.quick else 32)   # batch-1 decode (ExpertFlow setting)
+              "load_average_start": os.getloadavg(), "A": {}, "B": {}}
+    # batch-1 decode (the ExpertFlow setting)
+    base = dict(path=path, seqs=1, n=4, seed=7, max_tokens=16 if a.quick else 32)
+    fracs = [float(f) for f in a.fractions.split(",")] if a.fractions else ([0.25] if a.quick else [0.1, 0.25, 0.5])
     runs = {"resident": dict(base, mode="local")}
-    for frac in ([0.25] if a.quick else [0.1, 0.25, 0.5]):
+    for frac in fracs:
         o = dict(expert_cache_fraction=frac, trace=trace)
-        runs[f"{frac}/predicted+prefetch(router)"] = dict(base, mode="offload", opts=dict(o, predictor="router"))
-        runs[f"{frac}/on-demand LRU"] = dict(base, mode="offload", opts=dict(o, prefetch=False, eviction="lru",
-                                                                              token_scheduling=False))
-        if frac == 0.25:
-            for p in ("transition", "combined"):
+        lru = dict(o, prefetch=False, eviction="lru", token_scheduling=False)
+        runs[f"{frac}/predicted+prefetch(combined)"] = dict(base, mode="offload", opts=dict(o, predictor="combined"))
+        runs[f"{frac}/on-demand LRU"] = dict(base, mode="offload", opts=lru)
+        if frac == 0.25 and not a.quick:
+            runs[f"{frac}/on-demand LRU, 1 I/O thread"] = dict(base, mode="offload", opts=dict(lru, io_threads=1))
+            for p in ("router", "token", "transition"):
                 runs[f"{frac}/predicted+prefetch({p})"] = dict(base, mode="offload", opts=dict(o, predictor=p))
-            runs[f"{frac}/router lookahead=3 (pred. stats)"] = dict(
-                base, mode="offload", opts=dict(o, predictor="router", lookahead=3))
-            runs[f"{frac}/transition lookahead=3 (pred. stats)"] = dict(
-                base, mode="offload", opts=dict(o, predictor="transition", lookahead=3))
+            runs[f"{frac}/combined, prefetch whole step"] = dict(
+                base, mode="offload", opts=dict(o, predictor="combined", prefetch_distance=0))
+            runs[f"{frac}/combined, width 4"] = dict(base, mode="offload", opts=dict(o, predictor="combined", width=4))
             runs[f"{frac}/combined lookahead=3 (pred. stats)"] = dict(
                 base, mode="offload", opts=dict(o, predictor="combined", lookahead=3))
             # token scheduling: 16 running, decode batches of 4
             for ts in (True, False):
                 runs[f"{frac}/sched={'group' if ts else 'fifo'} (16 seqs, batch 4)"] = dict(
                     base, mode="offload", seqs=16, n=16, max_tokens=16,
-                    opts=dict(o, predictor="router", max_decode_batch=4, token_scheduling=ts))
-    for name, cfg in runs.items():
-        r = sub("model", cfg)
-        report["A"][name] = r
-        print(name, json.dumps(r), flush=True)
+                    opts=dict(o, predictor="combined", max_decode_batch=4, token_scheduling=ts))
+    if a.only:
+        keys = a.only.split(",")
+        runs = {k: v for k, v in runs.items() if k == "resident" or any(x in k for x in keys)}
+    rounds = []
+    for r_i in range(a.repeat):
+        res = {}
+        for name, cfg in runs.items():
+            r = sub("model", cfg)
+            res[name] = r
+            print(f"[round {r_i + 1}] {name} {json.dumps(r)}", flush=True)
+        rounds.append(res)
+        summarize(res, fracs, r_i + 1)
+    report["A"] = rounds[0] if a.repeat == 1 else {"rounds": rounds}
+    report["load_average_end"] = os.getloadavg()
     if not a.skip_big:
         fn = write_big_checkpoint(BIG)
         size = os.path.getsize(fn)

@@ -11,7 +11,9 @@ with speculative expert shuffling. Protocol (``RoutePredictor``):
 Layers are *MoE layer indices in model numbering*; ``ahead`` counts MoE layers (dense layers are skipped).
 Implementations: ``router`` (next layers' routers applied to the current hidden state), ``transition``
 (inter-layer transition statistics profiled from a routing trace ``experts[T, L, k]``), ``token`` (token id →
-experts table, from a trace with ``tokens[T]`` and/or learned online), ``combined`` (weighted sum of the above).
+experts table, from a trace with ``tokens[T]`` and/or learned online), ``combined`` (router + token table: a
+weighted sum of their scores). ``scores_for(target, after)`` asks for one target layer from what is known after
+layer ``after`` (None: at the start of a pass, when only the token table can answer).
 """
 
 from __future__ import annotations
@@ -57,6 +59,18 @@ class _Base:
         """[N, E] float scores, normalised to sum to 1 per token (None: cannot predict)."""
         raise NotImplementedError
 
+    def scores_for(self, target: int, after: int | None) -> torch.Tensor | None:
+        """[N, E] scores for MoE layer ``target`` from what is known once MoE layer ``after`` was observed
+        (``after=None``: at the start of a forward pass, only the token ids are known). None: cannot predict."""
+        if after is None or after not in self._pos or target not in self._pos:
+            return None
+        ahead = self._pos[target] - self._pos[after]
+        return self.scores(after, ahead) if ahead >= 1 else None
+
+    def start_scores(self) -> torch.Tensor | None:
+        """[N, L, E] scores of every MoE layer at the start of a pass (None: this predictor needs a layer first)."""
+        return None
+
     def predict(self, layer, ahead):
         s = self.scores(layer, ahead)
         if s is None:
@@ -72,6 +86,7 @@ class RouterPredictor(_Base):
     def __init__(self, routers: dict[int, torch.Tensor], num_experts, top_k, width=None):
         super().__init__(sorted(routers), num_experts, top_k, width)
         self.routers = routers
+        self._wT: dict = {}
         self.x = {}
 
     def begin(self, token_ids_N):
@@ -87,7 +102,10 @@ class RouterPredictor(_Base):
         if t is None or layer not in self.x:
             return None
         x = self.x[layer]
-        return torch.softmax((x @ self.routers[t].to(x.dtype).T).float(), dim=-1)
+        w = self._wT.get((t, x.dtype))
+        if w is None:
+            w = self._wT[(t, x.dtype)] = self.routers[t].to(x.dtype).T.contiguous()
+        return torch.softmax((x @ w).float(), dim=-1)
 
 
 class TransitionPredictor(_Base):
@@ -150,6 +168,8 @@ class TokenTablePredictor(_Base):
         super().__init__(moe_layers, num_experts, top_k, width)
         self.learn = learn
         self.C = torch.zeros(vocab_size, len(self.moe_layers), num_experts, dtype=torch.float32)
+        self._step = None
+        self._pending: list = []
         if trace is not None and trace_tokens(trace) is not None:
             tok = torch.as_tensor(np.asarray(trace_tokens(trace)).astype(np.int64))
             ex = torch.as_tensor(np.asarray(trace["experts"]).astype(np.int64))
@@ -161,18 +181,47 @@ class TokenTablePredictor(_Base):
     def observe(self, layer, x_ND, topk_ids_NK):
         super().observe(layer, x_ND, topk_ids_NK)
         if self.learn and self.tokens is not None and self.tokens.shape[0] == topk_ids_NK.shape[0]:
-            li = self._pos[layer]
-            t = self.tokens.to(torch.long).cpu()
-            ids = topk_ids_NK.to(torch.long).cpu()
-            flat = ((t[:, None] * len(self.moe_layers) + li) * self.E + ids).reshape(-1)
-            self.C.view(-1).index_add_(0, flat, torch.ones(flat.numel()))
+            self._pending.append((self.tokens, self._pos[layer], topk_ids_NK))   # counted in one go (_learn)
+
+    def _learn(self):
+        """Add the observed routings to the table: one ``index_add`` for all layers of a pass."""
+        if not self._pending:
+            return
+        L = len(self.moe_layers)
+        flat = [((tok.to(torch.long).cpu()[:, None] * L + li) * self.E + ids.to(torch.long).cpu()).reshape(-1)
+                for tok, li, ids in self._pending]
+        self._pending = []
+        flat = torch.cat(flat) if len(flat) > 1 else flat[0]
+        self.C.view(-1).index_add_(0, flat, torch.ones(flat.numel()))
 
     def scores(self, layer, ahead):
         t = self.target(layer, ahead)
         if t is None or self.tokens is None:
             return None
-        c = self.C[self.tokens.to(torch.long).cpu(), self._pos[t]] + 1e-3
-        return c / c.sum(-1, keepdim=True)
+        return self._table(t)
+
+    def scores_for(self, target, after):
+        """Known from the token ids alone: every layer can be predicted at the start of the pass."""
+        if self.tokens is None or target not in self._pos:
+            return None
+        return self._table(target)
+
+    def begin(self, token_ids_N):
+        self._learn()
+        super().begin(token_ids_N)
+        self._step = None
+
+    def start_scores(self):
+        if self.tokens is None:
+            return None
+        if self._step is None:        # every layer's row of this pass's tokens at once (counts before the pass)
+            self._learn()
+            c = self.C[self.tokens.to(torch.long).cpu()] + 1e-3          # [N, L, E]
+            self._step = c / c.sum(-1, keepdim=True)
+        return self._step
+
+    def _table(self, t):
+        return self.start_scores()[:, self._pos[t]]
 
 
 class CombinedPredictor(_Base):
@@ -193,11 +242,22 @@ class CombinedPredictor(_Base):
             m.observe(layer, x_ND, topk_ids_NK)
 
     def scores(self, layer, ahead):
+        return self._sum([m.scores(layer, ahead) for m, _ in self.members])
+
+    def scores_for(self, target, after):
+        return self._sum([m.scores_for(target, after) for m, _ in self.members])
+
+    def start_scores(self):
+        return self._sum([m.start_scores() for m, _ in self.members])
+
+    def _sum(self, scores):
         tot = None
-        for m, w in self.members:
-            s = m.scores(layer, ahead)
+        for s, (_, w) in zip(scores, self.members):
             if s is not None:
-                s = s.float().cpu() * w
+                if s.dtype != torch.float32 or s.device.type != "cpu":
+                    s = s.float().cpu()
+                if w != 1.0:
+                    s = s * w
                 tot = s if tot is None else tot + s
         return tot
 
@@ -261,10 +321,14 @@ def build_predictor(name: str, cfg, model=None, trace: dict | None = None, width
     if name == "token":
         return TokenTablePredictor(cfg.vocab_size, L, E, K, width, trace=trace)
     if name == "combined":
-        mem = [(TransitionPredictor(ex, L, E, K, width, max_ahead=max_ahead), 1.0),
-               (TokenTablePredictor(cfg.vocab_size, L, E, K, width, trace=trace), 0.5)]
+        # router (what the hidden state says, from one layer ahead) + token table (what this token did before, known
+        # for every layer at the start of the pass); the transition model adds little on top of the two here and
+        # its online update is the costliest per layer, so it is not a member
+        mem = [(TokenTablePredictor(cfg.vocab_size, L, E, K, width, trace=trace), 1.0)]
         if model is not None:
             mem.insert(0, (RouterPredictor(_routers(model), E, K, width), 1.0))
+        else:
+            mem.append((TransitionPredictor(ex, L, E, K, width, max_ahead=max_ahead), 1.0))
         return CombinedPredictor(mem, L, E, K, width)
     raise ValueError(f"unknown predictor {name!r}; valid: {', '.join(PREDICTORS)}")
 

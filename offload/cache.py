@@ -2,15 +2,24 @@
 
 ``ExpertCache`` is an expert provider (``get(layer, expert)``). The executor tells it, at each MoE layer, which
 experts the layer needs (``begin_layer``: classifies hits/misses, pins them, starts demand loads in parallel) and
-which experts upcoming layers are predicted to need (``prefetch`` + ``set_predictions``). ``get`` blocks only when
-the expert is not loaded yet (time counted as stall).
+which experts upcoming layers are predicted to need (``set_predictions`` with the MoE layers until each is needed,
+then ``prefetch_predicted``). ``get`` blocks only when the expert is not loaded yet (time counted as stall); a load
+still queued (no I/O thread took it yet) is done by the asking thread itself instead of waiting for a hand-off.
+
+Hit: when a layer's routing is known (``begin_layer``), the expert is resident or its read has started (an I/O
+thread is reading it). A queued-but-not-started prefetch is a miss.
+
+Prefetch never evicts what is needed sooner: a prefetch for an expert needed in ``d`` MoE layers may only take a
+free slot, a wrong prefetch, an expert no prediction names, or a predicted expert needed later than ``d``
+(Belady's rule on predicted distances). So a prefetch for layer l+1 cannot push out the experts of layer l+1 or of
+layers about to run, and experts of layers already done this step are the first to go.
 
 Slots hold tensors on the compute device (GPU when present, else RAM). On CUDA, reads land in a pinned host
 buffer and are copied on a side stream; ``get`` makes the compute stream wait on the copy's event, and a slot is
 overwritten only after the compute stream passed the event recorded when its last user was unpinned.
 
 Eviction policies (``EVICTION``): "predicted" (first wrong prefetches, then experts no upcoming layer is predicted to
-need, least frequent/least recent first, predicted ones last), "lru", "lfu".
+need, least recently used first, predicted ones last, farthest-needed first), "lru", "lfu".
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from ..moe.experts import ExpertWeights
 from .tiers import DiskTier, ExpertReadError
 
 QUEUED, LOADING, READY, FAILED = "queued", "loading", "ready", "failed"
+_FAR = 1 << 30          # distance of an expert no prediction names
 
 
 class _Entry:
@@ -47,10 +57,10 @@ def _lfu_key(cache, e):
 
 
 def _predicted_key(cache, e):
-    # wrong prefetches first; then experts no upcoming layer is predicted to need, least frequently/recently used
-    # first (decode reuses a layer's experts token after token); predicted ones last, farthest-needed first
+    # wrong prefetches first; then experts no upcoming layer is predicted to need, least recently used first;
+    # predicted ones last, farthest-needed first
     pred = cache.predicted.get(e.key)
-    return (0 if e.wrong else 1, 0 if pred is None else 1, -(pred or 0), e.freq, e.last_use)
+    return (0 if e.wrong else 1, 0 if pred is None else 1, -(pred or 0), e.last_use)
 
 
 EVICTION = {"predicted": _predicted_key, "lru": _lru_key, "lfu": _lfu_key}
@@ -63,13 +73,30 @@ class ExpertCache:
             raise ValueError(f"unknown eviction policy {eviction!r}; valid: {', '.join(EVICTION)}")
         self.cfg, self.tier, self.dtype, self.device = cfg, tier, dtype, torch.device(device)
         self.policy = EVICTION[eviction]
+        self.belady = eviction == "predicted"    # prefetch may evict predicted-later experts (else: only unpredicted)
         self.num_slots = num_slots
         self.layer_pos = {l: i for i, l in enumerate(cfg.moe_layers)}
         D, F = cfg.hidden_size, cfg.expert_intermediate_size
         shapes = [x.shape for x in next(iter(tier.extents.values()))]   # 3 matrices, then 3 biases (gpt-oss)
         extra = dict(act=cfg.expert_act, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit)
-        self.slots = [ExpertWeights(*(torch.empty(sh, dtype=dtype, device=self.device) for sh in shapes), **extra)
-                      for _ in range(num_slots)]
+        self.flat = tier.flat if self.device.type == "cpu" else None
+        if self.flat is not None:
+            # each slot is one flat buffer, its matrices views in file order: a load is one read + one conversion
+            order, src_dtype = self.flat
+            sizes = [int(torch.Size(shapes[i]).numel()) for i in order]
+            self._flat_bufs = [torch.empty(sum(sizes), dtype=dtype) for _ in range(num_slots)]
+            self._stage_numel = sum(sizes)
+            self._src_dtype = src_dtype
+            self.slots = []
+            for buf in self._flat_bufs:
+                views, at = [None] * len(shapes), 0
+                for i, n in zip(order, sizes):
+                    views[i] = buf[at:at + n].view(shapes[i])
+                    at += n
+                self.slots.append(ExpertWeights(*views, **extra))
+        else:
+            self.slots = [ExpertWeights(*(torch.empty(sh, dtype=dtype, device=self.device) for sh in shapes),
+                                        **extra) for _ in range(num_slots)]
         self.slot_bytes = self.slots[0].nbytes if num_slots else 0
         self.free = list(range(num_slots - 1, -1, -1))
         self.entries: dict[tuple[int, int], _Entry] = {}
@@ -81,7 +108,8 @@ class ExpertCache:
         self._tick = itertools.count(1)
         self._seq = itertools.count()
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
+        self._cond = threading.Condition(self._lock)     # waiters for a load to finish (get)
+        self._work = threading.Condition(self._lock)     # I/O threads waiting for a job
         self._jobs: list = []
         self._closed = False
         self.step = 0
@@ -89,7 +117,9 @@ class ExpertCache:
         self._release_event = [None] * num_slots
         self.counters = {"expert_hits": 0, "expert_misses": 0, "prefetch_issued": 0, "prefetch_used": 0,
                          "prefetch_cancelled": 0, "prefetch_wasted": 0, "prefetch_late": 0, "bytes_loaded": 0,
-                         "stall_seconds": 0.0, "expert_requests": 0, "read_errors": 0, "evictions": 0}
+                         "stall_seconds": 0.0, "expert_requests": 0, "read_errors": 0, "evictions": 0,
+                         "prefetch_not_started": 0, "loads_inline": 0}
+        self._tls_main: dict = {}
         self._threads = [threading.Thread(target=self._worker, name=f"moeyard-io-{i}", daemon=True)
                          for i in range(max(1, io_threads))]
         for t in self._threads:
@@ -102,42 +132,53 @@ class ExpertCache:
         d = (self.layer_pos[layer] - self.layer_pos[self.cur_layer]) % L
         return d or L
 
-    def _victim(self, for_prefetch: bool):
-        cands = [e for e in self.entries.values()
-                 if e.key not in self.pinned and (e.state == READY or (e.state == QUEUED and not for_prefetch))]
-        if for_prefetch:
-            # never push out something an upcoming layer is predicted to need, nor an unused prefetch
-            # nor what the previous or current step used (decode reuses a layer's experts token after token)
-            cands = [e for e in cands if e.state == READY and (e.wrong or (
-                     e.key not in self.predicted and e.last_step < self.step - 1))
-                     and not (e.prefetched and not e.counted_use and not e.wrong)]
-        if not cands:
-            return None
-        return min(cands, key=lambda e: self.policy(self, e))
+    def _victim(self, for_prefetch: bool, dist: int | None = None):
+        """The entry to evict (None: nothing may be). Demand loads may take any unpinned entry that is not being
+        read; a prefetch needed in ``dist`` layers only what is needed later than that (or not at all)."""
+        best, best_key = None, None
+        pred = self.predicted
+        for e in self.entries.values():
+            if e.key in self.pinned or e.state == LOADING:
+                continue
+            if for_prefetch:
+                if e.state != READY and not (e.prefetched and e.state == QUEUED):
+                    continue
+                p = pred.get(e.key)
+                if not e.wrong and p is not None and p <= dist:
+                    continue
+                if not self.belady and p is None and not e.wrong and e.last_step >= self.step - 1:
+                    continue
+            k = self.policy(self, e)
+            if best_key is None or k < best_key:
+                best, best_key = e, k
+        return best
 
-    def _claim(self, for_prefetch: bool):
+    def _claim(self, for_prefetch: bool, dist: int | None = None):
         if self.free:
             return self.free.pop()
-        v = self._victim(for_prefetch)
+        v = self._victim(for_prefetch, dist)
         if v is None:
             return None
+        if v.state == QUEUED:
+            self.counters["prefetch_cancelled"] += 1
         self._drop(v)
         self.counters["evictions"] += 1
         return v.slot
 
     def _drop(self, e: _Entry):
         del self.entries[e.key]
-        if e.prefetched and not e.counted_use:
+        if e.prefetched and not e.counted_use and e.state != QUEUED:
             self.counters["prefetch_wasted"] += 1
         if e.state == QUEUED:
             e.state = FAILED   # the worker skips it
             e.error = "cancelled"
 
-    def _submit(self, key, slot, prefetched, priority):
+    def _submit(self, key, slot, prefetched, priority, queue: bool = True):
         e = _Entry(key, slot, prefetched)
         self.entries[key] = e
-        heapq.heappush(self._jobs, (priority, next(self._seq), e))
-        self._cond.notify_all()
+        if queue:
+            heapq.heappush(self._jobs, (priority, next(self._seq), e))
+            self._work.notify()
         return e
 
     def _touch(self, e: _Entry):
@@ -178,10 +219,19 @@ class ExpertCache:
             for x in experts:
                 key = (layer, x)
                 ent = self.entries.get(key)
-                if ent is not None and ent.state != FAILED:
+                if ent is None or ent.state == FAILED:
+                    continue
+                self.pinned.add(key)
+                if ent.state == QUEUED:          # issued but no read started: a miss; now urgent
+                    self._class[key] = False
+                    if ent.prefetched:
+                        ent.prefetched = False
+                        self.counters["prefetch_not_started"] += 1
+                    heapq.heappush(self._jobs, (-1, next(self._seq), ent))
+                    self._work.notify()
+                else:
                     self._class[key] = True
-                    self.pinned.add(key)
-                    self._touch(ent)
+                self._touch(ent)
             for x in experts:
                 key = (layer, x)
                 if key in self._class:
@@ -195,18 +245,63 @@ class ExpertCache:
                 self._touch(ent)
 
     def prefetch(self, layer: int, experts, priority: int = 1) -> int:
-        """Start loading ``experts`` of ``layer`` if absent and a slot can be had without evicting anything
-        predicted; returns how many loads were issued."""
+        """Start loading ``experts`` of ``layer`` if absent and a slot can be had without evicting anything needed
+        sooner (distances from ``set_predictions``; an expert not predicted only takes what nothing predicts);
+        returns how many loads were issued."""
         n = 0
         with self._lock:
             for x in experts:
                 key = (layer, int(x))
                 if key in self.entries:
                     continue
-                slot = self._claim(for_prefetch=True)
+                d = self.predicted.get(key, _FAR)
+                slot = self._claim(for_prefetch=True, dist=d)
                 if slot is None:
                     break
-                self._submit(key, slot, True, priority)
+                self._submit(key, slot, True, min(d, priority) if d < _FAR else priority)
+                n += 1
+            self.counters["prefetch_issued"] += n
+        return n
+
+    def prefetch_predicted(self, max_dist: int | None = None) -> int:
+        """Issue loads for every predicted expert not resident, nearest-needed first, as far as slots can be had
+        under the rule above (stops at the first that cannot: a farther one could not either)."""
+        n = 0
+        with self._lock:
+            want = sorted(((d, k) for k, d in self.predicted.items()
+                           if k not in self.entries and (max_dist is None or d <= max_dist)))
+            if not want:
+                return 0
+            pred = self.predicted
+            cands = None        # evictable entries, best victim last (sorted once, when the free slots run out)
+            for d, key in want:
+                if self.free:
+                    slot = self.free.pop()
+                elif not self.belady:
+                    slot = self._claim(for_prefetch=True, dist=d)
+                else:
+                    if cands is None:
+                        cands = sorted((e for e in self.entries.values() if e.key not in self.pinned and (
+                                        e.state == READY or (e.prefetched and e.state == QUEUED))),
+                                       key=lambda e: _predicted_key(self, e), reverse=True)
+                    slot = None
+                    while cands:
+                        v = cands[-1]
+                        if self.entries.get(v.key) is not v:
+                            cands.pop()
+                            continue
+                        p = pred.get(v.key)
+                        if v.wrong or p is None or p > d:
+                            cands.pop()
+                            if v.state == QUEUED:
+                                self.counters["prefetch_cancelled"] += 1
+                            self._drop(v)
+                            self.counters["evictions"] += 1
+                            slot = v.slot
+                        break
+                if slot is None:
+                    break
+                self._submit(key, slot, True, d)
                 n += 1
             self.counters["prefetch_issued"] += n
         return n
@@ -230,7 +325,7 @@ class ExpertCache:
             hit = self._class.pop(key, None)
             ent = self.entries.get(key)
             if hit is None:
-                hit = ent is not None and ent.state != FAILED
+                hit = ent is not None and ent.state in (READY, LOADING)
             self.counters["expert_requests"] += 1
             self.counters["expert_hits" if hit else "expert_misses"] += 1
             while True:
@@ -243,7 +338,7 @@ class ExpertCache:
                                 t0 = time.perf_counter()
                             self._cond.wait(0.05)
                             continue
-                        ent = self._submit(key, slot, False, -2)
+                        ent = self._submit(key, slot, False, -2, queue=self.cuda)
                         self._touch(ent)
                     continue
                 self.pinned.add(key)
@@ -255,6 +350,12 @@ class ExpertCache:
                     t0 = time.perf_counter()
                     if hit and ent.prefetched:
                         self.counters["prefetch_late"] += 1
+                if ent.state == QUEUED and not self.cuda:
+                    # no I/O thread took it yet: read it here rather than wait for a thread hand-off
+                    ent.state = LOADING
+                    self.counters["loads_inline"] += 1
+                    self._run_load(ent, self._tls_main, None)
+                    continue
                 self._cond.wait()
             if t0 is not None:
                 self.counters["stall_seconds"] += time.perf_counter() - t0
@@ -273,6 +374,16 @@ class ExpertCache:
             self._last_get = None
             self._class.clear()
 
+    def present(self, layer: int) -> list[int]:
+        """Experts of ``layer`` resident or being loaded."""
+        with self._lock:
+            return [k[1] for k, e in self.entries.items() if k[0] == layer and e.state != FAILED]
+
+    def present_all(self) -> list[tuple[int, int]]:
+        """Every (layer, expert) resident or being loaded."""
+        with self._lock:
+            return [k for k, e in self.entries.items() if e.state != FAILED]
+
     def resident(self) -> list[tuple[int, int]]:
         with self._lock:
             return [k for k, e in self.entries.items() if e.state == READY]
@@ -290,47 +401,68 @@ class ExpertCache:
         with self._lock:
             self._closed = True
             self._cond.notify_all()
+            self._work.notify_all()
         for t in self._threads:
             t.join(timeout=5)
+        self.tier.close()
 
     # ---- I/O worker --------------------------------------------------------------------------------------------
     def _worker(self):
         tls = {}
         stream = torch.cuda.Stream() if self.cuda else None
-        while True:
-            with self._lock:
+        with self._lock:
+            while True:
                 while not self._jobs and not self._closed:
-                    self._cond.wait()
+                    self._work.wait()
                 if self._closed:
                     return
                 _, _, e = heapq.heappop(self._jobs)
                 if e.state != QUEUED or self.entries.get(e.key) is not e:
                     continue
                 e.state = LOADING
-                release = self._release_event[e.slot]
-            try:
-                ev = self._load(e, tls, stream, release)
-                err = None
-            except ExpertReadError as x:
-                err = str(x)
-            except Exception as x:  # noqa: BLE001 — reported to the waiting request, never kills the pool
-                err = f"cannot load expert {e.key[1]} of layer {e.key[0]}: {type(x).__name__}: {x}"
-            with self._lock:
-                if err is None:
-                    e.state, e.cuda_event = READY, ev
-                    self.counters["bytes_loaded"] += self.slot_bytes
-                else:
-                    e.state, e.error = FAILED, err
-                    self.counters["read_errors"] += 1
-                    if self.entries.get(e.key) is e:     # give the slot back; a waiting get() sees FAILED
-                        del self.entries[e.key]
-                        self.pinned.discard(e.key)
-                        self.free.append(e.slot)
-                self._cond.notify_all()
+                self._run_load(e, tls, stream)
+
+    def _run_load(self, e: _Entry, tls: dict, stream):
+        """Load ``e`` (state LOADING, lock held on entry and on return; released during the read)."""
+        release = self._release_event[e.slot]
+        self._lock.release()
+        try:
+            ev = self._load(e, tls, stream, release)
+            err = None
+        except ExpertReadError as x:
+            err = str(x)
+        except Exception as x:  # noqa: BLE001 — reported to the waiting request, never kills the pool
+            err = f"cannot load expert {e.key[1]} of layer {e.key[0]}: {type(x).__name__}: {x}"
+        finally:
+            self._lock.acquire()
+        if err is None:
+            e.state, e.cuda_event = READY, ev
+            self.counters["bytes_loaded"] += self.slot_bytes
+        else:
+            e.state, e.error = FAILED, err
+            self.counters["read_errors"] += 1
+            if self.entries.get(e.key) is e:     # give the slot back; a waiting get() sees FAILED
+                del self.entries[e.key]
+                self.pinned.discard(e.key)
+                self.free.append(e.slot)
+        self._cond.notify_all()
 
     def _load(self, e: _Entry, tls: dict, stream, release):
         layer, x = e.key
         dst = self.slots[e.slot]
+        if self.flat is not None:
+            st = tls.get("flat")
+            if st is None:                      # this thread's staging buffer, page-aligned for O_DIRECT
+                n = self.tier.stage_nbytes()
+                raw = torch.empty(n + self.tier.ALIGN, dtype=torch.uint8)
+                pad = -raw.data_ptr() % self.tier.ALIGN
+                t = raw[pad:pad + n]
+                st = tls["flat"] = (t, memoryview(t.numpy()).cast("B"))
+            at = self.tier.read_flat_into(layer, x, st[1])
+            nb = self._stage_numel * self._src_dtype.itemsize
+            # one conversion into the slot (bf16 → fp32; releases the GIL)
+            self._flat_bufs[e.slot].copy_(st[0][at:at + nb].view(self._src_dtype))
+            return None
         ext = self.tier.extents[e.key]
         direct = not self.cuda and all(d.dtype == self.dtype and d.direct for d in ext)
         if direct:

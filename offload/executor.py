@@ -1,12 +1,20 @@
 """Offload executor: the local executor with experts served by the slot cache, a routing-path predictor driving
 prefetch and eviction, and an expert-grouping batch policy for the scheduler.
 
-At each MoE layer (a ``route_hook``, called after routing and before the experts run) it
+At the start of a step it predicts the experts of *every* MoE layer of the step from what is known before any
+layer runs (the token-identity table; a predictor without one falls back on the layer's experts of the previous
+step) and starts prefetching them, nearest layer first. At each MoE layer (a ``route_hook``, called after routing
+and before the experts run) it
 1. tells the cache which experts this layer needs (hits are pinned, misses start loading in parallel);
 2. feeds the predictor the actual routing; scores the earlier predictions for this layer;
-3. asks for predictions ``1..lookahead`` MoE layers ahead and prefetches them (I/O threads, overlapping the
-   compute of this layer); the union of predictions steers eviction. Past the last layer it predicts the first
-   layers of the next step from this step's routing there (temporal locality).
+3. refines the predictions of the next ``lookahead`` MoE layers with what is now known (the next routers on the
+   current hidden state, transition statistics, the token table) and hands the cache every predicted expert of
+   the layers still to run with its distance in MoE layers; the cache prefetches them nearest first without ever
+   evicting an expert needed sooner than the one it loads (I/O threads, overlapping compute).
+
+A layer's predicted set: for a single token its ``width`` best-scored experts (``width`` = the budget's share per
+MoE layer, at least top_k); for several tokens the union of each token's top_k plus the ``width`` best of the
+summed scores. Scores are the predictor's (for "combined": router + token table, each a distribution over experts).
 """
 
 from __future__ import annotations
@@ -21,7 +29,8 @@ from .tiers import ExpertReadError
 class OffloadExecutor(LocalExecutor):
     def __init__(self, model, kv, device, cache: ExpertCache, predictor=None, prefetch: bool = True,
                  lookahead: int = 1, max_decode_batch: int | None = None, token_scheduling: bool = True,
-                 max_wait_steps: int = 4):
+                 max_wait_steps: int = 4, width: int | None = None, prefetch_distance: int | None = None,
+                 sticky: float = 0.05):
         super().__init__(model, kv, device)
         model.experts = cache
         self.cache = cache
@@ -30,12 +39,19 @@ class OffloadExecutor(LocalExecutor):
         self.lookahead = max(1, int(lookahead))
         self.moe_layers = list(model.cfg.moe_layers)
         self.pos = {l: i for i, l in enumerate(self.moe_layers)}
+        self.K = model.cfg.top_k
+        self.width = width or max(self.K, min(model.cfg.num_experts, cache.num_slots // max(1, len(self.moe_layers))))
+        # prefetch predicted experts needed within this many MoE layers (None: every layer still to run this step;
+        # farther predictions only protect what is resident from eviction)
+        self.prefetch_distance = prefetch_distance
+        self.sticky = sticky
         self.route_hooks = [self._on_route]
         self.max_decode_batch = max_decode_batch
         self.batch_policy = ExpertGroupingPolicy(self, max_wait_steps) if token_scheduling else None
         self.slot_experts: dict[int, frozenset] = {}     # slot → (layer, expert) its last token used
         self._routes: dict[int, torch.Tensor] = {}
-        self._prev_sets: dict[int, set] = {}             # last step's experts per layer (wrap-around prediction)
+        self._prev_sets: dict[int, set] = {}             # last step's experts per layer (fallback prediction)
+        self._plan: dict[int, set] = {}                  # layer → predicted experts (this step)
         self._pending: dict[int, list] = {}              # target layer → [(ahead, predicted set)]
         self.pred = {}                                   # ahead → [true positives, predicted, actual]
         self.counters = {"decode_steps": 0, "decode_distinct_experts": 0, "decode_tokens": 0}
@@ -50,6 +66,8 @@ class OffloadExecutor(LocalExecutor):
         self._items = items
         if self.predictor is not None:
             self.predictor.begin(ids_N)
+        if self.prefetch:
+            self._plan_step()
         try:
             logits = self.model(ids_N, batch)
         except ExpertReadError as e:
@@ -87,6 +105,59 @@ class OffloadExecutor(LocalExecutor):
             self.counters["decode_distinct_experts"] += sum(len(set(ids.flatten().tolist()))
                                                              for ids in self._routes.values())
 
+    # ---- prediction → prefetch ---------------------------------------------------------------------------------
+    def _set(self, t: int, s_NE: torch.Tensor) -> set:
+        """The predicted experts of layer ``t`` from per-token scores [N, E]. One token: its ``width`` best, experts
+        already in the cache getting a small bonus (``sticky``: a near-tie is not worth a read)."""
+        if s_NE.shape[0] == 1:
+            s = s_NE[0]
+            if self.sticky:
+                have = self.cache.present(t)
+                if have:
+                    s = s.clone()
+                    s[list(have)] += self.sticky
+            return set(torch.topk(s, min(self.width, s.shape[-1])).indices.tolist())
+        out = set(torch.topk(s_NE, min(self.K, s_NE.shape[-1]), dim=-1).indices.flatten().tolist())
+        out.update(torch.topk(s_NE.sum(0), min(self.width, s_NE.shape[-1])).indices.tolist())
+        return out
+
+    def _plan_step(self):
+        """Step start: a prediction for every MoE layer from the token ids (else last step's experts)."""
+        self._plan = {}
+        S = self.predictor.start_scores()                      # [N, L, E] or None
+        if S is None:
+            self._plan = {t: es for t, es in self._prev_sets.items()}
+        else:
+            S = S[:, :len(self.moe_layers)]
+            E = S.shape[-1]
+            if S.shape[0] == 1:                                 # all layers at once
+                s = S[0]
+                if self.sticky:
+                    have = self.cache.present_all()
+                    if have:
+                        s = s.clone()
+                        s[[self.pos[l] for l, _ in have], [e for _, e in have]] += self.sticky
+                rows = torch.topk(s, min(self.width, E), dim=-1).indices.tolist()
+            else:
+                top = torch.topk(S, min(self.K, E), dim=-1).indices.permute(1, 0, 2).reshape(S.shape[1], -1)
+                tot = torch.topk(S.sum(0), min(self.width, E), dim=-1).indices
+                rows = torch.cat([top, tot], 1).tolist()
+            for t, r in zip(self.moe_layers, rows):
+                self._plan[t] = set(r)
+                self._pending.setdefault(t, []).append((0, self._plan[t]))
+        self._push(-1)
+
+    def _push(self, li: int):
+        """Hand the cache what the layers after position ``li`` are predicted to need, then prefetch."""
+        predicted = {}
+        for t, es in self._plan.items():
+            d = self.pos[t] - li
+            if d > 0:
+                for e in es:
+                    predicted[(t, e)] = d
+        self.cache.set_predictions(predicted)
+        self.cache.prefetch_predicted(self.prefetch_distance)
+
     # ---- the route hook ----------------------------------------------------------------------------------------
     def _on_route(self, layer, x_ND, ids_NK, w_NK):
         ids = ids_NK.detach().cpu()
@@ -106,22 +177,15 @@ class OffloadExecutor(LocalExecutor):
         if not self.prefetch:
             return
         li = self.pos[layer]
-        predicted: dict[tuple[int, int], int] = {}
         for a in range(1, self.lookahead + 1):
-            if li + a < len(self.moe_layers):
-                t = self.moe_layers[li + a]
-                pid, _ = self.predictor.predict(layer, a)
-                pset = set(pid.flatten().tolist())
-                self._pending.setdefault(t, []).append((a, pset))
-            else:                                 # next step's first layers: what they used this step
-                t = self.moe_layers[(li + a) % len(self.moe_layers)]
-                pset = self._prev_sets.get(t, set())
-            for e in pset:
-                predicted.setdefault((t, e), a)
-        self.cache.set_predictions(predicted)
-        for a in range(1, self.lookahead + 1):
-            t = self.moe_layers[(li + a) % len(self.moe_layers)]
-            self.cache.prefetch(t, sorted(e for (l, e), d in predicted.items() if l == t), priority=a)
+            if li + a >= len(self.moe_layers):
+                break
+            t = self.moe_layers[li + a]
+            s = self.predictor.scores_for(t, layer)
+            if s is not None:
+                self._plan[t] = self._set(t, s)
+                self._pending.setdefault(t, []).append((a, self._plan[t]))
+        self._push(li)
 
     # ---- engine interface --------------------------------------------------------------------------------------
     def free(self, slot: int):
@@ -136,8 +200,9 @@ class OffloadExecutor(LocalExecutor):
         req = d["expert_hits"] + d["expert_misses"]
         d["hit_rate"] = round(d["expert_hits"] / req, 4) if req else None
         for a, (tp, np_, nt) in sorted(self.pred.items()):
-            d[f"pred_precision_ahead{a}"] = round(tp / np_, 4) if np_ else None
-            d[f"pred_recall_ahead{a}"] = round(tp / nt, 4) if nt else None
+            name = f"ahead{a}" if a else "step_start"
+            d[f"pred_precision_{name}"] = round(tp / np_, 4) if np_ else None
+            d[f"pred_recall_{name}"] = round(tp / nt, 4) if nt else None
         return d
 
     def close(self):

@@ -8,7 +8,13 @@ Options (the keyword parameters of ``build_offload``):
 - ``predictor``: "router" | "transition" | "token" | "combined" (``moe.predictors``); "transition"/"token" start
   from the checkpoint's ``trace.npz`` when present (``trace`` option overrides the path) and learn online;
 - ``eviction``: "predicted" | "lru" | "lfu";
-- ``lookahead``: MoE layers predicted/prefetched ahead; ``io_threads``: reader threads;
+- ``lookahead``: MoE layers whose prediction is refined at each layer (router/transition reach); every layer of the
+  step is predicted at its start when the predictor knows the token ids ("token", "combined");
+- ``prefetch_distance``: prefetch what is needed within this many MoE layers (default 1: the next layer, whose
+  prediction has just been refined; 0: every layer still to run this step, from the step-start prediction);
+- ``width``: experts predicted per layer for one token (default: the budget's share per layer, at least top_k);
+- ``sticky``: score bonus of experts already in the cache when choosing a layer's predicted set (fewer reads);
+- ``io_threads``: reader threads;
 - ``max_decode_batch``: sequences per decode step (default: as many as the budget's working set allows,
   ``slots // top_k``, at most ``max_num_seqs``); ``token_scheduling``: group sequences with overlapping experts.
 """
@@ -70,7 +76,8 @@ def _own_dense_weights(model):
 def build_offload(ctx: ModeContext, expert_cache_fraction: float = 0.25, expert_cache_bytes: int | None = None,
                   prefetch: bool = True, predictor: str = "router", eviction: str = "predicted",
                   lookahead: int = 1, io_threads: int = 2, max_decode_batch: int | None = None,
-                  token_scheduling: bool = True, trace: str | None = None, drop_page_cache: bool = True):
+                  token_scheduling: bool = True, trace: str | None = None, drop_page_cache: bool = True,
+                  prefetch_distance: int = 1, width: int | None = None, sticky: float = 0.05):
     if predictor is not None and predictor not in PREDICTORS:
         raise OffloadConfigError(f"unknown predictor {predictor!r}; valid: {', '.join(PREDICTORS)}")
     if eviction not in EVICTION:
@@ -96,5 +103,6 @@ def build_offload(ctx: ModeContext, expert_cache_fraction: float = 0.25, expert_
         pred = build_predictor(predictor, cfg, model=model, trace=tr, max_ahead=max(4, lookahead))
     kv = new_kv_cache(cfg, ctx.max_num_seqs, ctx.max_model_len, dtype, device)
     ex = OffloadExecutor(model, kv, device, cache, pred, prefetch=prefetch, lookahead=lookahead,
-                         max_decode_batch=mdb, token_scheduling=token_scheduling)
+                         max_decode_batch=mdb, token_scheduling=token_scheduling, width=width,
+                         prefetch_distance=prefetch_distance or None, sticky=sticky)
     return ex, Tokenizer.from_dir(ctx.path)

@@ -1,13 +1,15 @@
 """Storage tier: one expert's bytes read straight from the checkpoint's safetensors files.
 
 Every expert matrix (per-expert tensors or one expert's slice of a fused ``[E, ...]`` tensor) is a contiguous byte
-range. ``DiskTier.read_into`` reads the three ranges with ``os.pread`` and drops them from the page cache
-afterwards (``posix_fadvise(DONTNEED)``) so the OS cannot hide the storage cost; the bytes land in a host buffer
-(pinned when CUDA is present) and are converted/copied into the caller's slot tensors.
+range. ``DiskTier.read_raw`` reads the ranges (adjacent ones with one ``os.preadv`` on a cached descriptor; with the
+usual layout a whole expert is one range, ``read_flat``) and drops them from the page cache afterwards
+(``posix_fadvise(DONTNEED)``) so the OS cannot hide the storage cost; the bytes land in a host buffer (pinned when
+CUDA is present) and are converted/copied into the caller's slot tensors.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -96,15 +98,100 @@ def expert_extents(cfg: MoEConfig, reader: CheckpointReader, layer: int, expert:
 class DiskTier:
     """Reads experts from disk; counts bytes and seconds (achieved read bandwidth)."""
 
-    def __init__(self, cfg: MoEConfig, reader: CheckpointReader, drop_cache: bool = True):
+    def __init__(self, cfg: MoEConfig, reader: CheckpointReader, drop_cache: bool = True, direct_io: bool = True):
         self.cfg = cfg
         self.drop_cache = drop_cache and hasattr(os, "posix_fadvise")
+        # O_DIRECT: whole-expert reads bypass the page cache (DMA into an aligned buffer: the reading thread sleeps
+        # instead of copying pages, and nothing is left cached); falls back to pread + DONTNEED where unsupported
+        self.direct_io = direct_io and drop_cache and hasattr(os, "O_DIRECT")
+        self._dfds: dict[str, int] = {}
         self.extents = {(l, e): expert_extents(cfg, reader, l, e)
                         for l in cfg.moe_layers for e in range(cfg.num_experts)}
+        self.flat = self._flat_layout()
         self._lock = threading.Lock()
+        self._fds: dict[str, int] = {}
         self.bytes_read = 0
         self.read_seconds = 0.0
         self.reads = 0
+
+    def _flat_layout(self):
+        """When every expert is one contiguous byte range whose matrices lie in the same order and dtype (per-expert
+        tensors written side by side, the usual layout): (order of the matrices in the file, dtype), so an expert
+        is one read into one flat buffer and one conversion. None otherwise (fused slabs, gaps, mixed dtypes)."""
+        order = None
+        for exts in self.extents.values():
+            if any(not x.direct for x in exts) or len({x.dtype for x in exts}) != 1 or len({x.file for x in exts}) != 1:
+                return None
+            o = tuple(sorted(range(len(exts)), key=lambda i: exts[i].offset))
+            if any(exts[a].offset + exts[a].nbytes != exts[b].offset for a, b in zip(o, o[1:])):
+                return None
+            if order is not None and o != order[0]:
+                return None
+            order = (o, exts[0].dtype)
+        if order is None:
+            return None
+        self.flat_runs = {k: (exts[0].file, exts[order[0][0]].offset, sum(x.nbytes for x in exts))
+                          for k, exts in self.extents.items()}
+        return order
+
+    def read_flat(self, layer: int, expert: int, mv: memoryview):
+        """The whole expert (``flat`` layout) into ``mv`` with one ``preadv`` and one ``posix_fadvise``."""
+        t0 = time.perf_counter()
+        f, off, nb = self.flat_runs[(layer, expert)]
+        self._read_run(layer, expert, f, off, nb, [mv[:nb]])
+        dt = time.perf_counter() - t0
+        with self._lock:
+            self.bytes_read += nb
+            self.read_seconds += dt
+            self.reads += 1
+
+    ALIGN = 4096
+
+    def stage_nbytes(self) -> int:
+        """Size of a staging buffer for ``read_flat_into`` (the expert plus alignment slack)."""
+        return max(r[2] for r in self.flat_runs.values()) + 2 * self.ALIGN
+
+    def read_flat_into(self, layer: int, expert: int, mv: memoryview) -> int:
+        """The whole expert (``flat`` layout) into ``mv`` (``ALIGN``-aligned, ``stage_nbytes`` long); returns where
+        its bytes start in ``mv``. With O_DIRECT the aligned superset of its range is read (and counted)."""
+        if not self.direct_io:
+            self.read_flat(layer, expert, mv)
+            return 0
+        t0 = time.perf_counter()
+        f, off, nb = self.flat_runs[(layer, expert)]
+        a = off - off % self.ALIGN
+        end = -(-(off + nb) // self.ALIGN) * self.ALIGN
+        for attempt in (0, 1):
+            try:
+                with self._lock:
+                    fd = self._dfds.pop(f, None) if attempt else self._dfds.get(f)
+                    if attempt and fd is not None:
+                        os.close(fd)
+                        fd = None
+                    if fd is None:
+                        fd = self._dfds[f] = os.open(f, os.O_RDONLY | os.O_DIRECT)
+                got = os.preadv(fd, [mv[:end - a]], a)
+            except OSError as e:
+                if e.errno == errno.EINVAL:          # no O_DIRECT here (tmpfs, …): buffered reads from now on
+                    self.direct_io = False
+                    self.read_flat(layer, expert, mv)
+                    return 0
+                if attempt:
+                    raise ExpertReadError(layer, expert, f"cannot read expert {expert} of layer {layer}: {f}: "
+                                          f"{e.strerror}") from None
+                continue
+            if got >= off + nb - a:
+                break
+            if attempt:
+                raise ExpertReadError(
+                    layer, expert, f"cannot read expert {expert} of layer {layer}: {f} is truncated "
+                    f"(needs bytes {off}..{off + nb}, file has {os.fstat(fd).st_size})")
+        dt = time.perf_counter() - t0
+        with self._lock:
+            self.bytes_read += got
+            self.read_seconds += dt
+            self.reads += 1
+        return off - a
 
     def expert_nbytes(self) -> int:
         return sum(x.nbytes for x in next(iter(self.extents.values())))
@@ -115,42 +202,101 @@ class DiskTier:
         bufs = [torch.empty(x.slab_shape or x.shape, dtype=x.dtype) for x in exts]
         return [x.finish(t) for x, t in zip(exts, self.read_raw(layer, expert, bufs))]
 
-    def read_raw(self, layer: int, expert: int, bufs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """The three matrices in the checkpoint dtype (read into ``bufs`` when given, else fresh tensors)."""
-        t0 = time.perf_counter()
-        out, total, seen = [], 0, {}
-        for i, x in enumerate(self.extents[(layer, expert)]):
-            t = bufs[i] if bufs is not None else torch.empty(x.slab_shape or x.shape, dtype=x.dtype)
-            if (x.file, x.offset, x.nbytes) in seen:      # the same slab twice (gpt-oss gate and up): read once
-                t.view(torch.uint8).copy_(seen[(x.file, x.offset, x.nbytes)].view(torch.uint8))
-                out.append(t)
-                continue
-            seen[(x.file, x.offset, x.nbytes)] = t
-            mv = memoryview(t.view(torch.uint8).numpy()).cast("B")
-            try:
-                fd = os.open(x.file, os.O_RDONLY)
-            except OSError as e:
-                raise ExpertReadError(layer, expert, f"cannot read expert {expert} of layer {layer}: {x.file}: "
-                                      f"{e.strerror}") from None
-            try:
-                got = 0
-                while got < x.nbytes:
-                    n = os.preadv(fd, [mv[got:x.nbytes]], x.offset + got)
-                    if n <= 0:
-                        raise ExpertReadError(
-                            layer, expert, f"cannot read expert {expert} of layer {layer}: {x.file} is truncated "
-                            f"(needs bytes {x.offset}..{x.offset + x.nbytes}, file has "
-                            f"{os.fstat(fd).st_size})")
-                    got += n
-                if self.drop_cache:
-                    os.posix_fadvise(fd, x.offset, x.nbytes, os.POSIX_FADV_DONTNEED)
-            except OSError as e:
-                raise ExpertReadError(layer, expert, f"cannot read expert {expert} of layer {layer}: {x.file}: "
-                                      f"{e.strerror}") from None
-            finally:
+    def _fd(self, file: str, reopen: bool = False) -> int:
+        """A cached read-only descriptor of ``file`` (one ``open`` per file, not per read)."""
+        with self._lock:
+            fd = self._fds.pop(file, None) if reopen else self._fds.get(file)
+            if reopen and fd is not None:
                 os.close(fd)
-            total += x.nbytes
-            out.append(t)
+                fd = None
+            if fd is None:
+                fd = os.open(file, os.O_RDONLY)
+                self._fds[file] = fd
+            return fd
+
+    def close(self):
+        with self._lock:
+            for fd in list(self._fds.values()) + list(self._dfds.values()):
+                os.close(fd)
+            self._fds.clear()
+            self._dfds.clear()
+
+    def _read_run(self, layer, expert, file, offset, nbytes, mvs):
+        """Read one contiguous byte range into the buffers ``mvs`` (in file order) with one ``preadv``; on a short
+        read or an error the file is reopened once (it may have been replaced) before the read fails."""
+        for attempt in (0, 1):
+            try:
+                fd = self._fd(file, reopen=attempt == 1)
+            except OSError as e:
+                raise ExpertReadError(layer, expert, f"cannot read expert {expert} of layer {layer}: {file}: "
+                                      f"{e.strerror}") from None
+            try:
+                got = os.preadv(fd, mvs, offset)
+                while 0 < got < nbytes:        # rare: finish a short read buffer by buffer
+                    n = self._finish_short(fd, mvs, offset, got)
+                    if n <= 0:
+                        break
+                    got += n
+                if got == nbytes:
+                    if self.drop_cache:
+                        os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+                    return
+                size = os.fstat(fd).st_size
+            except OSError as e:
+                if attempt:
+                    raise ExpertReadError(layer, expert, f"cannot read expert {expert} of layer {layer}: {file}: "
+                                          f"{e.strerror}") from None
+                continue
+            if attempt:
+                raise ExpertReadError(
+                    layer, expert, f"cannot read expert {expert} of layer {layer}: {file} is truncated "
+                    f"(needs bytes {offset}..{offset + nbytes}, file has {size})")
+
+    @staticmethod
+    def _finish_short(fd, mvs, offset, got):
+        skip = got
+        for mv in mvs:
+            if skip >= len(mv):
+                skip -= len(mv)
+                continue
+            return os.preadv(fd, [mv[skip:]], offset + got)
+        return 0
+
+    def read_raw(self, layer: int, expert: int, bufs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """The three matrices in the checkpoint dtype (read into ``bufs`` when given, else fresh tensors).
+
+        Extents that are adjacent in the file (an expert's gate/up/down usually are) are read with one ``preadv``
+        and dropped from the page cache with one ``posix_fadvise``: few system calls, so few GIL hand-offs."""
+        t0 = time.perf_counter()
+        exts = self.extents[(layer, expert)]
+        out, seen, total = [], {}, 0
+        for i, x in enumerate(exts):
+            out.append(bufs[i] if bufs is not None else torch.empty(x.slab_shape or x.shape, dtype=x.dtype))
+        todo = []
+        for i, x in enumerate(exts):
+            k = (x.file, x.offset, x.nbytes)
+            if k in seen:                 # the same slab twice (gpt-oss gate and up): read once, copied below
+                continue
+            seen[k] = i
+            todo.append((x.file, x.offset, x.nbytes, memoryview(out[i].view(torch.uint8).numpy()).cast("B")))
+        todo.sort(key=lambda r: (r[0], r[1]))
+        run = None
+        for f, off, nb, mv in todo:
+            if run is not None and run[0] == f and run[1] + run[2] == off:
+                run[2] += nb
+                run[3].append(mv)
+                continue
+            if run is not None:
+                self._read_run(layer, expert, *run)
+            run = [f, off, nb, [mv]]
+        if run is not None:
+            self._read_run(layer, expert, *run)
+        for i, x in enumerate(exts):
+            j = seen[(x.file, x.offset, x.nbytes)]
+            if j != i:
+                out[i].view(torch.uint8).copy_(out[j].view(torch.uint8))
+            else:
+                total += x.nbytes
         dt = time.perf_counter() - t0
         with self._lock:
             self.bytes_read += total

@@ -243,3 +243,87 @@ def test_read_fault_fails_requests_then_recovers(refs, tmp_path):
         f.write(original)
     assert _gen(llm) == ref
     llm.close()
+
+
+def test_prefetch_never_evicts_what_is_needed_sooner(refs):
+    path, _ = refs["mixtral"]
+    cfg, c = _cache(path, 3, "predicted")
+    for e in (0, 1, 2):
+        _use(c, 0, [e])
+    # (0,0) needed in 1 layer, (0,1) in 3; (0,2) predicted by nobody
+    c.set_predictions({(0, 0): 1, (0, 1): 3, (1, 5): 2, (1, 6): 2, (1, 7): 2})
+    assert c.prefetch_predicted() == 2       # (1,5) takes (0,2), (1,6) takes (0,1) (needed later); (1,7) cannot
+    res = set(c.resident()) | {k for k, e in c.entries.items()}
+    assert (0, 0) in res and (0, 1) not in res and (0, 2) not in res
+    assert c.prefetch_predicted() == 0
+    c.close()
+
+
+def test_queued_prefetch_is_a_miss_and_is_read_inline(refs):
+    """A prefetch whose read has not started when the layer needs it counts as a miss; the asking thread reads it
+    itself instead of waiting for the I/O thread (here blocked on another read)."""
+    import threading
+    path, _ = refs["mixtral"]
+    cfg, c = _cache(path, 4, "predicted")
+    gate, started = threading.Event(), threading.Event()
+    orig = c._load
+
+    def slow_load(e, tls, stream, release):
+        if threading.current_thread() is not threading.main_thread() and e.key == (0, 0):
+            started.set()
+            gate.wait(10)
+        return orig(e, tls, stream, release)
+    c._load = slow_load
+    c.set_predictions({(0, 0): 1, (0, 1): 1})
+    assert c.prefetch(0, [0, 1]) == 2
+    assert started.wait(5)                   # the only I/O thread is busy with (0,0); (0,1) is queued
+    c.begin_layer(0, [0, 1])
+    w = c.get(0, 1)                          # read inline by this thread
+    st = c.stats()
+    assert st["loads_inline"] == 1 and st["prefetch_not_started"] == 1
+    gate.set()
+    c.get(0, 0)
+    c.end_step()
+    st = c.stats()
+    assert st["expert_hits"] == 1 and st["expert_misses"] == 1      # (0,0) was being read: a hit; (0,1) a miss
+    want = read_expert(cfg, CheckpointReader(path), 0, 1)
+    assert torch.equal(w.gate, want.gate.float()) and torch.equal(w.down, want.down.float())
+    c.close()
+
+
+def test_flat_reads_match_checkpoint(refs):
+    path, _ = refs["mixtral"]
+    cfg = MoEConfig.from_dir(path)
+    reader = CheckpointReader(path)
+    tier = DiskTier(cfg, reader)
+    if tier.flat is None:
+        pytest.skip("this checkpoint's experts are not one contiguous range each")
+    c = ExpertCache(cfg, tier, 2, torch.float32, torch.device("cpu"), io_threads=1)
+    for l in cfg.moe_layers:
+        for e in range(cfg.num_experts):
+            c.begin_layer(l, [e])
+            w = c.get(l, e)
+            want = read_expert(cfg, reader, l, e)
+            for g, r in zip((w.gate, w.up, w.down), (want.gate, want.up, want.down)):
+                assert torch.equal(g, r.float())
+            c.end_step()
+    c.close()
+
+
+def test_step_start_prediction():
+    """The token table predicts every layer before any runs; the router only from a layer already seen."""
+    E, K, L = 8, 2, 4
+    cfg = MoEConfig.from_dict({"model_type": "mixtral", "vocab_size": 50, "hidden_size": 4, "num_hidden_layers": L,
+                               "num_attention_heads": 1, "num_local_experts": E, "num_experts_per_tok": K,
+                               "intermediate_size": 4})
+    tokens = np.arange(200) % 50
+    ex = np.stack([np.stack([(tokens + l) % E, (tokens + l + 1) % E], -1) for l in range(L)], 1)
+    tt = build_predictor("token", cfg, trace={"experts": ex, "tokens": tokens})
+    tt.begin(torch.tensor([7]))
+    for l in range(L):
+        assert set(torch.topk(tt.scores_for(l, None)[0], K).indices.tolist()) == {(7 + l) % E, (8 + l) % E}
+    tr = build_predictor("transition", cfg, trace={"experts": ex})
+    tr.begin(torch.tensor([7]))
+    assert tr.scores_for(2, None) is None
+    tr.observe(0, None, torch.tensor([[7 % E, 8 % E]]))
+    assert tr.scores_for(2, 0) is not None and tr.scores_for(0, 0) is None
