@@ -1,6 +1,9 @@
 """Offload-mode benchmark (issue 5).
 
-    .venv/bin/python benchmarks/bench_offload.py [--quick] [--skip-big] [--out /tmp/moeyard_bench_offload/offload.json]
+    .venv/bin/python benchmarks/bench_offload.py [--quick] [--skip-big] [--fractions 0.1,0.25,0.5]
+        [--only SUBSTR,...] [--repeat N] [--out /tmp/moeyard_bench_offload/offload.json]
+
+e.g. the headline comparison only, twice: ``--skip-big --fractions 0.25 --only "combined),LRU" --repeat 2``.
 
 Part A (model): the default model (``moe/default_model``) when present, else a random Mixtral written to /tmp.
 For budgets 10/25/50 % of experts resident: all-resident local mode vs offload with prediction+prefetch vs
@@ -306,14 +309,13 @@ def main():
         runs[f"{frac}/predicted+prefetch(combined)"] = dict(base, mode="offload", opts=dict(o, predictor="combined"))
         runs[f"{frac}/on-demand LRU"] = dict(base, mode="offload", opts=lru)
         if frac == 0.25 and not a.quick:
-            runs[f"{frac}/on-demand LRU, 1 I/O thread"] = dict(base, mode="offload", opts=dict(lru, io_threads=1))
             for p in ("router", "token", "transition"):
                 runs[f"{frac}/predicted+prefetch({p})"] = dict(base, mode="offload", opts=dict(o, predictor=p))
             runs[f"{frac}/combined, prefetch whole step"] = dict(
                 base, mode="offload", opts=dict(o, predictor="combined", prefetch_distance=0))
             runs[f"{frac}/combined, width 4"] = dict(base, mode="offload", opts=dict(o, predictor="combined", width=4))
-            runs[f"{frac}/combined lookahead=3 (pred. stats)"] = dict(
-                base, mode="offload", opts=dict(o, predictor="combined", lookahead=3))
+            runs[f"{frac}/combined, not sticky"] = dict(base, mode="offload", opts=dict(o, predictor="combined",
+                                                                                          sticky=0.0))
             # token scheduling: 16 running, decode batches of 4
             for ts in (True, False):
                 runs[f"{frac}/sched={'group' if ts else 'fifo'} (16 seqs, batch 4)"] = dict(

@@ -12,12 +12,14 @@ and before the experts run) it
    the layers still to run with its distance in MoE layers; the cache prefetches them nearest first without ever
    evicting an expert needed sooner than the one it loads (I/O threads, overlapping compute).
 
-A layer's predicted set: for a single token its ``width`` best-scored experts (``width`` = the budget's share per
-MoE layer, at least top_k); for several tokens the union of each token's top_k plus the ``width`` best of the
+A layer's predicted set: for a single token its ``width`` best-scored experts (``width`` = top_k + 1 within the
+budget's share per MoE layer, at least top_k); for several tokens the union of each token's top_k plus the ``width`` best of the
 summed scores. Scores are the predictor's (for "combined": router + token table, each a distribution over experts).
 """
 
 from __future__ import annotations
+
+import heapq
 
 import torch
 
@@ -40,7 +42,10 @@ class OffloadExecutor(LocalExecutor):
         self.moe_layers = list(model.cfg.moe_layers)
         self.pos = {l: i for i, l in enumerate(self.moe_layers)}
         self.K = model.cfg.top_k
-        self.width = width or max(self.K, min(model.cfg.num_experts, cache.num_slots // max(1, len(self.moe_layers))))
+        # default: top_k + 1 (one spare guess per layer), within the budget's share per layer; the rest of the budget
+        # keeps earlier tokens' experts (measured: a wider set reads more and hits no more often)
+        share = cache.num_slots // max(1, len(self.moe_layers))
+        self.width = width or max(self.K, min(model.cfg.num_experts, self.K + 1, share))
         # prefetch predicted experts needed within this many MoE layers (None: every layer still to run this step;
         # farther predictions only protect what is resident from eviction)
         self.prefetch_distance = prefetch_distance
@@ -109,14 +114,12 @@ class OffloadExecutor(LocalExecutor):
     def _set(self, t: int, s_NE: torch.Tensor) -> set:
         """The predicted experts of layer ``t`` from per-token scores [N, E]. One token: its ``width`` best, experts
         already in the cache getting a small bonus (``sticky``: a near-tie is not worth a read)."""
-        if s_NE.shape[0] == 1:
-            s = s_NE[0]
+        if s_NE.shape[0] == 1:                  # plain Python on 1 x E scores: cheaper than a few tiny torch ops
+            v = s_NE[0].tolist()
             if self.sticky:
-                have = self.cache.present(t)
-                if have:
-                    s = s.clone()
-                    s[list(have)] += self.sticky
-            return set(torch.topk(s, min(self.width, s.shape[-1])).indices.tolist())
+                for e in self.cache.present(t):
+                    v[e] += self.sticky
+            return set(heapq.nlargest(self.width, range(len(v)), key=v.__getitem__))
         out = set(torch.topk(s_NE, min(self.K, s_NE.shape[-1]), dim=-1).indices.flatten().tolist())
         out.update(torch.topk(s_NE.sum(0), min(self.width, s_NE.shape[-1])).indices.tolist())
         return out

@@ -12,7 +12,7 @@ Options (the keyword parameters of ``build_offload``):
   step is predicted at its start when the predictor knows the token ids ("token", "combined");
 - ``prefetch_distance``: prefetch what is needed within this many MoE layers (default 1: the next layer, whose
   prediction has just been refined; 0: every layer still to run this step, from the step-start prediction);
-- ``width``: experts predicted per layer for one token (default: the budget's share per layer, at least top_k);
+- ``width``: experts predicted per layer for one token (default: top_k + 1 within the budget's share per layer);
 - ``sticky``: score bonus of experts already in the cache when choosing a layer's predicted set (fewer reads);
 - ``io_threads``: reader threads;
 - ``max_decode_batch``: sequences per decode step (default: as many as the budget's working set allows,
