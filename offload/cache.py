@@ -458,10 +458,13 @@ class ExpertCache:
                 pad = -raw.data_ptr() % self.tier.ALIGN
                 t = raw[pad:pad + n]
                 st = tls["flat"] = (t, memoryview(t.numpy()).cast("B"))
-            at = self.tier.read_flat_into(layer, x, st[1])
-            nb = self._stage_numel * self._src_dtype.itemsize
-            # one conversion into the slot (bf16 → fp32; releases the GIL)
-            self._flat_bufs[e.slot].copy_(st[0][at:at + nb].view(self._src_dtype))
+            dst, isz = self._flat_bufs[e.slot], self._src_dtype.itemsize
+            step = self.tier.CHUNK // isz
+            for i in range(0, self._stage_numel, step):        # one chunk for experts up to CHUNK bytes
+                n = min(step, self._stage_numel - i)
+                at = self.tier.read_flat_into(layer, x, st[1], i * isz, n * isz)
+                # one conversion into the slot (bf16 → fp32; releases the GIL)
+                dst[i:i + n].copy_(st[0][at:at + n * isz].view(self._src_dtype))
             return None
         ext = self.tier.extents[e.key]
         direct = not self.cuda and all(d.dtype == self.dtype and d.direct for d in ext)

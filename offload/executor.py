@@ -13,8 +13,8 @@ and before the experts run) it
    evicting an expert needed sooner than the one it loads (I/O threads, overlapping compute).
 
 A layer's predicted set: for a single token its ``width`` best-scored experts (``width`` = top_k + 1 within the
-budget's share per MoE layer, at least top_k); for several tokens the union of each token's top_k plus the ``width`` best of the
-summed scores. Scores are the predictor's (for "combined": router + token table, each a distribution over experts).
+budget's share per MoE layer, at least top_k); for several tokens the union of each token's top_k plus the ``width``
+best of the summed scores. Scores are the predictor's (for "combined": router + token table, each a distribution over experts).
 """
 
 from __future__ import annotations

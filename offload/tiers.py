@@ -134,10 +134,12 @@ class DiskTier:
                           for k, exts in self.extents.items()}
         return order
 
-    def read_flat(self, layer: int, expert: int, mv: memoryview):
-        """The whole expert (``flat`` layout) into ``mv`` with one ``preadv`` and one ``posix_fadvise``."""
+    def read_flat(self, layer: int, expert: int, mv: memoryview, start: int = 0, length: int | None = None):
+        """Bytes ``[start, start + length)`` of the expert (``flat`` layout; default all) into ``mv`` with one
+        ``preadv`` and one ``posix_fadvise``."""
         t0 = time.perf_counter()
         f, off, nb = self.flat_runs[(layer, expert)]
+        off, nb = off + start, (nb - start if length is None else length)
         self._read_run(layer, expert, f, off, nb, [mv[:nb]])
         dt = time.perf_counter() - t0
         with self._lock:
@@ -147,18 +149,22 @@ class DiskTier:
 
     ALIGN = 4096
 
-    def stage_nbytes(self) -> int:
-        """Size of a staging buffer for ``read_flat_into`` (the expert plus alignment slack)."""
-        return max(r[2] for r in self.flat_runs.values()) + 2 * self.ALIGN
+    CHUNK = 8 << 20       # largest single read: bounds the staging buffer of each reading thread
 
-    def read_flat_into(self, layer: int, expert: int, mv: memoryview) -> int:
-        """The whole expert (``flat`` layout) into ``mv`` (``ALIGN``-aligned, ``stage_nbytes`` long); returns where
-        its bytes start in ``mv``. With O_DIRECT the aligned superset of its range is read (and counted)."""
+    def stage_nbytes(self) -> int:
+        """Size of a staging buffer for ``read_flat_into`` (one chunk plus alignment slack)."""
+        return min(self.CHUNK, max(r[2] for r in self.flat_runs.values())) + 2 * self.ALIGN
+
+    def read_flat_into(self, layer: int, expert: int, mv: memoryview, start: int = 0, length: int | None = None) -> int:
+        """Bytes ``[start, start + length)`` of the expert (``flat`` layout; at most ``CHUNK``) into ``mv``
+        (``ALIGN``-aligned, ``stage_nbytes`` long); returns where they start in ``mv``. With O_DIRECT the aligned
+        superset of the range is read (and counted)."""
         if not self.direct_io:
-            self.read_flat(layer, expert, mv)
+            self.read_flat(layer, expert, mv, start, length)
             return 0
         t0 = time.perf_counter()
         f, off, nb = self.flat_runs[(layer, expert)]
+        off, nb = off + start, (nb - start if length is None else length)
         a = off - off % self.ALIGN
         end = -(-(off + nb) // self.ALIGN) * self.ALIGN
         for attempt in (0, 1):
@@ -174,7 +180,7 @@ class DiskTier:
             except OSError as e:
                 if e.errno == errno.EINVAL:          # no O_DIRECT here (tmpfs, …): buffered reads from now on
                     self.direct_io = False
-                    self.read_flat(layer, expert, mv)
+                    self.read_flat(layer, expert, mv, start, nb)
                     return 0
                 if attempt:
                     raise ExpertReadError(layer, expert, f"cannot read expert {expert} of layer {layer}: {f}: "
