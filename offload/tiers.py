@@ -149,7 +149,7 @@ class DiskTier:
 
     ALIGN = 4096
 
-    CHUNK = 8 << 20       # largest single read: bounds the staging buffer of each reading thread
+    CHUNK = 32 << 20      # largest single read: bounds the staging buffer of each reading thread
 
     def stage_nbytes(self) -> int:
         """Size of a staging buffer for ``read_flat_into`` (one chunk plus alignment slack)."""
