@@ -167,7 +167,7 @@ class TokenTablePredictor(_Base):
     def __init__(self, vocab_size: int, moe_layers, num_experts, top_k, width=None, trace=None, learn=True):
         super().__init__(moe_layers, num_experts, top_k, width)
         self.learn = learn
-        self.C = torch.zeros(vocab_size, len(self.moe_layers), num_experts, dtype=torch.float32)
+        self._C = torch.zeros(vocab_size, len(self.moe_layers), num_experts, dtype=torch.float32)
         self._step = None
         self._pending: list = []
         if trace is not None and trace_tokens(trace) is not None:
@@ -176,12 +176,18 @@ class TokenTablePredictor(_Base):
             T, L, K = ex.shape
             lid = torch.arange(L)[None, :, None].expand(T, L, K)
             flat = (tok[:, None, None] * L + lid) * num_experts + ex
-            self.C.view(-1).index_add_(0, flat.reshape(-1), torch.ones(flat.numel()))
+            self._C.view(-1).index_add_(0, flat.reshape(-1), torch.ones(flat.numel()))
 
     def observe(self, layer, x_ND, topk_ids_NK):
         super().observe(layer, x_ND, topk_ids_NK)
         if self.learn and self.tokens is not None and self.tokens.shape[0] == topk_ids_NK.shape[0]:
             self._pending.append((self.tokens, self._pos[layer], topk_ids_NK))   # counted in one go (_learn)
+
+    @property
+    def C(self) -> torch.Tensor:
+        """The [vocab, L, E] count table, every observed routing included."""
+        self._learn()
+        return self._C
 
     def _learn(self):
         """Add the observed routings to the table: one ``index_add`` for all layers of a pass."""
@@ -192,7 +198,7 @@ class TokenTablePredictor(_Base):
                 for tok, li, ids in self._pending]
         self._pending = []
         flat = torch.cat(flat) if len(flat) > 1 else flat[0]
-        self.C.view(-1).index_add_(0, flat, torch.ones(flat.numel()))
+        self._C.view(-1).index_add_(0, flat, torch.ones(flat.numel()))
 
     def scores(self, layer, ahead):
         t = self.target(layer, ahead)
@@ -216,7 +222,7 @@ class TokenTablePredictor(_Base):
             return None
         if self._step is None:        # every layer's row of this pass's tokens at once (counts before the pass)
             self._learn()
-            c = self.C[self.tokens.to(torch.long).cpu()] + 1e-3          # [N, L, E]
+            c = self._C[self.tokens.to(torch.long).cpu()] + 1e-3          # [N, L, E]
             self._step = c / c.sum(-1, keepdim=True)
         return self._step
 
