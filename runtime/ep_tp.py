@@ -261,6 +261,10 @@ class TPRunner:
         (got,), plan = w.ex.exchange(dest_N, [o], ["shuffle"])
         mine = (dest_N == rank).nonzero().squeeze(1)
         n = mine.numel()
+        if any(c != n for c in plan.recv_counts):      # every worker must have made the same prediction
+            raise RuntimeError(f"tensor-parallel shuffling: worker {rank} expected the heads of {n} tokens from "
+                               f"every worker, got {plan.recv_counts} (workers disagree on destinations: "
+                               f"non-deterministic router results?)")
         blocks, i = [], 0
         for g in range(G):
             c = plan.recv_counts[g]
