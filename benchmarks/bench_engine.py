@@ -201,14 +201,19 @@ def main():
             + f"\n\nBatch-1 roofline: {active / 2**20:.0f} MiB of active weights per token × "
               f"{ours1['decode_tok_s']:.2f} tok/s = {active * ours1['decode_tok_s'] / 1e9:.2f} GB/s against a copy "
               f"bandwidth of {bw / 1e9:.2f} GB/s (read + write) measured in the same run: **{100 * roof:.0f}%**.\n\n"
-            f"Peak RSS: moeyard {max(res[('moeyard', b)]['peak_rss'] for b in (1, 16)) / 2**30:.2f} GiB "
-            f"({max(res[('moeyard', b)]['peak_rss'] for b in (1, 16)) / size:.2f}× the checkpoint; "
-            f"{(max(res[('moeyard', b)]['peak_rss'] for b in (1, 16)) - base_rss) / size:.2f}× above the "
+            f"Peak RSS: moeyard {max_peak_rss(res, 'moeyard') / 2**30:.2f} GiB "
+            f"({max_peak_rss(res, 'moeyard') / size:.2f}× the checkpoint; "
+            f"{(max_peak_rss(res, 'moeyard') - base_rss) / size:.2f}× above the "
             f"{base_rss / 2**20:.0f} MiB of the process after importing torch and moeyard); transformers "
-            f"{max(res[('transformers', b)]['peak_rss'] for b in (1, 16)) / 2**30:.2f} GiB.")
+            f"{max_peak_rss(res, 'transformers') / 2**30:.2f} GiB.")
     print(body)
     if a.record:
         record("Engine (local mode) vs transformers", "python benchmarks/bench_engine.py --record", body)
+
+
+def max_peak_rss(res: dict, system: str) -> int:
+    """Largest peak RSS of ``system`` over the batch sizes run (``res[(system, batch)]``)."""
+    return max(v["peak_rss"] for (s, _), v in res.items() if s == system)
 
 
 def main_dsv3(a):
@@ -246,8 +251,8 @@ def main_dsv3(a):
               f"{cfg.qk_rope_head_dim} + v {cfg.v_head_dim})) would take {full_kv} B/token: "
               f"**{full_kv / ours_kv:.1f}× smaller**. (At DeepSeek-V3's real shape, 128 heads × (192 + 128) vs "
               f"512 + 64, the ratio is {128 * 320 / 576:.0f}×.)\n\n"
-              f"Peak RSS: moeyard {max(res[('moeyard', b)]['peak_rss'] for b in (1, 8)) / 2**30:.2f} GiB, "
-              f"transformers {max(res[('transformers', b)]['peak_rss'] for b in (1, 8)) / 2**30:.2f} GiB.")
+              f"Peak RSS: moeyard {max_peak_rss(res, 'moeyard') / 2**30:.2f} GiB, "
+              f"transformers {max_peak_rss(res, 'transformers') / 2**30:.2f} GiB.")
     print(body)
     if a.record:
         record("DeepSeek-V3 and gpt-oss", "python benchmarks/bench_engine.py --arch deepseek_v3 --record", body)

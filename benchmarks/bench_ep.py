@@ -146,13 +146,7 @@ def main():
                       f"bytes/step {s.bytes_total / 1e6:8.2f} MB  time/step {s.seconds * 1e6:8.1f} us")
     except Exception as exc:  # noqa: BLE001
         print("placement simulator not usable:", exc)
-    out = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, ray {ray.__version__}",
-           "model": path, "workers": a.workers, "results": results, "identical_tokens": same, "simulation": sim}
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(out, f, indent=1)
-    ray.shutdown()
+    write_json(a, path, results, same, simulation=sim)
 
 
 # -- speculative shuffling (runtime/spec_shuffle.py) ---------------------------------------------------------------
@@ -176,6 +170,29 @@ SPEC_RUNS = [  # name, ep_scheme, placement, speculative_shuffle, shuffle_option
 ]
 
 
+def write_json(a, path, results, same, **extra):
+    """The run's raw results to ``a.out`` (with command, date, machine), then shut Ray down."""
+    import ray
+    out = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, ray {ray.__version__}",
+           "model": path, "workers": a.workers, "results": results, "identical_tokens": same, **extra}
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(out, f, indent=1)
+    ray.shutdown()
+
+
+def hold_matrix(holders) -> np.ndarray:
+    """[L, E, G] 1 where worker g holds expert e of MoE layer l."""
+    L, E = len(holders), max(len(r) for r in holders)
+    G = 1 + max(w for row in holders for ws in row for w in ws)
+    hold = np.zeros((L, E, G))
+    for l, row in enumerate(holders):
+        for e, ws in enumerate(row):
+            hold[l, e, list(ws)] = 1
+    return hold
+
+
 def measured_run(llm, prompts, params):
     """Warm up, then generate ``prompts`` once; returns (outputs, wall seconds, stats before, stats after) and
     closes the engine."""
@@ -194,11 +211,8 @@ def oracle_locality(experts_TLK, holders, windows: int):
     """Upper bounds of data-parallel placement on a routing trace: each token on its own best worker (all MoE
     layers), and each window of ``windows`` consecutive tokens (a stand-in for a sequence) on its best worker."""
     L = experts_TLK.shape[1]
-    G = 1 + max(w for row in holders for ws in row for w in ws)
-    hold = np.zeros((L, max(len(r) for r in holders), G))
-    for l, row in enumerate(holders):
-        for e, ws in enumerate(row):
-            hold[l, e, list(ws)] = 1
+    hold = hold_matrix(holders)
+    G = hold.shape[2]
     loc = hold[np.arange(L)[None, :, None], experts_TLK.astype(np.int64)].sum((1, 2))   # [T, G]
     pairs = L * experts_TLK.shape[2]
     T = len(loc) // windows * windows
@@ -209,11 +223,7 @@ def oracle_locality(experts_TLK, holders, windows: int):
 def oracle_layer_locality(experts_TLK, holders) -> float:
     """Ceiling of form 2: every token at every MoE layer on the worker holding most of its k experts (hindsight)."""
     L, K = experts_TLK.shape[1], experts_TLK.shape[2]
-    G = 1 + max(w for row in holders for ws in row for w in ws)
-    hold = np.zeros((L, max(len(r) for r in holders), G))
-    for l, row in enumerate(holders):
-        for e, ws in enumerate(row):
-            hold[l, e, list(ws)] = 1
+    hold = hold_matrix(holders)
     per = hold[np.arange(L)[None, :, None], experts_TLK.astype(np.int64)].sum(2)     # [T, L, G]
     return float(per.max(2).mean() / K)
 
@@ -224,7 +234,6 @@ def spec_main(a):
     from moeyard.moe.loader import resolve_model_path
     from moeyard.moe.predictors import load_trace
     from moeyard.runtime import LLM, SamplingParams
-    from moeyard.cluster import layout
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from common import record, table
     path = resolve_model_path(a.model)
@@ -285,13 +294,7 @@ def spec_main(a):
         for pl, h in holders.items():
             ex_TLK = np.asarray(trace["experts"])
             oracle[pl] = oracle_locality(ex_TLK, h, int(trace.get("seq_len", 64))) + (oracle_layer_locality(ex_TLK, h),)
-    out = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, ray {ray.__version__}",
-           "model": path, "workers": a.workers, "results": results, "identical_tokens": same, "oracle": oracle}
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(out, f, indent=1)
-    ray.shutdown()
+    write_json(a, path, results, same, oracle=oracle)
     if a.no_record:
         return
     pct = lambda v, b: "-" if b is None else f"{100 * (v / b - 1):+.0f}%"  # noqa: E731

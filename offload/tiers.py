@@ -169,13 +169,7 @@ class DiskTier:
         end = -(-(off + nb) // self.ALIGN) * self.ALIGN
         for attempt in (0, 1):
             try:
-                with self._lock:
-                    fd = self._dfds.pop(f, None) if attempt else self._dfds.get(f)
-                    if attempt and fd is not None:
-                        os.close(fd)
-                        fd = None
-                    if fd is None:
-                        fd = self._dfds[f] = os.open(f, os.O_RDONLY | os.O_DIRECT)
+                fd = self._fd(f, reopen=bool(attempt), direct=True)
                 got = os.preadv(fd, [mv[:end - a]], a)
             except OSError as e:
                 if e.errno == errno.EINVAL:          # no O_DIRECT here (tmpfs, …): buffered reads from now on
@@ -208,16 +202,17 @@ class DiskTier:
         bufs = [torch.empty(x.slab_shape or x.shape, dtype=x.dtype) for x in exts]
         return [x.finish(t) for x, t in zip(exts, self.read_raw(layer, expert, bufs))]
 
-    def _fd(self, file: str, reopen: bool = False) -> int:
-        """A cached read-only descriptor of ``file`` (one ``open`` per file, not per read)."""
+    def _fd(self, file: str, reopen: bool = False, direct: bool = False) -> int:
+        """A cached read-only descriptor of ``file`` (one ``open`` per file, not per read); ``direct``: opened with
+        O_DIRECT (kept apart from the buffered ones)."""
+        cache = self._dfds if direct else self._fds
         with self._lock:
-            fd = self._fds.pop(file, None) if reopen else self._fds.get(file)
+            fd = cache.pop(file, None) if reopen else cache.get(file)
             if reopen and fd is not None:
                 os.close(fd)
                 fd = None
             if fd is None:
-                fd = os.open(file, os.O_RDONLY)
-                self._fds[file] = fd
+                fd = cache[file] = os.open(file, os.O_RDONLY | (os.O_DIRECT if direct else 0))
             return fd
 
     def close(self):

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from ..moe.experts import run_experts
 from ..runtime.kv_cache import KVCache
+from .ep_worker import attend_cached
 
 
 class TPHeads:
@@ -51,10 +52,11 @@ class TPHeads:
         kvh = chunk // r
         self.k0, self.k1 = int(kvh[0]), int(kvh[-1]) + 1
         self.kv_map = (kvh - self.k0)                       # my q head -> my kv head
-        self.gqa_uniform = bool((self.kv_map == torch.arange(len(chunk)) // r).all()) and len(chunk) % r == 0 \
-            if r > 1 else True
         self.attn, self.Dh = attn, Dh
         self.h, self.hkv = self.q1 - self.q0, self.k1 - self.k0
+        # sdpa's enable_gqa needs query heads in equal consecutive groups per KV head; else K/V are expanded
+        self.gqa_ok = self.h % self.hkv == 0 and bool(
+            (self.kv_map == torch.arange(self.h) // (self.h // self.hkv)).all())
         self.full_qk = attn.qk_norm == "full"               # norm over all heads: project everything, then slice
         if not self.full_qk:
             q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
@@ -76,7 +78,7 @@ class TPHeads:
         return rotary(q, pos_N), rotary(k, pos_N), v
 
     def sdpa(self, q_BHQD, k_BHTD, v_BHTD, mask=None, causal=False):
-        if self.h != self.hkv and not self.gqa_uniform:   # uneven head groups: expand K/V per query head
+        if not self.gqa_ok:                                # uneven head groups: expand K/V per query head
             k_BHTD, v_BHTD = k_BHTD[:, self.kv_map], v_BHTD[:, self.kv_map]
         return F.scaled_dot_product_attention(q_BHQD, k_BHTD, v_BHTD, attn_mask=mask, is_causal=causal,
                                               scale=self.attn.scale,
@@ -136,22 +138,15 @@ class TPRunner:
         others = [g for g in range(G) if g != rank]
         dest = torch.tensor(others, dtype=torch.long).repeat_interleave(n)
         (got,), plan = ex.exchange(dest, [rows.repeat(len(others), 1)], [kind])
-        blocks, i = [], 0
-        for g in range(G):
-            if g == rank:
-                blocks.append(rows)
-            else:
-                c = plan.recv_counts[g]
-                blocks.append(got[i:i + c])
-                i += c
+        blocks = list(torch.split(got, plan.recv_counts))     # by source rank; nothing came from this rank
+        blocks[rank] = rows
         return blocks
 
     # -- forward ----------------------------------------------------------------------------------------------
     def forward(self, ids_N: torch.Tensor, tab: torch.Tensor) -> torch.Tensor:
         """Hidden states [N, D] after the final norm, identical on every worker. ``tab``: slot, pos, key columns."""
         w = self.w
-        m, dev, G = w.model, w.device, w.world
-        N = ids_N.shape[0]
+        m, dev = w.model, w.device
         x = m.model.embed_tokens(ids_N.to(dev))
         pos = tab[:, 1].to(dev)
         for li, layer in enumerate(m.model.layers):
@@ -167,28 +162,7 @@ class TPRunner:
         heads = w.tp_heads[li]
         q, k, v = heads.qkv(layer.input_layernorm(x), pos, w.model.rotary)
         w.kv.write(li, tab[:, 0].to(w.device), pos, k, v)
-        slots, p = tab[:, 0], tab[:, 1]
-        dev = w.device
-        if len(torch.unique(slots)) == len(slots):               # one token per sequence: batched, as decode
-            T = int(p.max()) + 1
-            K, V = w.kv.read(li, slots.to(dev), T)
-            mask = (torch.arange(T)[None, :] <= p[:, None])[:, None, None, :].to(dev)
-            o = heads.sdpa(q.unsqueeze(2), K.transpose(1, 2), V.transpose(1, 2), mask=mask).squeeze(2)
-        else:
-            o = torch.empty_like(q)
-            for s in torch.unique(slots).tolist():
-                idx = (slots == s).nonzero().squeeze(1)
-                ps = p[idx]
-                T = int(ps.max()) + 1
-                K, V = w.kv.read_one(li, s, T)
-                qq = q[idx.to(dev)].transpose(0, 1).unsqueeze(0)
-                KK, VV = K.transpose(0, 1).unsqueeze(0), V.transpose(0, 1).unsqueeze(0)
-                if len(idx) == T and bool((ps == torch.arange(T)).all()):
-                    oo = heads.sdpa(qq, KK, VV, causal=True)
-                else:
-                    mask = (torch.arange(T)[None, :] <= ps[:, None])[None, None].to(dev)
-                    oo = heads.sdpa(qq, KK, VV, mask=mask)
-                o[idx.to(dev)] = oo[0].transpose(0, 1)
+        o = attend_cached(w.kv, li, q, tab, heads.sdpa, w.device)
         return o.reshape(o.shape[0], heads.h * heads.Dh)
 
     def _baseline_layer(self, li, layer, x, o):
@@ -265,12 +239,7 @@ class TPRunner:
             raise RuntimeError(f"tensor-parallel shuffling: worker {rank} expected the heads of {n} tokens from "
                                f"every worker, got {plan.recv_counts} (workers disagree on destinations: "
                                f"non-deterministic router results?)")
-        blocks, i = [], 0
-        for g in range(G):
-            c = plan.recv_counts[g]
-            blocks.append(got[i:i + c])
-            i += c
-        O = torch.cat(blocks, 1) if n else o.new_empty((0, attn.H * attn.Dh))
+        O = torch.cat(torch.split(got, plan.recv_counts), 1) if n else o.new_empty((0, attn.H * attn.Dh))
         xm = x[mine.to(dev)] + attn.o_proj(O)
         h = layer.post_attention_layernorm(xm)
         if not layer.is_moe:

@@ -49,6 +49,32 @@ def check_scheme(scheme: str, cfg: MoEConfig):
                          f"top-k routing); this model is {cfg.model_type!r}: use ep_scheme='standard'")
 
 
+def attend_cached(kv, li: int, q, tab, sdpa, device):
+    """Attention of the step's tokens ``q`` [R, h, Dh] against layer ``li`` of ``kv`` (their own K/V already
+    written). ``tab``: slot, pos columns (CPU). One token per sequence: one batched call, as local decode; else per
+    sequence, causal when it is a whole prompt. ``sdpa(q, k, v, mask=None, causal=False)``: the attention kernel."""
+    slots, pos = tab[:, 0], tab[:, 1]
+    if len(torch.unique(slots)) == len(slots):
+        T = int(pos.max()) + 1
+        K, V = kv.read(li, slots.to(device), T)
+        mask = (torch.arange(T)[None, :] <= pos[:, None])[:, None, None, :].to(device)
+        return sdpa(q.unsqueeze(2), K.transpose(1, 2), V.transpose(1, 2), mask=mask).squeeze(2)
+    o = torch.empty_like(q)
+    for s in torch.unique(slots).tolist():
+        idx = (slots == s).nonzero().squeeze(1)
+        p = pos[idx]
+        T = int(p.max()) + 1
+        K, V = kv.read_one(li, s, T)
+        qq = q[idx.to(device)].transpose(0, 1).unsqueeze(0)
+        KK, VV = K.transpose(0, 1).unsqueeze(0), V.transpose(0, 1).unsqueeze(0)
+        if len(idx) == T and bool((p == torch.arange(T)).all()):
+            oo = sdpa(qq, KK, VV, causal=True)
+        else:
+            oo = sdpa(qq, KK, VV, mask=(torch.arange(T)[None, :] <= p[:, None])[None, None].to(device))
+        o[idx.to(device)] = oo[0].transpose(0, 1)
+    return o
+
+
 @dataclass(frozen=True)
 class WorkItem:
     """A StepItem plus ``key``: global index of its first token in the step's flattened batch."""
@@ -272,31 +298,8 @@ class EPWorker:
             self.kv.write(li, all_meta[:, 0], all_meta[:, 1], kk.view(-1, Hkv, Dh), vv.view(-1, Hkv, Dh))
         if not R:
             return x
-        o = self._attend(attn, li, q, tab)
+        o = attend_cached(self.kv, li, q, tab, attn._sdpa, self.device)
         return x + attn.o_proj(o.reshape(R, H * Dh))
-
-    def _attend(self, attn, li, q, tab):
-        slots, pos = tab[:, 0], tab[:, 1]
-        dev = self.device
-        if len(torch.unique(slots)) == len(slots):   # one token per sequence: batched, as local decode
-            T = int(pos.max()) + 1
-            K, V = self.kv.read(li, slots.to(dev), T)
-            mask = (torch.arange(T)[None, :] <= pos[:, None])[:, None, None, :].to(dev)
-            return attn._sdpa(q.unsqueeze(2), K.transpose(1, 2), V.transpose(1, 2), mask=mask).squeeze(2)
-        o = torch.empty_like(q)
-        for s in torch.unique(slots).tolist():
-            idx = (slots == s).nonzero().squeeze(1)
-            p = pos[idx]
-            T = int(p.max()) + 1
-            K, V = self.kv.read_one(li, s, T)
-            qq = q[idx.to(dev)].transpose(0, 1).unsqueeze(0)
-            if len(idx) == T and bool((p == torch.arange(T)).all()):
-                oo = attn._sdpa(qq, K.transpose(0, 1).unsqueeze(0), V.transpose(0, 1).unsqueeze(0), causal=True)
-            else:
-                mask = (torch.arange(T)[None, :] <= p[:, None])[None, None].to(dev)
-                oo = attn._sdpa(qq, K.transpose(0, 1).unsqueeze(0), V.transpose(0, 1).unsqueeze(0), mask=mask)
-            o[idx.to(dev)] = oo[0].transpose(0, 1)
-        return o
 
     def _coherent_moe(self, li, block, x, h, tab):
         dev, rank = self.device, self.rank
