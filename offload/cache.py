@@ -26,26 +26,32 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import os
 import threading
 import time
+import warnings
 
 import torch
 
 from ..moe.experts import ExpertWeights
+from . import reader as _reader
 from .tiers import DiskTier, ExpertReadError
 
 QUEUED, LOADING, READY, FAILED = "queued", "loading", "ready", "failed"
 _FAR = 1 << 30          # distance of an expert no prediction names
+_DT = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+IO_MODES = ("auto", "process", "thread")
 
 
 class _Entry:
     __slots__ = ("key", "slot", "state", "prefetched", "counted_use", "wrong", "freq", "last_use", "error",
-                 "cuda_event", "last_step")
+                 "cuda_event", "last_step", "job", "urgent")
 
     def __init__(self, key, slot, prefetched):
         self.key, self.slot, self.state = key, slot, QUEUED
         self.prefetched, self.counted_use, self.wrong = prefetched, False, False
         self.freq, self.last_use, self.error, self.cuda_event, self.last_step = 0, 0, None, None, -1
+        self.job, self.urgent = None, False
 
 
 def _lru_key(cache, e):
@@ -68,9 +74,11 @@ EVICTION = {"predicted": _predicted_key, "lru": _lru_key, "lfu": _lfu_key}
 
 class ExpertCache:
     def __init__(self, cfg, tier: DiskTier, num_slots: int, dtype: torch.dtype, device: torch.device,
-                 eviction: str = "predicted", io_threads: int = 2):
+                 eviction: str = "predicted", io_threads: int = 2, io_mode: str = "auto"):
         if eviction not in EVICTION:
             raise ValueError(f"unknown eviction policy {eviction!r}; valid: {', '.join(EVICTION)}")
+        if io_mode not in IO_MODES:
+            raise ValueError(f"unknown io_mode {io_mode!r}; valid: {', '.join(IO_MODES)}")
         self.cfg, self.tier, self.dtype, self.device = cfg, tier, dtype, torch.device(device)
         self.policy = EVICTION[eviction]
         self.belady = eviction == "predicted"    # prefetch may evict predicted-later experts (else: only unpredicted)
@@ -80,11 +88,18 @@ class ExpertCache:
         shapes = [x.shape for x in next(iter(tier.extents.values()))]   # 3 matrices, then 3 biases (gpt-oss)
         extra = dict(act=cfg.expert_act, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit)
         self.flat = tier.flat if self.device.type == "cpu" else None
+        self.proc = None
+        self._io_threads = max(1, io_threads)
         if self.flat is not None:
             # each slot is one flat buffer, its matrices views in file order: a load is one read + one conversion
             order, src_dtype = self.flat
             sizes = [int(torch.Size(shapes[i]).numel()) for i in order]
-            self._flat_bufs = [torch.empty(sum(sizes), dtype=dtype) for _ in range(num_slots)]
+            self.proc = self._start_reader(io_mode, sum(sizes), src_dtype)
+            if self.proc is not None:     # slots in memory shared with the reader process
+                self._flat_bufs = [torch.frombuffer(self.proc.pool, dtype=dtype, count=sum(sizes),
+                                                    offset=self.proc.slot_offset(i)) for i in range(num_slots)]
+            else:
+                self._flat_bufs = [torch.empty(sum(sizes), dtype=dtype) for _ in range(num_slots)]
             self._stage_numel = sum(sizes)
             self._src_dtype = src_dtype
             self.slots = []
@@ -120,10 +135,133 @@ class ExpertCache:
                          "stall_seconds": 0.0, "expert_requests": 0, "read_errors": 0, "evictions": 0,
                          "prefetch_not_started": 0, "loads_inline": 0}
         self._tls_main: dict = {}
-        self._threads = [threading.Thread(target=self._worker, name=f"moeyard-io-{i}", daemon=True)
-                         for i in range(max(1, io_threads))]
+        self._job_ids = itertools.count(1)
+        self._by_job: dict[int, _Entry] = {}      # reader process: jobs without a D/X/E yet
+        self._limbo: dict[int, int] = {}          # cancelled job → its slot, free once the reader confirms
+        self._outbox: list[bytes] = []
+        self.io_mode = "process" if self.proc is not None else "thread"
+        self._threads = [] if self.proc is not None else [
+            threading.Thread(target=self._worker, name=f"moeyard-io-{i}", daemon=True)
+            for i in range(max(1, io_threads))]
         for t in self._threads:
             t.start()
+
+    def _start_reader(self, io_mode: str, numel: int, src_dtype: torch.dtype):
+        """The reader process for this slot pool, or None (reader threads): ``auto`` uses a process when the
+        platform has ``memfd_create`` and the reader converts this dtype pair, and falls back to threads (with a
+        warning) if it cannot start."""
+        if io_mode == "thread" or self.num_slots == 0:
+            return None
+        src, dst = _DT.get(src_dtype), _DT.get(self.dtype)
+        if not hasattr(os, "memfd_create") or (src, dst) not in _reader.SUPPORTED:
+            if io_mode == "process":
+                raise ValueError(f"io_mode='process' needs Linux (memfd_create) and experts stored as one of "
+                                 f"{sorted(_reader.SUPPORTED)} (source, slot) dtypes; got ({src_dtype}, "
+                                 f"{self.dtype}); use io_mode='thread'")
+            return None
+        files = sorted({r[0] for r in self.tier.flat_runs.values()})
+        self._file_index = {f: i for i, f in enumerate(files)}
+        try:
+            return _reader.ReaderProcess(files, self.num_slots, numel, src, dst, direct_io=self.tier.direct_io,
+                                         drop_cache=self.tier.drop_cache, chunk=self.tier.CHUNK,
+                                         align=self.tier.ALIGN, threads=self._io_threads)
+        except (OSError, _reader.ReaderGone) as e:
+            if io_mode == "process":
+                raise
+            warnings.warn(f"offload: expert reader process unavailable ({e}); using reader threads")
+            return None
+
+    # ---- reader process (lock held) -----------------------------------------------------------------------------
+    def _drain(self):
+        """Apply the reader's completions that have arrived (no waiting)."""
+        if self.proc is None:
+            return
+        try:
+            msgs = self.proc.poll(0.0)
+        except _reader.ReaderGone as x:
+            self._reader_died(str(x))
+            return
+        self._on_messages(msgs)
+
+    def _flush(self):
+        """Send the requests gathered under the lock (one write)."""
+        if self.proc is None or not self._outbox:
+            return
+        data = b"".join(self._outbox)
+        self._outbox.clear()
+        try:
+            self.proc.send(data, self._on_messages)
+        except _reader.ReaderGone as x:
+            self._reader_died(str(x))
+
+    def _wait_io(self):
+        """Wait (lock released, at most 50 ms) for the reader's next completions and apply them."""
+        self._flush()
+        if self.proc is None:
+            return
+        self._lock.release()             # the pipe is read under the lock only (by _drain)
+        try:
+            self.proc.wait_readable(0.05)
+        finally:
+            self._lock.acquire()
+        self._drain()
+
+    def _on_messages(self, msgs):
+        for op, job, a, b, msg in msgs:
+            if op == "S":
+                e = self._by_job.get(job)
+                if e is not None and e.state == QUEUED:
+                    e.state = LOADING
+                continue
+            if op not in "DXE":
+                continue
+            e = self._by_job.pop(job, None)
+            slot = self._limbo.pop(job, None)
+            if slot is not None:                  # cancelled here; the reader did it or skipped it
+                self.free.append(slot)
+                if op == "D":
+                    self._count_read(a, b)
+                continue
+            if e is None:
+                continue
+            if op == "D":
+                self._count_read(a, b)
+                e.state = READY
+                self.counters["bytes_loaded"] += self.slot_bytes
+            elif op == "E":
+                self._failed(e, f"cannot read expert {e.key[1]} of layer {e.key[0]}: {msg}")
+        if msgs:
+            self._cond.notify_all()
+
+    def _count_read(self, nbytes: int, ns: int):
+        t = self.tier
+        with t._lock:
+            t.bytes_read += nbytes
+            t.read_seconds += ns / 1e9
+            t.reads += 1
+
+    def _failed(self, e: _Entry, err: str):
+        e.state, e.error = FAILED, err
+        self.counters["read_errors"] += 1
+        if self.entries.get(e.key) is e:     # give the slot back; a waiting get() sees FAILED
+            del self.entries[e.key]
+            self.pinned.discard(e.key)
+            self.free.append(e.slot)
+
+    def _reader_died(self, why: str):
+        """Every load in flight fails with ``why``; the slots come back and a new reader is started."""
+        for e in list(self._by_job.values()):
+            if e.state in (QUEUED, LOADING):
+                self._failed(e, f"cannot load expert {e.key[1]} of layer {e.key[0]}: {why}")
+        self._by_job.clear()
+        self.free.extend(self._limbo.values())
+        self._limbo.clear()
+        self._outbox.clear()
+        self._cond.notify_all()
+        try:
+            self.proc.restart()
+        except (OSError, _reader.ReaderGone) as x:    # left dead: every later load fails with this reason
+            warnings.warn(f"offload: cannot restart the expert reader process: {x}")
 
     # ---- helpers (lock held) -----------------------------------------------------------------------------------
     def distance(self, layer: int) -> int:
@@ -138,7 +276,7 @@ class ExpertCache:
         best, best_key = None, None
         pred = self.predicted
         for e in self.entries.values():
-            if e.key in self.pinned or e.state == LOADING:
+            if e.key in self.pinned or e.state == LOADING or (self.proc is not None and e.state == QUEUED):
                 continue
             if for_prefetch:
                 if e.state != READY and not (e.prefetched and e.state == QUEUED):
@@ -165,17 +303,31 @@ class ExpertCache:
         self.counters["evictions"] += 1
         return v.slot
 
-    def _drop(self, e: _Entry):
+    def _drop(self, e: _Entry) -> bool:
+        """Forget ``e``; True when its slot may be reused now (a job sent to the reader process frees its slot only
+        once the reader confirms it was skipped or done)."""
         del self.entries[e.key]
         if e.prefetched and not e.counted_use and e.state != QUEUED:
             self.counters["prefetch_wasted"] += 1
         if e.state == QUEUED:
             e.state = FAILED   # the worker skips it
             e.error = "cancelled"
+            if self.proc is not None:
+                self._by_job.pop(e.job, None)
+                self._limbo[e.job] = e.slot
+                self._outbox.append(_reader.ReaderProcess.cancel(e.job))
+                return False
+        return True
 
     def _submit(self, key, slot, prefetched, priority, queue: bool = True):
         e = _Entry(key, slot, prefetched)
         self.entries[key] = e
+        if self.proc is not None:
+            e.job = next(self._job_ids)
+            self._by_job[e.job] = e
+            f, off, nb = self.tier.flat_runs[key]
+            self._outbox.append(_reader.ReaderProcess.job(slot, e.job, priority, self._file_index[f], off, nb))
+            return e
         if queue:
             heapq.heappush(self._jobs, (priority, next(self._seq), e))
             self._work.notify()
@@ -203,6 +355,7 @@ class ExpertCache:
     def begin_layer(self, layer: int, experts: list[int]):
         """Layer ``layer`` is about to run ``experts`` (sorted as the dispatcher will ask for them)."""
         with self._lock:
+            self._drain()
             self.cur_layer = layer
             self._unpin_all()
             self._last_get = None
@@ -211,8 +364,8 @@ class ExpertCache:
             for e in [x for x in self.entries.values() if x.key[0] == layer and x.key[1] not in need]:
                 if e.prefetched and not e.counted_use:
                     if e.state == QUEUED:
-                        self._drop(e)
-                        self.free.append(e.slot)
+                        if self._drop(e):
+                            self.free.append(e.slot)
                         self.counters["prefetch_cancelled"] += 1
                     else:
                         e.wrong = True
@@ -227,8 +380,12 @@ class ExpertCache:
                     if ent.prefetched:
                         ent.prefetched = False
                         self.counters["prefetch_not_started"] += 1
-                    heapq.heappush(self._jobs, (-1, next(self._seq), ent))
-                    self._work.notify()
+                    if self.proc is not None:
+                        ent.urgent = True
+                        self._outbox.append(_reader.ReaderProcess.urgent(ent.job))
+                    else:
+                        heapq.heappush(self._jobs, (-1, next(self._seq), ent))
+                        self._work.notify()
                 else:
                     self._class[key] = True
                 self._touch(ent)
@@ -243,6 +400,7 @@ class ExpertCache:
                 ent = self._submit(key, slot, False, -1)
                 self.pinned.add(key)
                 self._touch(ent)
+            self._flush()
 
     def prefetch(self, layer: int, experts, priority: int = 1) -> int:
         """Start loading ``experts`` of ``layer`` if absent and a slot can be had without evicting anything needed
@@ -250,6 +408,7 @@ class ExpertCache:
         returns how many loads were issued."""
         n = 0
         with self._lock:
+            self._drain()
             for x in experts:
                 key = (layer, int(x))
                 if key in self.entries:
@@ -261,6 +420,7 @@ class ExpertCache:
                 self._submit(key, slot, True, min(d, priority) if d < _FAR else priority)
                 n += 1
             self.counters["prefetch_issued"] += n
+            self._flush()
         return n
 
     def prefetch_predicted(self, max_dist: int | None = None) -> int:
@@ -268,6 +428,7 @@ class ExpertCache:
         under the rule above (stops at the first that cannot: a farther one could not either)."""
         n = 0
         with self._lock:
+            self._drain()
             want = sorted(((d, k) for k, d in self.predicted.items()
                            if k not in self.entries and (max_dist is None or d <= max_dist)))
             if not want:
@@ -282,7 +443,8 @@ class ExpertCache:
                 else:
                     if cands is None:
                         cands = sorted((e for e in self.entries.values() if e.key not in self.pinned and (
-                                        e.state == READY or (e.prefetched and e.state == QUEUED))),
+                                        e.state == READY or (e.prefetched and e.state == QUEUED
+                                                             and self.proc is None))),
                                        key=lambda e: _predicted_key(self, e), reverse=True)
                     slot = None
                     while cands:
@@ -304,6 +466,7 @@ class ExpertCache:
                 self._submit(key, slot, True, d)
                 n += 1
             self.counters["prefetch_issued"] += n
+            self._flush()
         return n
 
     def set_predictions(self, predicted: dict[tuple[int, int], int]):
@@ -336,7 +499,10 @@ class ExpertCache:
                         if slot is None:
                             if t0 is None:
                                 t0 = time.perf_counter()
-                            self._cond.wait(0.05)
+                            if self.proc is not None:
+                                self._wait_io()
+                            else:
+                                self._cond.wait(0.05)
                             continue
                         ent = self._submit(key, slot, False, -2, queue=self.cuda)
                         self._touch(ent)
@@ -350,6 +516,12 @@ class ExpertCache:
                     t0 = time.perf_counter()
                     if hit and ent.prefetched:
                         self.counters["prefetch_late"] += 1
+                if self.proc is not None:
+                    if ent.state == QUEUED and not ent.urgent:
+                        ent.urgent = True
+                        self._outbox.append(_reader.ReaderProcess.urgent(ent.job))
+                    self._wait_io()
+                    continue
                 if ent.state == QUEUED and not self.cuda:
                     # no I/O thread took it yet: read it here rather than wait for a thread hand-off
                     ent.state = LOADING
@@ -377,15 +549,18 @@ class ExpertCache:
     def present(self, layer: int) -> list[int]:
         """Experts of ``layer`` resident or being loaded."""
         with self._lock:
+            self._drain()
             return [k[1] for k, e in self.entries.items() if k[0] == layer and e.state != FAILED]
 
     def present_all(self) -> list[tuple[int, int]]:
         """Every (layer, expert) resident or being loaded."""
         with self._lock:
+            self._drain()
             return [k for k, e in self.entries.items() if e.state != FAILED]
 
     def resident(self) -> list[tuple[int, int]]:
         with self._lock:
+            self._drain()
             return [k for k, e in self.entries.items() if e.state == READY]
 
     def stats(self) -> dict:
@@ -395,6 +570,10 @@ class ExpertCache:
         d["read_gbps"] = round(self.tier.gbps(), 4)
         d["expert_slots"] = self.num_slots
         d["expert_cache_bytes"] = self.num_slots * self.slot_bytes
+        d["io_mode"] = self.io_mode
+        if self.proc is not None:
+            d["reader_rss_mb"] = self.proc.rss_anon_mb()
+            d["reader_restarts"] = self.proc.restarts
         return d
 
     def close(self):
@@ -404,6 +583,8 @@ class ExpertCache:
             self._work.notify_all()
         for t in self._threads:
             t.join(timeout=5)
+        if self.proc is not None:
+            self.proc.close()
         self.tier.close()
 
     # ---- I/O worker --------------------------------------------------------------------------------------------

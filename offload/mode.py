@@ -14,7 +14,9 @@ Options (the keyword parameters of ``build_offload``):
   prediction has just been refined; 0: every layer still to run this step, from the step-start prediction);
 - ``width``: experts predicted per layer for one token (default: top_k + 1 within the budget's share per layer);
 - ``sticky``: score bonus of experts already in the cache when choosing a layer's predicted set (fewer reads);
-- ``io_threads``: reader threads;
+- ``io_mode``: "auto" (default: on CPU a reader *process* fills slots in shared memory, no GIL hand-offs with the
+  compute thread; reader threads where that is not possible: GPU, fused/odd layouts, other platforms),
+  "process" or "thread"; ``io_threads``: reader threads in "thread" mode;
 - ``max_decode_batch``: sequences per decode step (default: as many as the budget's working set allows,
   ``slots // top_k``, at most ``max_num_seqs``); ``token_scheduling``: group sequences with overlapping experts.
 """
@@ -77,11 +79,14 @@ def build_offload(ctx: ModeContext, expert_cache_fraction: float = 0.25, expert_
                   prefetch: bool = True, predictor: str = "router", eviction: str = "predicted",
                   lookahead: int = 1, io_threads: int = 2, max_decode_batch: int | None = None,
                   token_scheduling: bool = True, trace: str | None = None, drop_page_cache: bool = True,
-                  prefetch_distance: int = 1, width: int | None = None, sticky: float = 0.05):
+                  prefetch_distance: int = 1, width: int | None = None, sticky: float = 0.05,
+                  io_mode: str = "auto"):
     if predictor is not None and predictor not in PREDICTORS:
         raise OffloadConfigError(f"unknown predictor {predictor!r}; valid: {', '.join(PREDICTORS)}")
     if eviction not in EVICTION:
         raise OffloadConfigError(f"unknown eviction policy {eviction!r}; valid: {', '.join(EVICTION)}")
+    if io_mode not in ("auto", "process", "thread"):
+        raise OffloadConfigError(f"unknown io_mode {io_mode!r}; valid: auto, process, thread")
     if lookahead < 1:
         raise OffloadConfigError(f"lookahead must be >= 1, got {lookahead}")
     cfg, device = ctx.cfg, ctx.device        # device chosen by the runtime (GPU when present)
@@ -95,7 +100,11 @@ def build_offload(ctx: ModeContext, expert_cache_fraction: float = 0.25, expert_
     model = build_dense(cfg, reader, dtype, device, ctx.max_model_len)
     _own_dense_weights(model)
     tier = DiskTier(cfg, reader, drop_cache=drop_page_cache)
-    cache = ExpertCache(cfg, tier, slots, dtype, device, eviction=eviction, io_threads=io_threads)
+    try:
+        cache = ExpertCache(cfg, tier, slots, dtype, device, eviction=eviction, io_threads=io_threads,
+                            io_mode=io_mode)
+    except ValueError as e:
+        raise OffloadConfigError(str(e)) from None
     pred = None
     if predictor is not None and (prefetch or token_scheduling):
         tpath = trace or os.path.join(ctx.path, "trace.npz")

@@ -56,7 +56,8 @@ def test_lossless_every_predictor(refs, arch, predictor):
 
 
 @pytest.mark.parametrize("opts", [dict(prefetch=False, eviction="lru"), dict(eviction="lfu", lookahead=2),
-                                  dict(expert_cache_fraction=0.1, io_threads=1),
+                                  dict(expert_cache_fraction=0.1, io_threads=1, io_mode="thread"),
+                                  dict(io_mode="thread"), dict(io_mode="process", expert_cache_fraction=0.1),
                                   dict(expert_cache_fraction=1.0, predictor="combined", lookahead=3),
                                   dict(max_decode_batch=2, token_scheduling=True),
                                   dict(max_decode_batch=2, token_scheduling=False)])
@@ -67,7 +68,45 @@ def test_lossless_options(refs, opts):
     _check_counters(llm.stats())
     if not opts.get("prefetch", True):
         assert llm.stats()["prefetch_issued"] == 0
+    if "io_mode" in opts:
+        assert llm.stats()["io_mode"] == opts["io_mode"]
     llm.close()
+
+
+def test_reader_process_killed_fails_requests_then_recovers(refs):
+    """The reader process dies under a running engine. Between steps nothing is lost (a new reader is started
+    before the next load); with loads in flight, the requests that needed them fail with a clear error naming it,
+    and the engine serves again with identical tokens."""
+    import signal
+    import threading
+    import time
+    path, ref = refs["mixtral"]
+    llm = LLM(path, mode="offload", max_num_seqs=4, expert_cache_fraction=0.25, io_mode="process")
+    assert _gen(llm) == ref
+    cache = llm.engine.executor.cache
+    cache.proc.proc.kill()
+    cache.proc.proc.wait()
+    assert _gen(llm) == ref
+    assert llm.stats()["reader_restarts"] == 1 and llm.stats()["read_errors"] == 0
+    # mid-generation: the reader is stopped (loads queue up), then killed
+    child = cache.proc.proc
+    os.kill(child.pid, signal.SIGSTOP)
+    box = {}
+    t = threading.Thread(target=lambda: box.update(outs=llm.generate(prompt_token_ids=PROMPTS,
+                                                                       sampling_params=GREEDY)))
+    t.start()
+    time.sleep(1.0)
+    assert t.is_alive()                      # waiting for the stopped reader
+    child.kill()
+    t.join(30)
+    assert not t.is_alive()
+    failed = [o for o in box["outs"] if o.finish_reason == "error"]
+    assert failed and all("reader process exited" in o.error and "killed by signal" in o.error for o in failed)
+    st = llm.stats()
+    assert st["reader_restarts"] == 2 and st["read_errors"] > 0
+    assert _gen(llm) == ref
+    llm.close()
+    assert cache.proc is None or cache.proc.proc is None          # closed: no reader left behind
 
 
 def test_full_budget_all_hits_after_warmup(refs):
@@ -113,10 +152,18 @@ def test_disk_tier_matches_checkpoint(refs):
         assert tier.bytes_read > 0 and tier.gbps() > 0
 
 
-def _cache(path, slots, eviction):
+def _cache(path, slots, eviction, io_mode="auto"):
     cfg = MoEConfig.from_dir(path)
     return cfg, ExpertCache(cfg, DiskTier(cfg, CheckpointReader(path)), slots, torch.float32, torch.device("cpu"),
-                            eviction=eviction, io_threads=1)
+                            eviction=eviction, io_threads=1, io_mode=io_mode)
+
+
+def _wait_resident(cache, key, timeout=10.0):
+    import time
+    t0 = time.monotonic()
+    while key not in set(cache.resident()):
+        assert time.monotonic() - t0 < timeout, f"{key} never became resident"
+        time.sleep(0.002)
 
 
 def _use(cache, layer, experts):
@@ -126,11 +173,13 @@ def _use(cache, layer, experts):
     cache.end_step()
 
 
-def test_eviction_policies(refs):
+@pytest.mark.parametrize("io_mode", ["process", "thread"])
+def test_eviction_policies(refs, io_mode):
     path, _ = refs["mixtral"]
     # lru: 3 slots, use A A B C then D → A (least recent... used before B, C) is evicted
     for policy, evicted in (("lru", (0, 0)), ("lfu", (0, 1))):
-        cfg, c = _cache(path, 3, policy)
+        cfg, c = _cache(path, 3, policy, io_mode)
+        assert c.stats()["io_mode"] == io_mode
         _use(c, 0, [0]); _use(c, 0, [1]); _use(c, 0, [1]); _use(c, 0, [2]); _use(c, 0, [0])
         # freq: e0=2, e1=2, e2=1 ; recency: e1 < e2 < e0
         _use(c, 0, [3])
@@ -145,7 +194,7 @@ def test_eviction_policies(refs):
         assert st["expert_hits"] + st["expert_misses"] == st["expert_requests"] == 6
         c.close()
     # predicted: whatever an upcoming layer is predicted to need survives, even if least recent
-    cfg, c = _cache(path, 3, "predicted")
+    cfg, c = _cache(path, 3, "predicted", io_mode)
     _use(c, 0, [0]); _use(c, 0, [1]); _use(c, 0, [2])
     c.set_predictions({(0, 0): 1})
     _use(c, 1, [5])
@@ -155,9 +204,8 @@ def test_eviction_policies(refs):
     c.set_predictions({(0, 0): 1, (1, 5): 2, (2, 3): 1})
     assert c.prefetch(2, [3]) == 1
     assert c.prefetch(2, [4]) == 0           # only predicted experts are left
+    _wait_resident(c, (2, 3))
     _use(c, 2, [6])                          # (2,3) was a wrong prediction → it goes first
-    import time
-    time.sleep(0.05)
     assert (2, 3) not in set(c.resident())
     st = c.stats()
     assert st["prefetch_used"] <= st["prefetch_issued"] == 1
@@ -264,7 +312,7 @@ def test_queued_prefetch_is_a_miss_and_is_read_inline(refs):
     itself instead of waiting for the I/O thread (here blocked on another read)."""
     import threading
     path, _ = refs["mixtral"]
-    cfg, c = _cache(path, 4, "predicted")
+    cfg, c = _cache(path, 4, "predicted", "thread")
     gate, started = threading.Event(), threading.Event()
     orig = c._load
 
