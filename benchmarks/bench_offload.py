@@ -134,6 +134,7 @@ def run_model(cfg: dict) -> dict:
         res["hit_rate"] = round(res["expert_hits"] / req, 4)
         res["stall_seconds"] = round(res["stall_seconds"], 3)
         res["read_gbps_per_thread"] = st["read_gbps"]
+        res["io_mode"] = st.get("io_mode")
         res["expert_slots"], res["expert_cache_mb"] = st["expert_slots"], round(st["expert_cache_bytes"] / 2**20, 1)
         if res["decode_steps"]:
             res["distinct_experts_per_decode_step"] = round(res["decode_distinct_experts"] / res["decode_steps"], 2)
@@ -308,6 +309,10 @@ def main():
         lru = dict(o, prefetch=False, eviction="lru", token_scheduling=False)
         runs[f"{frac}/predicted+prefetch(combined)"] = dict(base, mode="offload", opts=dict(o, predictor="combined"))
         runs[f"{frac}/on-demand LRU"] = dict(base, mode="offload", opts=lru)
+        # the same two with reader threads in this process instead of the reader process (io_mode="thread")
+        runs[f"{frac}/combined, reader threads"] = dict(base, mode="offload",
+                                                         opts=dict(o, predictor="combined", io_mode="thread"))
+        runs[f"{frac}/LRU, reader threads"] = dict(base, mode="offload", opts=dict(lru, io_mode="thread"))
         if frac == 0.25 and not a.quick:
             for p in ("router", "token", "transition"):
                 runs[f"{frac}/predicted+prefetch({p})"] = dict(base, mode="offload", opts=dict(o, predictor=p))

@@ -233,9 +233,6 @@ def _reader_main(spec: dict) -> int:
 
     import numpy as np
 
-    pol = os.environ.get("MOEYARD_READER_SCHED", "")
-    if pol == "batch" and hasattr(os, "SCHED_BATCH"):
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     files, stride, num_slots = spec["files"], spec["stride"], spec["num_slots"]
     req, rsp, align, chunk = spec["req"], spec["rsp"], spec["align"], spec["chunk"]
     src, dst = spec["src"], spec["dst"]
