@@ -549,13 +549,11 @@ class ExpertCache:
     def present(self, layer: int) -> list[int]:
         """Experts of ``layer`` resident or being loaded."""
         with self._lock:
-            self._drain()
             return [k[1] for k, e in self.entries.items() if k[0] == layer and e.state != FAILED]
 
     def present_all(self) -> list[tuple[int, int]]:
         """Every (layer, expert) resident or being loaded."""
         with self._lock:
-            self._drain()
             return [k for k, e in self.entries.items() if e.state != FAILED]
 
     def resident(self) -> list[tuple[int, int]]:
@@ -620,12 +618,7 @@ class ExpertCache:
             e.state, e.cuda_event = READY, ev
             self.counters["bytes_loaded"] += self.slot_bytes
         else:
-            e.state, e.error = FAILED, err
-            self.counters["read_errors"] += 1
-            if self.entries.get(e.key) is e:     # give the slot back; a waiting get() sees FAILED
-                del self.entries[e.key]
-                self.pinned.discard(e.key)
-                self.free.append(e.slot)
+            self._failed(e, err)
         self._cond.notify_all()
 
     def _load(self, e: _Entry, tls: dict, stream, release):

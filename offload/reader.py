@@ -125,6 +125,8 @@ class ReaderProcess:
     def send(self, data: bytes, on_messages) -> None:
         """Write requests; while the pipe is full, completions are drained (``on_messages``) so neither side can
         block the other forever."""
+        if self.req is None:
+            raise ReaderGone(f"the expert reader process is not running ({self._status()})")
         view = memoryview(data)
         while view:
             try:
@@ -144,6 +146,8 @@ class ReaderProcess:
 
     def poll(self, timeout: float = 0.0) -> list[tuple]:
         """Completions available now (waiting up to ``timeout`` seconds for the first): (op, job, a, b, message)."""
+        if self.rsp is None:
+            raise ReaderGone(f"the expert reader process is not running ({self._status()})")
         if timeout > 0 and len(self._buf) < RSP.size:
             r, _, _ = select.select([self.rsp], [], [], timeout)
             if not r:
