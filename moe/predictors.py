@@ -193,11 +193,16 @@ class TokenTablePredictor(_Base):
         """Add the observed routings to the table: one ``index_add`` for all layers of a pass."""
         if not self._pending:
             return
-        L = len(self.moe_layers)
-        flat = [((tok.to(torch.long).cpu()[:, None] * L + li) * self.E + ids.to(torch.long).cpu()).reshape(-1)
-                for tok, li, ids in self._pending]
+        L, pend = len(self.moe_layers), self._pending
         self._pending = []
-        flat = torch.cat(flat) if len(flat) > 1 else flat[0]
+        tok = pend[0][0]
+        if all(p[0] is tok for p in pend):          # one pass: every layer's routing of the same tokens, stacked
+            li = torch.tensor([p[1] for p in pend])
+            ids = torch.stack([p[2] for p in pend]).to(torch.long).cpu()                   # [L', N, K]
+            flat = ((tok.to(torch.long).cpu()[None, :, None] * L + li[:, None, None]) * self.E + ids).reshape(-1)
+        else:
+            flat = torch.cat([((t.to(torch.long).cpu()[:, None] * L + li) * self.E + ids.to(torch.long).cpu())
+                              .reshape(-1) for t, li, ids in pend])
         self._C.view(-1).index_add_(0, flat, torch.ones(flat.numel()))
 
     def scores(self, layer, ahead):

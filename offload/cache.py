@@ -115,6 +115,7 @@ class ExpertCache:
         self.slot_bytes = self.slots[0].nbytes if num_slots else 0
         self.free = list(range(num_slots - 1, -1, -1))
         self.entries: dict[tuple[int, int], _Entry] = {}
+        self._by_layer: dict[int, dict[int, _Entry]] = {l: {} for l in cfg.moe_layers}   # the same, per layer
         self.pinned: set[tuple[int, int]] = set()
         self.predicted: dict[tuple[int, int], int] = {}
         self.cur_layer = cfg.moe_layers[0]
@@ -245,6 +246,7 @@ class ExpertCache:
         self.counters["read_errors"] += 1
         if self.entries.get(e.key) is e:     # give the slot back; a waiting get() sees FAILED
             del self.entries[e.key]
+            del self._by_layer[e.key[0]][e.key[1]]
             self.pinned.discard(e.key)
             self.free.append(e.slot)
 
@@ -307,6 +309,7 @@ class ExpertCache:
         """Forget ``e``; True when its slot may be reused now (a job sent to the reader process frees its slot only
         once the reader confirms it was skipped or done)."""
         del self.entries[e.key]
+        del self._by_layer[e.key[0]][e.key[1]]
         if e.prefetched and not e.counted_use and e.state != QUEUED:
             self.counters["prefetch_wasted"] += 1
         if e.state == QUEUED:
@@ -322,6 +325,7 @@ class ExpertCache:
     def _submit(self, key, slot, prefetched, priority, queue: bool = True):
         e = _Entry(key, slot, prefetched)
         self.entries[key] = e
+        self._by_layer[key[0]][key[1]] = e
         if self.proc is not None:
             e.job = next(self._job_ids)
             self._by_job[e.job] = e
@@ -361,7 +365,7 @@ class ExpertCache:
             self._last_get = None
             need = set(experts)
             # real-time correction: prefetches for this layer that turned out wrong are cancelled or evicted first
-            for e in [x for x in self.entries.values() if x.key[0] == layer and x.key[1] not in need]:
+            for e in [x for k, x in self._by_layer[layer].items() if k not in need]:
                 if e.prefetched and not e.counted_use:
                     if e.state == QUEUED:
                         if self._drop(e):
@@ -427,14 +431,12 @@ class ExpertCache:
         """Issue loads for every predicted expert not resident, nearest-needed first, as far as slots can be had
         under the rule above (stops at the first that cannot: a farther one could not either)."""
         n = 0
-        with self._lock:
-            self._drain()
+        with self._lock:          # no pipe poll here: begin_layer / step start just did it
             want = sorted(((d, k) for k, d in self.predicted.items()
                            if k not in self.entries and (max_dist is None or d <= max_dist)))
             if not want:
                 return 0
-            pred = self.predicted
-            cands = None        # evictable entries, best victim last (sorted once, when the free slots run out)
+            cands = None        # evictable entries, a heap by eviction key (built once, when free slots run out)
             for d, key in want:
                 if self.free:
                     slot = self.free.pop()
@@ -442,19 +444,15 @@ class ExpertCache:
                     slot = self._claim(for_prefetch=True, dist=d)
                 else:
                     if cands is None:
-                        cands = sorted((e for e in self.entries.values() if e.key not in self.pinned and (
-                                        e.state == READY or (e.prefetched and e.state == QUEUED
-                                                             and self.proc is None))),
-                                       key=lambda e: _predicted_key(self, e), reverse=True)
+                        cands = self._prefetch_victims()
                     slot = None
                     while cands:
-                        v = cands[-1]
+                        _, _, p, _, _, v = cands[0]
                         if self.entries.get(v.key) is not v:
-                            cands.pop()
+                            heapq.heappop(cands)
                             continue
-                        p = pred.get(v.key)
                         if v.wrong or p is None or p > d:
-                            cands.pop()
+                            heapq.heappop(cands)
                             if v.state == QUEUED:
                                 self.counters["prefetch_cancelled"] += 1
                             self._drop(v)
@@ -468,6 +466,22 @@ class ExpertCache:
             self.counters["prefetch_issued"] += n
             self._flush()
         return n
+
+    def _prefetch_victims(self) -> list:
+        """Entries a prefetch may evict, as a heap ordered like ``_predicted_key`` (best victim first):
+        (not wrong, -distance (not predicted: farthest of all), distance, last use, slot, entry)."""
+        pred, pinned, proc = self.predicted, self.pinned, self.proc is not None
+        out = []
+        for k, e in self.entries.items():
+            if k in pinned:
+                continue
+            st = e.state
+            if st != READY and not (st == QUEUED and e.prefetched and not proc):
+                continue
+            p = pred.get(k)
+            out.append((0 if e.wrong else 1, -_FAR - 1 if p is None else -p, p, e.last_use, e.slot, e))
+        heapq.heapify(out)
+        return out
 
     def set_predictions(self, predicted: dict[tuple[int, int], int]):
         """Experts upcoming layers are predicted to need → MoE layers until needed (used by eviction)."""
@@ -549,7 +563,7 @@ class ExpertCache:
     def present(self, layer: int) -> list[int]:
         """Experts of ``layer`` resident or being loaded."""
         with self._lock:
-            return [k[1] for k, e in self.entries.items() if k[0] == layer and e.state != FAILED]
+            return [k for k, e in self._by_layer[layer].items() if e.state != FAILED]
 
     def present_all(self) -> list[tuple[int, int]]:
         """Every (layer, expert) resident or being loaded."""

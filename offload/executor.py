@@ -53,7 +53,8 @@ class OffloadExecutor(LocalExecutor):
         self.route_hooks = [self._on_route]
         self.max_decode_batch = max_decode_batch
         self.batch_policy = ExpertGroupingPolicy(self, max_wait_steps) if token_scheduling else None
-        self.slot_experts: dict[int, frozenset] = {}     # slot → (layer, expert) its last token used
+        self._slot_last: dict[int, tuple] = {}           # slot → (layers, [L, B, K] routes, row) of its last token
+        self._slot_set: dict[int, frozenset] = {}        # memo of experts_of (cleared when the slot runs again)
         self._routes: dict[int, torch.Tensor] = {}
         self._prev_sets: dict[int, set] = {}             # last step's experts per layer (fallback prediction)
         self._plan: dict[int, set] = {}                  # layer → predicted experts (this step)
@@ -97,18 +98,37 @@ class OffloadExecutor(LocalExecutor):
         return sorted({owner[r] for r in rows}) or sorted(set(owner))
 
     def _after_step(self, items):
+        """Remember each sequence's last-token routing (for the batch policy, materialised only when asked) and
+        count distinct experts per decode step: one stacked tensor per step, no per-layer Python."""
+        if not self._routes:
+            return
+        layers = tuple(self._routes)
+        R = torch.stack([self._routes[l] for l in layers])                  # [L, N, K]
         ends, n = [], 0
         for it in items:
             n += len(it.token_ids)
             ends.append(n - 1)
-        per_layer = {l: ids[ends].tolist() for l, ids in self._routes.items()}
+        last = R[:, ends]                                                    # [L, B, K]
         for i, it in enumerate(items):
-            self.slot_experts[it.slot] = frozenset((l, e) for l, rows in per_layer.items() for e in rows[i])
-        if all(len(it.token_ids) == 1 for it in items):
+            self._slot_last[it.slot] = (layers, last, i)
+            self._slot_set.pop(it.slot, None)
+        if n == len(items):                                                  # every item a single decode token
+            s = R.reshape(len(layers), -1).sort(-1).values
             self.counters["decode_steps"] += 1
             self.counters["decode_tokens"] += len(items)
-            self.counters["decode_distinct_experts"] += sum(len(set(ids.flatten().tolist()))
-                                                             for ids in self._routes.values())
+            self.counters["decode_distinct_experts"] += len(layers) + int((s[:, 1:] != s[:, :-1]).sum())
+
+    def experts_of(self, slot: int) -> frozenset:
+        """The (layer, expert) pairs the last token of the sequence in ``slot`` was routed to."""
+        out = self._slot_set.get(slot)
+        if out is None:
+            got = self._slot_last.get(slot)
+            if got is None:
+                return frozenset()
+            layers, last, i = got
+            out = self._slot_set[slot] = frozenset(
+                (l, e) for l, row in zip(layers, last[:, i].tolist()) for e in row)
+        return out
 
     # ---- prediction → prefetch ---------------------------------------------------------------------------------
     def _set(self, t: int, s_NE: torch.Tensor) -> set:
@@ -152,13 +172,8 @@ class OffloadExecutor(LocalExecutor):
 
     def _push(self, li: int):
         """Hand the cache what the layers after position ``li`` are predicted to need, then prefetch."""
-        predicted = {}
-        for t, es in self._plan.items():
-            d = self.pos[t] - li
-            if d > 0:
-                for e in es:
-                    predicted[(t, e)] = d
-        self.cache.set_predictions(predicted)
+        pos = self.pos
+        self.cache.set_predictions({(t, e): d for t, es in self._plan.items() if (d := pos[t] - li) > 0 for e in es})
         self.cache.prefetch_predicted(self.prefetch_distance)
 
     # ---- the route hook ----------------------------------------------------------------------------------------
@@ -192,7 +207,8 @@ class OffloadExecutor(LocalExecutor):
 
     # ---- engine interface --------------------------------------------------------------------------------------
     def free(self, slot: int):
-        self.slot_experts.pop(slot, None)
+        self._slot_last.pop(slot, None)
+        self._slot_set.pop(slot, None)
 
     def stats(self) -> dict:
         d = self.cache.stats()
@@ -226,12 +242,12 @@ class ExpertGroupingPolicy:
         pick = [s for s in order if now - s.last_scheduled > self.max_wait][:limit]
         if not pick:
             pick = [order[0]]
-        union = set().union(*(self.ex.slot_experts.get(s.slot, frozenset()) for s in pick))
+        union = set().union(*(self.ex.experts_of(s.slot) for s in pick))
         rest = [s for s in order if s not in pick]
         while len(pick) < limit and rest:
-            best = min(rest, key=lambda s: (len(self.ex.slot_experts.get(s.slot, frozenset()) - union),
+            best = min(rest, key=lambda s: (len(self.ex.experts_of(s.slot) - union),
                                             s.last_scheduled))
             rest.remove(best)
             pick.append(best)
-            union |= self.ex.slot_experts.get(best.slot, frozenset())
+            union |= self.ex.experts_of(best.slot)
         return pick
