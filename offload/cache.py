@@ -74,7 +74,8 @@ EVICTION = {"predicted": _predicted_key, "lru": _lru_key, "lfu": _lfu_key}
 
 class ExpertCache:
     def __init__(self, cfg, tier: DiskTier, num_slots: int, dtype: torch.dtype, device: torch.device,
-                 eviction: str = "predicted", io_threads: int = 2, io_mode: str = "auto"):
+                 eviction: str = "predicted", io_threads: int = 2, io_mode: str = "auto",
+                 read_timeout: float = 60.0):
         if eviction not in EVICTION:
             raise ValueError(f"unknown eviction policy {eviction!r}; valid: {', '.join(EVICTION)}")
         if io_mode not in IO_MODES:
@@ -83,6 +84,8 @@ class ExpertCache:
         self.policy = EVICTION[eviction]
         self.belady = eviction == "predicted"    # prefetch may evict predicted-later experts (else: only unpredicted)
         self.num_slots = num_slots
+        self.read_timeout = read_timeout    # reader process: a wait this long with no word from it → hung, restarted
+        self._heard = time.perf_counter()   # when the reader process last answered
         self.layer_pos = {l: i for i, l in enumerate(cfg.moe_layers)}
         D, F = cfg.hidden_size, cfg.expert_intermediate_size
         shapes = [x.shape for x in next(iter(tier.extents.values()))]   # 3 matrices, then 3 biases (gpt-oss)
@@ -195,8 +198,10 @@ class ExpertCache:
         except _reader.ReaderGone as x:
             self._reader_died(str(x))
 
-    def _wait_io(self):
-        """Wait (lock released, at most 50 ms) for the reader's next completions and apply them."""
+    def _wait_io(self, since: float):
+        """Wait (lock released, at most 50 ms) for the reader's next completions and apply them. A compute step
+        that has waited ``read_timeout`` seconds (since ``since``) without a word from the reader finds it hung:
+        it is killed, its loads fail with that reason, and a new reader is started."""
         self._flush()
         if self.proc is None:
             return
@@ -206,8 +211,15 @@ class ExpertCache:
         finally:
             self._lock.acquire()
         self._drain()
+        if self._by_job and time.perf_counter() - max(since, self._heard) > self.read_timeout:
+            if self.proc.proc is not None:
+                self.proc.proc.kill()
+            self._reader_died(f"the expert reader process did not answer for {self.read_timeout:g} s (hung); "
+                              "it was stopped and a new one started")
 
     def _on_messages(self, msgs):
+        if msgs:
+            self._heard = time.perf_counter()
         for op, job, a, b, msg in msgs:
             if op == "S":
                 e = self._by_job.get(job)
@@ -514,7 +526,7 @@ class ExpertCache:
                             if t0 is None:
                                 t0 = time.perf_counter()
                             if self.proc is not None:
-                                self._wait_io()
+                                self._wait_io(t0)
                             else:
                                 self._cond.wait(0.05)
                             continue
@@ -534,7 +546,7 @@ class ExpertCache:
                     if ent.state == QUEUED and not ent.urgent:
                         ent.urgent = True
                         self._outbox.append(_reader.ReaderProcess.urgent(ent.job))
-                    self._wait_io()
+                    self._wait_io(t0)
                     continue
                 if ent.state == QUEUED and not self.cuda:
                     # no I/O thread took it yet: read it here rather than wait for a thread hand-off

@@ -16,7 +16,8 @@ Options (the keyword parameters of ``build_offload``):
 - ``sticky``: score bonus of experts already in the cache when choosing a layer's predicted set (fewer reads);
 - ``io_mode``: "auto" (default: on CPU a reader *process* fills slots in shared memory, no GIL hand-offs with the
   compute thread; reader threads where that is not possible: GPU, fused/odd layouts, other platforms),
-  "process" or "thread"; ``io_threads``: reader threads in "thread" mode;
+  "process" or "thread"; ``io_threads``: reader threads in "thread" mode; ``read_timeout``: seconds a step may
+  wait with no word from the reader process before it is taken as hung (killed, its loads fail, a new one starts);
 - ``max_decode_batch``: sequences per decode step (default: as many as the budget's working set allows,
   ``slots // top_k``, at most ``max_num_seqs``); ``token_scheduling``: group sequences with overlapping experts.
 """
@@ -80,13 +81,15 @@ def build_offload(ctx: ModeContext, expert_cache_fraction: float = 0.25, expert_
                   lookahead: int = 1, io_threads: int = 2, max_decode_batch: int | None = None,
                   token_scheduling: bool = True, trace: str | None = None, drop_page_cache: bool = True,
                   prefetch_distance: int = 1, width: int | None = None, sticky: float = 0.05,
-                  io_mode: str = "auto"):
+                  io_mode: str = "auto", read_timeout: float = 60.0):
     if predictor is not None and predictor not in PREDICTORS:
         raise OffloadConfigError(f"unknown predictor {predictor!r}; valid: {', '.join(PREDICTORS)}")
     if eviction not in EVICTION:
         raise OffloadConfigError(f"unknown eviction policy {eviction!r}; valid: {', '.join(EVICTION)}")
     if io_mode not in ("auto", "process", "thread"):
         raise OffloadConfigError(f"unknown io_mode {io_mode!r}; valid: auto, process, thread")
+    if not isinstance(read_timeout, (int, float)) or not read_timeout > 0:
+        raise OffloadConfigError(f"read_timeout must be a positive number of seconds, got {read_timeout!r}")
     if lookahead < 1:
         raise OffloadConfigError(f"lookahead must be >= 1, got {lookahead}")
     cfg, device = ctx.cfg, ctx.device        # device chosen by the runtime (GPU when present)
@@ -102,7 +105,7 @@ def build_offload(ctx: ModeContext, expert_cache_fraction: float = 0.25, expert_
     tier = DiskTier(cfg, reader, drop_cache=drop_page_cache)
     try:
         cache = ExpertCache(cfg, tier, slots, dtype, device, eviction=eviction, io_threads=io_threads,
-                            io_mode=io_mode)
+                            io_mode=io_mode, read_timeout=read_timeout)
     except ValueError as e:
         raise OffloadConfigError(str(e)) from None
     pred = None

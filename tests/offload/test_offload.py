@@ -109,6 +109,31 @@ def test_reader_process_killed_fails_requests_then_recovers(refs):
     assert cache.proc is None or cache.proc.proc is None          # closed: no reader left behind
 
 
+def test_reader_process_hung_is_restarted(refs):
+    """A reader process that stops answering (here: SIGSTOP) is not waited on forever: after ``read_timeout``
+    seconds without a word from it, the step's waiting requests fail with a clear error, it is killed, a new one
+    serves the next requests with identical tokens."""
+    import signal
+    import time
+    path, ref = refs["mixtral"]
+    llm = LLM(path, mode="offload", max_num_seqs=4, expert_cache_fraction=0.25, io_mode="process",
+              read_timeout=1.0)
+    assert _gen(llm) == ref
+    child = llm.engine.executor.cache.proc.proc
+    os.kill(child.pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)
+    assert time.monotonic() - t0 < 30
+    failed = [o for o in outs if o.finish_reason == "error"]
+    assert failed and all("did not answer for 1 s" in o.error for o in failed)
+    assert child.wait(10) == -signal.SIGKILL                      # the hung one is gone
+    assert llm.stats()["reader_restarts"] == 1
+    assert _gen(llm) == ref
+    llm.close()
+    with pytest.raises(OffloadConfigError, match="read_timeout"):
+        LLM(path, mode="offload", read_timeout=0)
+
+
 def test_full_budget_all_hits_after_warmup(refs):
     path, ref = refs["mixtral"]
     llm = LLM(path, mode="offload", max_num_seqs=4, expert_cache_fraction=1.0)
