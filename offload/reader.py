@@ -190,8 +190,9 @@ class ReaderProcess:
     def _status(self) -> str:
         if self.proc is None:
             return "not started"
-        code = self.proc.poll()
-        if code is None:
+        try:                          # its pipe closed: it is exiting, give the kernel a moment to say how
+            code = self.proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
             return "still running, pipe closed"
         return f"killed by signal {-code}" if code < 0 else f"exit status {code}"
 
@@ -234,8 +235,8 @@ class _ReadError(Exception):
 
 
 def _reader_main(spec: dict) -> int:
-    """The reader: the main thread takes requests from the pipe into a priority queue; ``threads`` reader threads
-    take jobs from it (several reads in flight keep the device busy), each with its own aligned staging buffer."""
+    """The reader: ``threads`` reader threads (several reads in flight keep the device busy), each with its own
+    aligned staging buffer, take requests from the pipe into a priority queue and the most urgent job from it."""
     import threading
 
     import numpy as np
@@ -249,8 +250,8 @@ def _reader_main(spec: dict) -> int:
     src_isz, dst_isz = ITEMSIZE[src], ITEMSIZE[dst]
     stage_bytes = min(chunk, spec["slot_numel"] * src_isz) + 2 * align
     lock = threading.Lock()                  # queue, descriptors, pipe writes
-    work = threading.Condition(lock)
-    state = {"direct": bool(spec["direct"]) and hasattr(os, "O_DIRECT"), "quit": False}
+    work = threading.Condition(lock)         # idle threads other than the one sleeping on the pipe
+    state = {"direct": bool(spec["direct"]) and hasattr(os, "O_DIRECT"), "quit": False, "leader": False}
     fds: dict[tuple[int, bool], int] = {}
     pending: dict[int, list] = {}            # job -> [priority, slot, file, offset, nbytes]
     heap: list = []
@@ -322,23 +323,89 @@ def _reader_main(spec: dict) -> int:
         heapq.heappush(heap, (prio, seq[0], job))
         seq[0] += 1
 
+    inbox = [b""]
+
+    def take_requests() -> bool:
+        """Move what the engine wrote into the queue (lock held, never blocks); False at end of input."""
+        chunks = [inbox[0]]
+        while True:
+            try:
+                d = os.read(req, 1 << 16)
+            except BlockingIOError:
+                break
+            if not d:
+                state["quit"] = True
+                break
+            chunks.append(d)
+        buf = b"".join(chunks)
+        i = 0
+        while len(buf) - i >= REQ.size:
+            op, slot, job, prio, fi, off, nb = REQ.unpack_from(buf, i)
+            i += REQ.size
+            op = chr(op)
+            if op == "J":
+                pending[job] = [prio, slot, fi, off, nb]
+                push(prio, job)
+            elif op == "C":
+                if pending.pop(job, None) is not None:
+                    send("X", job)
+            elif op == "U":
+                p = pending.get(job)
+                if p is not None and p[0] != URGENT:
+                    p[0] = URGENT
+                    push(URGENT, job)
+            elif op == "Q":
+                state["quit"] = True
+        inbox[0] = buf[i:]
+        return not state["quit"]
+
+    def next_job():
+        """The most urgent live job, or None (lock held)."""
+        while heap:
+            prio, _, j = heapq.heappop(heap)
+            p = pending.get(j)
+            if p is not None and p[0] == prio:
+                return j
+        return None
+
+    # Each reader thread takes requests from the pipe itself (no hand-off through another thread: waking a thread
+    # costs as much as waking a process). While requests keep coming (within ``busy_window`` s of the last job) an
+    # idle thread looks again every ``nap`` s instead of sleeping on the pipe: a write to a pipe whose reader sleeps
+    # in the kernel makes the *writer* wake that reader's CPU, ~20 us of the engine's compute thread per write in a
+    # VM (measured: ~1 write per MoE layer). Idle longer, the threads sleep on the pipe (``select``).
+    nap, busy_window = max(0.0, float(spec.get("nap_us", 50)) / 1e6), 0.05
+    last = [time.monotonic()]
+
     def reader():
         stage = mmap.mmap(-1, stage_bytes)           # page-aligned: O_DIRECT can read into it
         stage_mv, stage_u8 = memoryview(stage), np.frombuffer(stage, dtype=np.uint8)
         while True:
             with lock:
-                job = None
-                while job is None:
-                    while not heap and not state["quit"]:
-                        work.wait()
-                    if state["quit"]:
-                        return
-                    prio, _, j = heapq.heappop(heap)
-                    p = pending.get(j)
-                    if p is not None and p[0] == prio:
-                        job = j
-                _, slot, fi, off, nb = pending.pop(job)
-                send("S", job)
+                if state["quit"]:
+                    return
+                take_requests()
+                job = next_job()
+                if job is None and state["quit"]:
+                    return
+                if job is not None:
+                    _, slot, fi, off, nb = pending.pop(job)
+                    send("S", job)
+                    last[0] = time.monotonic()
+                idle = time.monotonic() - last[0]
+            if job is None:
+                if nap and idle < busy_window:
+                    time.sleep(nap)
+                    continue
+                with lock:                       # idle: one thread sleeps on the pipe, the others on ``work``
+                    if state["leader"]:
+                        work.wait(1.0)
+                        continue
+                    state["leader"] = True
+                select.select([req], [], [], 1.0)
+                with lock:
+                    state["leader"] = False
+                    work.notify_all()
+                continue
             t0 = time.perf_counter_ns()
             total, err = 0, None
             try:
@@ -356,61 +423,27 @@ def _reader_main(spec: dict) -> int:
                     send("E", job, 0, len(err), err)
                 else:
                     send("D", job, total, time.perf_counter_ns() - t0)
+                last[0] = time.monotonic()
 
+    _fine_timer_slack()
+    os.set_blocking(req, False)
+    with lock:
+        send("R", 0)
     threads = [threading.Thread(target=reader, daemon=True) for _ in range(max(1, int(spec.get("threads", 1))))]
     for t in threads:
         t.start()
-    buf = b""
-    with lock:
-        send("R", 0)
-    # While requests keep coming (within ``busy_window`` s of the last), look at the request pipe every ``nap`` s
-    # instead of sleeping on it: a write to a pipe whose reader sleeps in read() makes the *writer* wake that
-    # reader's CPU, ~20 us of the compute thread's time per write in a VM (measured: ~1 write per MoE layer). The
-    # nap costs the reader a little CPU and a request up to ``nap`` of latency; idle, it sleeps on the pipe again.
-    nap, busy_window = float(spec.get("nap_us", 50)) / 1e6, 0.05
-    os.set_blocking(req, nap <= 0)
-    last = time.monotonic()
-    while True:
-        try:
-            data = os.read(req, 1 << 16)
-        except BlockingIOError:
-            if time.monotonic() - last < busy_window:
-                time.sleep(nap)
-            else:
-                select.select([req], [], [])
-            continue
-        last = time.monotonic()
-        if not data:
-            break
-        buf += data
-        i = 0
-        with lock:
-            while len(buf) - i >= REQ.size:
-                op, slot, job, prio, fi, off, nb = REQ.unpack_from(buf, i)
-                i += REQ.size
-                op = chr(op)
-                if op == "J":
-                    pending[job] = [prio, slot, fi, off, nb]
-                    push(prio, job)
-                    work.notify()
-                elif op == "C":
-                    if pending.pop(job, None) is not None:
-                        send("X", job)
-                elif op == "U":
-                    p = pending.get(job)
-                    if p is not None and p[0] != URGENT:
-                        p[0] = URGENT
-                        push(URGENT, job)
-                        work.notify()
-                elif op == "Q":
-                    state["quit"] = True
-        buf = buf[i:]
-        if state["quit"]:
-            break
-    with lock:
-        state["quit"] = True
-        work.notify_all()
+    for t in threads:
+        t.join()
     return 0
+
+
+def _fine_timer_slack():
+    """Sleep ~``nap`` rather than ``nap`` + 50 us (Linux's default timer slack) in the reader's idle loop."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(29, 1000, 0, 0, 0)      # PR_SET_TIMERSLACK: 1 us
+    except (OSError, AttributeError):
+        pass
 
 
 if __name__ == "__main__":
