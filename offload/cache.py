@@ -143,6 +143,7 @@ class ExpertCache:
         self._by_job: dict[int, _Entry] = {}      # reader process: jobs without a D/X/E yet
         self._limbo: dict[int, int] = {}          # cancelled job → its slot, free once the reader confirms
         self._outbox: list[bytes] = []
+        self._ring = False                        # the outbox holds a load needed now: wake the reader at once
         self.io_mode = "process" if self.proc is not None else "thread"
         self._threads = [] if self.proc is not None else [
             threading.Thread(target=self._worker, name=f"moeyard-io-{i}", daemon=True)
@@ -193,8 +194,9 @@ class ExpertCache:
             return
         data = b"".join(self._outbox)
         self._outbox.clear()
+        ring, self._ring = self._ring, False
         try:
-            self.proc.send(data, self._on_messages)
+            self.proc.send(data, self._on_messages, ring)
         except _reader.ReaderGone as x:
             self._reader_died(str(x))
 
@@ -343,6 +345,7 @@ class ExpertCache:
             self._by_job[e.job] = e
             f, off, nb = self.tier.flat_runs[key]
             self._outbox.append(_reader.ReaderProcess.job(slot, e.job, priority, self._file_index[f], off, nb))
+            self._ring |= priority < 0             # demand load
             return e
         if queue:
             heapq.heappush(self._jobs, (priority, next(self._seq), e))
@@ -399,6 +402,7 @@ class ExpertCache:
                     if self.proc is not None:
                         ent.urgent = True
                         self._outbox.append(_reader.ReaderProcess.urgent(ent.job))
+                        self._ring = True
                     else:
                         heapq.heappush(self._jobs, (-1, next(self._seq), ent))
                         self._work.notify()
@@ -546,6 +550,7 @@ class ExpertCache:
                     if ent.state == QUEUED and not ent.urgent:
                         ent.urgent = True
                         self._outbox.append(_reader.ReaderProcess.urgent(ent.job))
+                        self._ring = True
                     self._wait_io(t0)
                     continue
                 if ent.state == QUEUED and not self.cuda:

@@ -12,8 +12,9 @@ Protocol (fixed-size records, little endian):
 - reader → engine (``RSP``): ``R`` ready; ``S`` job started; ``D`` job done (bytes read, nanoseconds);
   ``X`` job cancelled (never started: its slot was not touched); ``E`` job failed, followed by the message.
 Every job gets exactly one of D, X, E: until then the engine does not reuse its slot. While busy, the reader
-checks the request pipe every ``nap_us`` instead of sleeping in ``read`` (a write that must wake a sleeping
-reader costs the engine's compute thread ~20 us in a VM; measured ~1 write per MoE layer). Data written into the
+naps ``nap_us`` at a time and looks at the request pipe in between instead of sleeping in ``read`` (a write that
+must wake a sleeping reader costs the engine's compute thread ~20 us in a VM; measured ~1 write per MoE layer); a
+third pipe, the bell, is written only for a load needed now and ends a nap at once. Data written into the
 pool before the ``D`` write is visible to the engine after its ``read`` of it (both are system calls).
 
 The reader runs this file as a script (no package import, so no torch: numpy only) and exits when the engine's
@@ -53,7 +54,7 @@ class ReaderProcess:
 
     def __init__(self, files: list[str], num_slots: int, slot_numel: int, src: str, dst: str, direct_io: bool,
                  drop_cache: bool, chunk: int, align: int = 4096, threads: int = 2, start_timeout: float = 60.0,
-                 nap_us: int = 50):
+                 nap_us: int = 200):
         if (src, dst) not in SUPPORTED:
             raise ValueError(f"reader process cannot convert {src} to {dst}")
         self.files, self.num_slots, self.slot_numel = list(files), num_slots, slot_numel
@@ -73,19 +74,22 @@ class ReaderProcess:
     def _start(self):
         req_r, req_w = os.pipe()
         rsp_r, rsp_w = os.pipe()
-        spec = dict(files=self.files, memfd=self.memfd, req=req_r, rsp=rsp_w, stride=self.stride,
+        bell_r, bell_w = os.pipe()
+        spec = dict(files=self.files, memfd=self.memfd, req=req_r, rsp=rsp_w, bell=bell_r, stride=self.stride,
                     num_slots=self.num_slots, slot_numel=self.slot_numel, src=self.src, dst=self.dst,
                     direct=self.direct_io, drop=self.drop_cache, chunk=self.chunk, align=self.align,
                     threads=self.threads, nap_us=self.nap_us)
         try:
             self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), json.dumps(spec)],
-                                         pass_fds=(self.memfd, req_r, rsp_w), stdin=subprocess.DEVNULL,
+                                         pass_fds=(self.memfd, req_r, rsp_w, bell_r), stdin=subprocess.DEVNULL,
                                          close_fds=True)
         finally:
             os.close(req_r)
             os.close(rsp_w)
-        self.req, self.rsp = req_w, rsp_r
+            os.close(bell_r)
+        self.req, self.rsp, self.bell = req_w, rsp_r, bell_w
         os.set_blocking(self.req, False)
+        os.set_blocking(self.bell, False)
         os.set_blocking(self.rsp, False)
         self._buf = b""
         deadline = time.monotonic() + self.start_timeout
@@ -125,9 +129,9 @@ class ReaderProcess:
     def urgent(job) -> bytes:
         return REQ.pack(ord("U"), 0, job, URGENT, 0, 0, 0)
 
-    def send(self, data: bytes, on_messages) -> None:
+    def send(self, data: bytes, on_messages, ring: bool = False) -> None:
         """Write requests; while the pipe is full, completions are drained (``on_messages``) so neither side can
-        block the other forever."""
+        block the other forever. ``ring``: a load is needed now, wake a napping reader at once (costs a wake-up)."""
         if self.req is None:
             raise ReaderGone(f"the expert reader process is not running ({self._status()})")
         view = memoryview(data)
@@ -139,6 +143,13 @@ class ReaderProcess:
                 on_messages(self.poll(0.0))
                 select.select([self.rsp], [self.req], [], 0.05)
             except (BrokenPipeError, OSError) as e:
+                raise ReaderGone(f"the expert reader process exited ({self._status()})") from e
+        if ring:
+            try:
+                os.write(self.bell, b"!")
+            except BlockingIOError:          # full: it is ringing already
+                pass
+            except OSError as e:
                 raise ReaderGone(f"the expert reader process exited ({self._status()})") from e
 
     def wait_readable(self, timeout: float) -> bool:
@@ -208,7 +219,7 @@ class ReaderProcess:
         return None
 
     def _close_pipes(self):
-        for fd in ("req", "rsp"):
+        for fd in ("req", "rsp", "bell"):
             v = getattr(self, fd, None)
             if v is not None:
                 try:
@@ -242,7 +253,7 @@ def _reader_main(spec: dict) -> int:
     import numpy as np
 
     files, stride, num_slots = spec["files"], spec["stride"], spec["num_slots"]
-    req, rsp, align, chunk = spec["req"], spec["rsp"], spec["align"], spec["chunk"]
+    req, rsp, bell, align, chunk = spec["req"], spec["rsp"], spec["bell"], spec["align"], spec["chunk"]
     src, dst = spec["src"], spec["dst"]
     drop = bool(spec["drop"]) and hasattr(os, "posix_fadvise")
     pool = mmap.mmap(spec["memfd"], stride * num_slots)
@@ -327,6 +338,11 @@ def _reader_main(spec: dict) -> int:
 
     def take_requests() -> bool:
         """Move what the engine wrote into the queue (lock held, never blocks); False at end of input."""
+        try:
+            while os.read(bell, 4096):        # the rings are only wake-ups
+                pass
+        except BlockingIOError:
+            pass
         chunks = [inbox[0]]
         while True:
             try:
@@ -370,15 +386,18 @@ def _reader_main(spec: dict) -> int:
 
     # Each reader thread takes requests from the pipe itself (no hand-off through another thread: waking a thread
     # costs as much as waking a process). While requests keep coming (within ``busy_window`` s of the last job) an
-    # idle thread looks again every ``nap`` s instead of sleeping on the pipe: a write to a pipe whose reader sleeps
-    # in the kernel makes the *writer* wake that reader's CPU, ~20 us of the engine's compute thread per write in a
-    # VM (measured: ~1 write per MoE layer). Idle longer, the threads sleep on the pipe (``select``).
-    nap, busy_window = max(0.0, float(spec.get("nap_us", 50)) / 1e6), 0.05
+    # idle thread naps ``nap`` s at a time and looks at the request pipe in between instead of sleeping on it: a
+    # write to a pipe whose reader sleeps in the kernel makes the *writer* wake that reader's CPU, ~20 us of the
+    # engine's compute thread per write in a VM (measured: ~1 write per MoE layer). The nap is taken on the bell
+    # pipe, which the engine rings only for a load it needs now. Idle longer, one thread sleeps on the pipes.
+    nap, busy_window = max(0.0, float(spec.get("nap_us", 200)) / 1e6), 0.05
     last = [time.monotonic()]
 
     def reader():
         stage = mmap.mmap(-1, stage_bytes)           # page-aligned: O_DIRECT can read into it
         stage_mv, stage_u8 = memoryview(stage), np.frombuffer(stage, dtype=np.uint8)
+        has_req = select.poll()
+        has_req.register(req, select.POLLIN)
         while True:
             with lock:
                 if state["quit"]:
@@ -393,15 +412,17 @@ def _reader_main(spec: dict) -> int:
                     last[0] = time.monotonic()
                 idle = time.monotonic() - last[0]
             if job is None:
-                if nap and idle < busy_window:
-                    time.sleep(nap)
+                if nap and idle < busy_window:      # no lock taken until there is something to do
+                    while not heap and not state["quit"] and time.monotonic() - last[0] < busy_window:
+                        if select.select([bell], [], [], nap)[0] or has_req.poll(0):
+                            break
                     continue
                 with lock:                       # idle: one thread sleeps on the pipe, the others on ``work``
                     if state["leader"]:
                         work.wait(1.0)
                         continue
                     state["leader"] = True
-                select.select([req], [], [], 1.0)
+                select.select([req, bell], [], [], 1.0)
                 with lock:
                     state["leader"] = False
                     work.notify_all()
@@ -427,6 +448,7 @@ def _reader_main(spec: dict) -> int:
 
     _fine_timer_slack()
     os.set_blocking(req, False)
+    os.set_blocking(bell, False)
     with lock:
         send("R", 0)
     threads = [threading.Thread(target=reader, daemon=True) for _ in range(max(1, int(spec.get("threads", 1))))]
