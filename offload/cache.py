@@ -443,9 +443,11 @@ class ExpertCache:
             self._flush()
         return n
 
-    def prefetch_predicted(self, max_dist: int | None = None) -> int:
+    def prefetch_predicted(self, max_dist: int | None = None, soon: int = 0) -> int:
         """Issue loads for every predicted expert not resident, nearest-needed first, as far as slots can be had
-        under the rule above (stops at the first that cannot: a farther one could not either)."""
+        under the rule above (stops at the first that cannot: a farther one could not either). Loads needed within
+        ``soon`` MoE layers wake the reader process at once (no nap: at the start of a step the first layer's
+        experts are needed in the time of one attention)."""
         n = 0
         with self._lock:          # no pipe poll here: begin_layer / step start just did it
             want = sorted(((d, k) for k, d in self.predicted.items()
@@ -478,6 +480,7 @@ class ExpertCache:
                 if slot is None:
                     break
                 self._submit(key, slot, True, d)
+                self._ring |= d <= soon
                 n += 1
             self.counters["prefetch_issued"] += n
             self._flush()

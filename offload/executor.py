@@ -171,10 +171,11 @@ class OffloadExecutor(LocalExecutor):
         self._push(-1)
 
     def _push(self, li: int):
-        """Hand the cache what the layers after position ``li`` are predicted to need, then prefetch."""
+        """Hand the cache what the layers after position ``li`` are predicted to need, then prefetch (at the step
+        start, ``li=-1``, the first layer's loads are needed soonest: the reader is woken for them)."""
         pos = self.pos
         self.cache.set_predictions({(t, e): d for t, es in self._plan.items() if (d := pos[t] - li) > 0 for e in es})
-        self.cache.prefetch_predicted(self.prefetch_distance)
+        self.cache.prefetch_predicted(self.prefetch_distance, soon=1 if li < 0 else 0)
 
     # ---- the route hook ----------------------------------------------------------------------------------------
     def _on_route(self, layer, x_ND, ids_NK, w_NK):

@@ -54,7 +54,7 @@ class ReaderProcess:
 
     def __init__(self, files: list[str], num_slots: int, slot_numel: int, src: str, dst: str, direct_io: bool,
                  drop_cache: bool, chunk: int, align: int = 4096, threads: int = 2, start_timeout: float = 60.0,
-                 nap_us: int = 200):
+                 nap_us: int = 50):
         if (src, dst) not in SUPPORTED:
             raise ValueError(f"reader process cannot convert {src} to {dst}")
         self.files, self.num_slots, self.slot_numel = list(files), num_slots, slot_numel
@@ -390,7 +390,7 @@ def _reader_main(spec: dict) -> int:
     # write to a pipe whose reader sleeps in the kernel makes the *writer* wake that reader's CPU, ~20 us of the
     # engine's compute thread per write in a VM (measured: ~1 write per MoE layer). The nap is taken on the bell
     # pipe, which the engine rings only for a load it needs now. Idle longer, one thread sleeps on the pipes.
-    nap, busy_window = max(0.0, float(spec.get("nap_us", 200)) / 1e6), 0.05
+    nap, busy_window = max(0.0, float(spec.get("nap_us", 50)) / 1e6), 0.05
     last = [time.monotonic()]
 
     def reader():
