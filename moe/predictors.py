@@ -71,6 +71,11 @@ class _Base:
         """[N, L, E] scores of every MoE layer at the start of a pass (None: this predictor needs a layer first)."""
         return None
 
+    def first_layer_scores(self, token_ids_N: torch.Tensor) -> torch.Tensor | None:
+        """[N, E] scores of the first MoE layer for a pass over ``token_ids_N`` that has not started (used to
+        prefetch for the next decode step from a guess of its tokens). None: cannot predict from token ids."""
+        return None
+
     def predict(self, layer, ahead):
         s = self.scores(layer, ahead)
         if s is None:
@@ -234,6 +239,10 @@ class TokenTablePredictor(_Base):
     def _table(self, t):
         return self.start_scores()[:, self._pos[t]]
 
+    def first_layer_scores(self, token_ids_N):
+        c = self._C[token_ids_N.to(torch.long).cpu(), 0] + 1e-3         # counts so far (pending learned at begin)
+        return c / c.sum(-1, keepdim=True)
+
 
 class CombinedPredictor(_Base):
     """Weighted sum of the members' normalised scores (members that cannot predict are skipped)."""
@@ -260,6 +269,9 @@ class CombinedPredictor(_Base):
 
     def start_scores(self):
         return self._sum([m.start_scores() for m, _ in self.members])
+
+    def first_layer_scores(self, token_ids_N):
+        return self._sum([m.first_layer_scores(token_ids_N) for m, _ in self.members])
 
     def _sum(self, scores):
         tot = None

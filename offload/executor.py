@@ -81,6 +81,8 @@ class OffloadExecutor(LocalExecutor):
         finally:
             self.cache.end_step()
         self._after_step(items)
+        if self.prefetch and logits.shape[0]:
+            self._prefetch_next(logits)
         return logits
 
     def _row_owner(self) -> list[str]:
@@ -143,6 +145,17 @@ class OffloadExecutor(LocalExecutor):
         out = set(torch.topk(s_NE, min(self.K, s_NE.shape[-1]), dim=-1).indices.flatten().tolist())
         out.update(torch.topk(s_NE.sum(0), min(self.width, s_NE.shape[-1])).indices.tolist())
         return out
+
+    def _prefetch_next(self, logits: torch.Tensor):
+        """Before the engine samples: guess each sequence's next token (argmax) and start loading the first MoE
+        layer's predicted experts for the next decode step, which otherwise has only one attention's time to
+        load them (a wrong guess costs one wasted read; the step-start plan corrects it)."""
+        s = self.predictor.first_layer_scores(logits.argmax(-1))
+        if s is None:
+            return
+        t = self.moe_layers[0]
+        self.cache.set_predictions({(t, e): 1 for e in self._set(t, s)})
+        self.cache.prefetch_predicted(self.prefetch_distance, soon=1)
 
     def _plan_step(self):
         """Step start: a prediction for every MoE layer from the token ids (else last step's experts)."""
