@@ -137,7 +137,7 @@ class ExpertCache:
         self.counters = {"expert_hits": 0, "expert_misses": 0, "prefetch_issued": 0, "prefetch_used": 0,
                          "prefetch_cancelled": 0, "prefetch_wasted": 0, "prefetch_late": 0, "bytes_loaded": 0,
                          "stall_seconds": 0.0, "expert_requests": 0, "read_errors": 0, "evictions": 0,
-                         "prefetch_not_started": 0, "loads_inline": 0}
+                         "prefetch_not_started": 0, "loads_inline": 0, "slots_stolen": 0}
         self._tls_main: dict = {}
         self._job_ids = itertools.count(1)
         self._by_job: dict[int, _Entry] = {}      # reader process: jobs without a D/X/E yet
@@ -317,6 +317,22 @@ class ExpertCache:
             self.counters["prefetch_cancelled"] += 1
         self._drop(v)
         self.counters["evictions"] += 1
+        return v.slot
+
+    def _steal(self, key):
+        """Every slot is held by an expert this layer still has to run (a layer needing more experts than the pool
+        holds, e.g. a prefill whose predicted experts filled the pool before the layer routed): take the slot of
+        the one needed last (experts run in ascending id order) if it is loaded; it is read again when its turn
+        comes. Without this the layer would wait forever for a slot. None: none loaded yet (wait for one)."""
+        cands = [e for k in self.pinned if k != key and (e := self.entries.get(k)) is not None and e.state == READY]
+        if not cands:
+            return None
+        v = max(cands, key=lambda e: (e.key[0] == key[0], e.key[1]))
+        self.pinned.discard(v.key)
+        self._class[v.key] = False            # it will be a miss when its turn comes
+        self._drop(v)
+        self.counters["evictions"] += 1
+        self.counters["slots_stolen"] += 1
         return v.slot
 
     def _drop(self, e: _Entry) -> bool:
@@ -529,6 +545,8 @@ class ExpertCache:
                     ent = self.entries.get(key)
                     if ent is None:
                         slot = self._claim(for_prefetch=False)
+                        if slot is None:
+                            slot = self._steal(key)
                         if slot is None:
                             if t0 is None:
                                 t0 = time.perf_counter()

@@ -451,7 +451,15 @@ def _reader_main(spec: dict) -> int:
     os.set_blocking(bell, False)
     with lock:
         send("R", 0)
-    threads = [threading.Thread(target=reader, daemon=True) for _ in range(max(1, int(spec.get("threads", 1))))]
+    def run():
+        try:
+            reader()
+        except OSError:           # the engine closed its pipes (it exited or restarts us): stop quietly
+            with lock:
+                state["quit"] = True
+                work.notify_all()
+
+    threads = [threading.Thread(target=run, daemon=True) for _ in range(max(1, int(spec.get("threads", 1))))]
     for t in threads:
         t.start()
     for t in threads:

@@ -237,6 +237,32 @@ def test_eviction_policies(refs, io_mode):
     c.close()
 
 
+@pytest.mark.parametrize("io_mode", ["process", "thread"])
+def test_layer_needing_more_experts_than_slots_never_deadlocks(refs, io_mode):
+    """Prefetched experts of a layer fill every slot; the layer then needs those and more (a prefill): the first
+    expert it runs has no slot and every slot is pinned by experts still to run. The cache gives it the slot of the
+    one needed last (read again on its turn) instead of waiting forever."""
+    import threading
+    path, _ = refs["mixtral"]
+    cfg, c = _cache(path, 4, "predicted", io_mode)
+    c.set_predictions({(0, e): 1 for e in (1, 2, 3, 4)})
+    assert c.prefetch(0, [1, 2, 3, 4]) == 4
+    for e in (1, 2, 3, 4):
+        _wait_resident(c, (0, e))
+    done = []
+
+    def run():
+        _use(c, 0, [0, 1, 2, 3, 4])           # 0 first, no slot for it
+        done.append(True)
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(20)
+    assert done, "the layer deadlocked waiting for a slot"
+    st = c.stats()
+    assert st["slots_stolen"] >= 1 and st["expert_requests"] == 5
+    c.close()
+
+
 def test_predictors_find_planted_structure():
     E, K, L, T = 8, 2, 4, 4000
     rng = np.random.default_rng(0)
