@@ -380,3 +380,46 @@ def test_prompt_batch_and_chat_n_stream(server):
             if x.finish_reason:
                 fin[x.index].append(x.finish_reason)
     assert fin == {0: ["length"], 1: ["length"]} and roles == {0: 1, 1: 1}
+
+
+def test_offload_mode_server_matches_local(server, serve_ckpt):
+    """The same server with offload mode underneath (a quarter of the experts resident, the reader process and
+    prediction on): concurrent streamed and plain completions are the local-mode server's greedy texts."""
+    from concurrent.futures import ThreadPoolExecutor
+    prompts = [PROMPT, "The quick brown fox", "Once upon a time", "1 2 3 4"]
+    ref = [server.client.completions.create(model=MODEL, prompt=p, max_tokens=12, temperature=0,
+                                            extra_body={"ignore_eos": True}).choices[0].text for p in prompts]
+    llm = LLM(serve_ckpt, mode="offload", expert_cache_fraction=0.25, predictor="combined", max_num_seqs=4,
+              max_model_len=1024)
+    allm = AsyncLLM(llm)
+    port = free_port()
+    srv = make_server(build_app(allm, MODEL), "127.0.0.1", port, log_level="warning", graceful_timeout=5)
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    t0 = time.time()
+    while not srv.started:
+        assert time.time() - t0 < 30 and th.is_alive(), "server did not start"
+        time.sleep(0.05)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+
+        def plain(p):
+            return client.completions.create(model=MODEL, prompt=p, max_tokens=12, temperature=0,
+                                             extra_body={"ignore_eos": True}).choices[0].text
+
+        def streamed(p):
+            return _stream_completion(client, prompt=p, max_tokens=12, temperature=0,
+                                      extra_body={"ignore_eos": True})[0]
+        with ThreadPoolExecutor(8) as pool:
+            got_plain = list(pool.map(plain, prompts))
+            got_stream = list(pool.map(streamed, prompts))
+        assert got_plain == ref and got_stream == ref
+        st = llm.stats()
+        assert st["io_mode"] == "process" and st["expert_misses"] + st["expert_hits"] > 0
+    finally:
+        srv.should_exit = True
+        th.join(20)
+        reader = llm.engine.executor.cache.proc
+        llm.close()
+    assert not th.is_alive() and not allm._thread.is_alive()
+    assert reader.proc is None                      # no reader process left behind
