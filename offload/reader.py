@@ -451,6 +451,7 @@ def _reader_main(spec: dict) -> int:
     os.set_blocking(bell, False)
     with lock:
         send("R", 0)
+
     def run():
         try:
             reader()
