@@ -231,11 +231,15 @@ def run_replay(cfg: dict) -> dict:
             cache.begin_layer(l, need)
             if pred is not None:
                 pred.observe(l, None, ids)
-                if li + 1 < L:
+                min_p = cfg.get("min_p")
+                if li + 1 < L and min_p:        # only experts the predictor gives at least min_p
+                    sc = pred.scores(l, 1)[0]
+                    nxt, pset = mc.moe_layers[li + 1], set((sc >= min_p).nonzero().flatten().tolist())
+                elif li + 1 < L:
                     p, _ = pred.predict(l, 1)
                     nxt, pset = mc.moe_layers[li + 1], set(p.flatten().tolist())
-                else:
-                    nxt, pset = mc.moe_layers[0], prev.get(mc.moe_layers[0], set())
+                else:                           # the next token's first layer: last token's experts (no score)
+                    nxt, pset = mc.moe_layers[0], set() if min_p else prev.get(mc.moe_layers[0], set())
                 cache.set_predictions({(nxt, e): 1 for e in pset})
                 cache.prefetch(nxt, sorted(pset))
             prev[l] = set(need)
@@ -365,7 +369,11 @@ def main():
         rb = dict(path=BIG, trace=trace, tokens=8 if a.quick else 16, compute_ms=20, io_threads=2)
         for name, c in {"0.25/predicted+prefetch": dict(rb, fraction=0.25, eviction="predicted", prefetch=True),
                         "0.25/on-demand LRU": dict(rb, fraction=0.25, eviction="lru", prefetch=False),
+                        "0.25/predicted, only p >= 0.25": dict(rb, fraction=0.25, eviction="predicted", prefetch=True,
+                                                               min_p=0.25),
                         "0.5/predicted+prefetch": dict(rb, fraction=0.5, eviction="predicted", prefetch=True),
+                        "0.5/predicted, only p >= 0.25": dict(rb, fraction=0.5, eviction="predicted", prefetch=True,
+                                                              min_p=0.25),
                         "0.5/on-demand LRU": dict(rb, fraction=0.5, eviction="lru", prefetch=False)}.items():
             r = sub("replay", c)
             report["B"][name] = r
