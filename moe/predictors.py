@@ -186,7 +186,7 @@ class TokenTablePredictor(_Base):
     def observe(self, layer, x_ND, topk_ids_NK):
         super().observe(layer, x_ND, topk_ids_NK)
         if self.learn and self.tokens is not None and self.tokens.shape[0] == topk_ids_NK.shape[0]:
-            self._pending.append((self.tokens, self._pos[layer], topk_ids_NK))   # counted in one go (_learn)
+            self._pending.append((self._pos[layer], topk_ids_NK))   # this pass's tokens; counted in one go (_learn)
 
     @property
     def C(self) -> torch.Tensor:
@@ -195,19 +195,16 @@ class TokenTablePredictor(_Base):
         return self._C
 
     def _learn(self):
-        """Add the observed routings to the table: one ``index_add`` for all layers of a pass."""
+        """Add the routings observed in this pass (over ``self.tokens``; ``begin`` learns before it replaces them)
+        to the table: one ``index_add`` for all its layers."""
         if not self._pending:
             return
         L, pend = len(self.moe_layers), self._pending
         self._pending = []
-        tok = pend[0][0]
-        if all(p[0] is tok for p in pend):          # one pass: every layer's routing of the same tokens, stacked
-            li = torch.tensor([p[1] for p in pend])
-            ids = torch.stack([p[2] for p in pend]).to(torch.long).cpu()                   # [L', N, K]
-            flat = ((tok.to(torch.long).cpu()[None, :, None] * L + li[:, None, None]) * self.E + ids).reshape(-1)
-        else:
-            flat = torch.cat([((t.to(torch.long).cpu()[:, None] * L + li) * self.E + ids.to(torch.long).cpu())
-                              .reshape(-1) for t, li, ids in pend])
+        li = torch.tensor([p[0] for p in pend])
+        ids = torch.stack([p[1] for p in pend]).to(torch.long).cpu()                       # [L', N, K]
+        tok = self.tokens.to(torch.long).cpu()
+        flat = ((tok[None, :, None] * L + li[:, None, None]) * self.E + ids).reshape(-1)
         self._C.view(-1).index_add_(0, flat, torch.ones(flat.numel()))
 
     def scores(self, layer, ahead):

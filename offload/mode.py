@@ -88,7 +88,7 @@ def build_offload(ctx: ModeContext, expert_cache_fraction: float = 0.25, expert_
         raise OffloadConfigError(f"unknown eviction policy {eviction!r}; valid: {', '.join(EVICTION)}")
     if io_mode not in ("auto", "process", "thread"):
         raise OffloadConfigError(f"unknown io_mode {io_mode!r}; valid: auto, process, thread")
-    if not isinstance(read_timeout, (int, float)) or not read_timeout > 0:
+    if isinstance(read_timeout, bool) or not isinstance(read_timeout, (int, float)) or not read_timeout > 0:
         raise OffloadConfigError(f"read_timeout must be a positive number of seconds, got {read_timeout!r}")
     if lookahead < 1:
         raise OffloadConfigError(f"lookahead must be >= 1, got {lookahead}")

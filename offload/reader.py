@@ -336,8 +336,8 @@ def _reader_main(spec: dict) -> int:
 
     inbox = [b""]
 
-    def take_requests() -> bool:
-        """Move what the engine wrote into the queue (lock held, never blocks); False at end of input."""
+    def take_requests():
+        """Move what the engine wrote into the queue (lock held, never blocks); end of input sets ``quit``."""
         try:
             while os.read(bell, 4096):        # the rings are only wake-ups
                 pass
@@ -373,7 +373,6 @@ def _reader_main(spec: dict) -> int:
             elif op == "Q":
                 state["quit"] = True
         inbox[0] = buf[i:]
-        return not state["quit"]
 
     def next_job():
         """The most urgent live job, or None (lock held)."""

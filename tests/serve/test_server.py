@@ -27,9 +27,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(serve_ckpt):
-    llm = LLM(serve_ckpt, max_num_seqs=8, max_model_len=1024)
+def _start_server(llm):
+    """``llm`` behind a real uvicorn server on a free loopback port, in a thread: (server, thread, AsyncLLM, url)."""
     allm = AsyncLLM(llm)
     port = free_port()
     srv = make_server(build_app(allm, MODEL), "127.0.0.1", port, log_level="warning", graceful_timeout=5)
@@ -39,7 +38,13 @@ def server(serve_ckpt):
     while not srv.started:
         assert time.time() - t0 < 30 and th.is_alive(), "server did not start"
         time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
+    return srv, th, allm, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def server(serve_ckpt):
+    llm = LLM(serve_ckpt, max_num_seqs=8, max_model_len=1024)
+    srv, th, allm, url = _start_server(llm)
     yield SimpleNamespace(url=url, allm=allm, llm=llm,
                           client=openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60))
     srv.should_exit = True
@@ -391,17 +396,9 @@ def test_offload_mode_server_matches_local(server, serve_ckpt):
                                             extra_body={"ignore_eos": True}).choices[0].text for p in prompts]
     llm = LLM(serve_ckpt, mode="offload", expert_cache_fraction=0.25, predictor="combined", max_num_seqs=4,
               max_model_len=1024)
-    allm = AsyncLLM(llm)
-    port = free_port()
-    srv = make_server(build_app(allm, MODEL), "127.0.0.1", port, log_level="warning", graceful_timeout=5)
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    t0 = time.time()
-    while not srv.started:
-        assert time.time() - t0 < 30 and th.is_alive(), "server did not start"
-        time.sleep(0.05)
+    srv, th, allm, url = _start_server(llm)
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
 
         def plain(p):
             return client.completions.create(model=MODEL, prompt=p, max_tokens=12, temperature=0,
