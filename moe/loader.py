@@ -38,15 +38,27 @@ def resolve_dtype(dtype, cfg: MoEConfig, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+# Models shipped as package data: name -> folder of moe/. "default" is the Mixtral-shaped model (16 experts,
+# top-2); "deepseek-mini" the fine-grained DeepSeek-V3-architecture one (64 experts, top-6, 2 shared, MLA).
+EMBEDDED_MODELS = {"default": "default_model", "mixtral-mini": "default_model", "deepseek-mini": "deepseek_mini"}
+_EMBEDDED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+def embedded_model_path(name: str = "default") -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), EMBEDDED_MODELS[name])
+
+
 def default_model_path() -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
+    return embedded_model_path("default")
 
 
 def resolve_model_path(model: str) -> str:
-    if model == "default":
-        p = default_model_path()
-        if not os.path.isfile(os.path.join(p, "config.json")):
-            raise ModelError(f"the embedded default model is missing from {p}")
+    """A checkpoint directory, or the directory of an embedded model named in ``EMBEDDED_MODELS``."""
+    if model in EMBEDDED_MODELS and not os.path.isdir(model):
+        p = embedded_model_path(model)
+        for fn in _EMBEDDED_FILES:
+            if not os.path.isfile(os.path.join(p, fn)):
+                raise ModelError(f"the embedded model {model!r} is incomplete: {os.path.join(p, fn)} is missing")
         return p
     return model
 

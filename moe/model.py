@@ -179,3 +179,7 @@ class MoEForCausalLM(nn.Module):
 
     def router_logits(self) -> list[torch.Tensor]:
         return [l.mlp.last_router_logits for l in self.model.layers if l.is_moe]
+
+    def router_ids(self) -> list[torch.Tensor]:
+        """The chosen experts [N, K] of every MoE layer in the last training forward (DeepSeek-V3 blocks)."""
+        return [l.mlp.last_router_ids for l in self.model.layers if l.is_moe]

@@ -72,8 +72,8 @@ class _RoutedBlock(nn.Module):
 
     def routed(self, x_ND, batch, experts, dispatcher):
         logits_NE, ids_NK, w_NK = self._route(x_ND)
-        if self.training:
-            self.last_router_logits = logits_NE
+        if self.training:   # kept for the training losses and the router-bias update
+            self.last_router_logits, self.last_router_ids = logits_NE, ids_NK
         for hook in batch.route_hooks:
             hook(self.layer, x_ND, ids_NK, w_NK)
         r = dispatcher.dispatch(self.layer, x_ND, ids_NK, w_NK)

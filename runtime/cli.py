@@ -10,11 +10,12 @@ import sys
 import time
 
 # Subcommands owned by other packages register themselves through ``register(subparsers)``.
-_PLUGINS = ("moeyard.placement.cli", "moeyard.runtime.serve_cli", "moeyard.runtime.profile")
+_PLUGINS = ("moeyard.placement.cli", "moeyard.runtime.serve_cli", "moeyard.runtime.profile", "moeyard.moe.inflate")
 
 
 def _common_model_args(p):
-    p.add_argument("--model", default="default", help="checkpoint directory, or 'default' for the embedded model")
+    p.add_argument("--model", default="default",
+                   help="checkpoint directory, or an embedded model: 'default' (Mixtral-shaped) or 'deepseek-mini'")
     p.add_argument("--mode", default="local", help="local | offload | ray")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU)")
     p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",

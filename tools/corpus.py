@@ -53,3 +53,27 @@ def encode_stream(tok, domain: str, part: str) -> np.ndarray:
         out.extend(enc.ids)
         out.append(eot)
     return np.asarray(out, dtype=np.int32)
+
+
+# Python source that is not in the corpus (github.txt is mostly JavaScript, Go and C with some Python, none of
+# these files): modules of the running interpreter's standard library, read in place, for routing-health checks
+# on code no one here wrote.
+PYTHON_MODULES = ("argparse.py", "dataclasses.py", "json/decoder.py", "json/encoder.py", "textwrap.py",
+                  "heapq.py", "bisect.py", "fractions.py", "statistics.py", "functools.py", "shlex.py",
+                  "csv.py", "difflib.py", "enum.py")
+
+
+def python_source() -> str:
+    import sysconfig
+    lib = sysconfig.get_paths()["stdlib"]
+    parts = []
+    for m in PYTHON_MODULES:
+        p = os.path.join(lib, m)
+        if os.path.isfile(p):
+            with open(p, encoding="utf-8") as f:
+                parts.append(f.read())
+    return "\n".join(parts)
+
+
+def python_source_ids(tok) -> np.ndarray:
+    return np.asarray(tok.encode(python_source(), add_special_tokens=False).ids, dtype=np.int32)

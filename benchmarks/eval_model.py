@@ -1,12 +1,14 @@
-"""Measure the embedded default model: the figures of docs/MODEL_CARD.md.
+"""Measure an embedded model: the figures of docs/MODEL_CARD.md and docs/MODEL_CARD_DEEPSEEK_MINI.md.
 
-    .venv/bin/python benchmarks/eval_default_model.py [--model default] [--json out.json]
+    .venv/bin/python benchmarks/eval_model.py [--model default|deepseek-mini] [--compare default] [--json out.json]
 
 1. validation loss (nats/token) per corpus domain vs a unigram baseline on the same tokenizer (token frequencies
-   of the training split, add-one smoothed), both on the same validation tokens;
+   of the training split, add-one smoothed), and vs the ``--compare`` model on the same tokens;
 2. greedy continuations of one prompt per domain;
-3. routing health from ``trace.npz`` (per-layer expert load max/mean, inter-layer affinity, domain lift);
-4. parity with ``transformers.MixtralForCausalLM`` (logits allclose, greedy tokens identical).
+3. routing health per domain from ``trace.npz`` and on Python source that is not in the corpus (standard library
+   modules, see tools/corpus.py): per-layer expert load max/mean, inter-layer affinity (mean over layers of the
+   best next-layer expert's conditional probability, as a multiple of uniform 1/E), domain lift;
+4. parity with transformers (``AutoModelForCausalLM``: logits allclose, greedy tokens identical).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
-from corpus import DOMAINS, encode_stream  # noqa: E402
+from corpus import DOMAINS, encode_stream, python_source_ids  # noqa: E402
 from routing_stats import affinity, domain_lift, load_imbalance  # noqa: E402
 
 from moeyard.moe.loader import load_model  # noqa: E402
@@ -75,8 +77,8 @@ def greedy(model, ids: list[int], n: int, eos: int | None = None) -> list[int]:
 
 @torch.no_grad()
 def hf_parity(lm, path: str, prompts: list[str], n: int = 24) -> dict:
-    from transformers import MixtralForCausalLM
-    hf = MixtralForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     res = {"max_abs_logit_diff": 0.0, "greedy_equal": True, "cases": []}
     for p in prompts:
         ids = lm.tokenizer.encode(p)
@@ -98,32 +100,60 @@ def hf_parity(lm, path: str, prompts: list[str], n: int = 24) -> dict:
     return res
 
 
-def routing(trace_path: str, lift_layers=None) -> dict:
+def health(ex: np.ndarray, E: int) -> dict:
+    """Load max/mean and affinity (x uniform) per layer of a routing ``ex[T, L, K]``."""
+    imb = load_imbalance(ex, E)
+    aff, aff_layers = affinity(ex, E)
+    return {"tokens": int(ex.shape[0]), "load_max_over_mean": [round(float(v), 3) for v in imb],
+            "worst_load": round(float(imb.max()), 3), "affinity_over_uniform": round(aff * E, 3),
+            "affinity_over_uniform_per_layer": [round(float(v) * E, 3) for v in aff_layers]}
+
+
+@torch.no_grad()
+def route(lm, ids: np.ndarray, seq_len: int, batch: int = 8) -> np.ndarray:
+    """Experts [T, L, K] chosen for ``ids`` cut into windows of ``seq_len`` (tail dropped)."""
+    n = len(ids) // seq_len
+    out = []
+    for i in range(0, n, batch):
+        B = min(batch, n - i)
+        x = torch.from_numpy(ids[i * seq_len:(i + B) * seq_len].astype(np.int64))
+        rec: dict[int, torch.Tensor] = {}
+        fb = ForwardBatch.blocks(B, seq_len, "cpu")
+        fb.route_hooks.append(lambda layer, x_ND, ids_NK, w_NK: rec.__setitem__(layer, ids_NK))
+        lm.model.hidden(x, fb)
+        out.append(torch.stack([rec[l] for l in lm.cfg.moe_layers], 1).numpy())
+    return np.concatenate(out)
+
+
+def routing(trace_path: str, lift_layers=None, python_ex: np.ndarray | None = None) -> dict:
     t = np.load(trace_path)
     ex, E, K = t["experts"], int(t["num_experts"]), int(t["top_k"])
     T, L, _ = ex.shape
-    imb = load_imbalance(ex, E)
-    aff, aff_layers = affinity(ex, E)
     names = [str(s) for s in t["domains"]]
+    per = {"all": health(ex, E)}
+    for d, name in enumerate(names):
+        per[name] = health(ex[t["domain"] == d], E)
+    if python_ex is not None:
+        per["python (not in corpus)"] = health(python_ex, E)
     lift_layers = lift_layers or [0, L // 2, L - 1]
     spec = {}
     for l in lift_layers:
         lift = domain_lift(ex, t["domain"], E, l)
         spec[l] = {names[d]: [(int(e), round(float(lift[d, e]), 2)) for e in np.argsort(-lift[d])[:3]]
                    for d in range(len(names))}
-    return {"tokens": int(T), "layers": int(L), "num_experts": E, "top_k": K,
-            "load_max_over_mean": [round(float(v), 3) for v in imb],
-            "affinity": aff, "affinity_per_layer": [round(float(v), 4) for v in aff_layers],
-            "uniform": 1.0 / E, "affinity_over_uniform": aff * E, "domain_top_experts": spec}
+    return {"tokens": int(T), "layers": int(L), "num_experts": E, "top_k": K, "uniform": 1.0 / E,
+            "per_set": per, "domain_top_experts": spec}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
+    ap.add_argument("--compare", default=None, help="another model whose validation loss is reported beside")
     ap.add_argument("--trace", default=None, help="default: <model dir>/trace.npz")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--max-tokens-per-domain", type=int, default=0, help="0: the whole validation split")
     ap.add_argument("--sample-tokens", type=int, default=40)
+    ap.add_argument("--python-tokens", type=int, default=12288, help="tokens of Python source routed")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
     ap.add_argument("--skip", default="", help="comma list of sections to skip: loss,samples,routing,hf")
@@ -136,7 +166,12 @@ def main(argv=None):
     report: dict = {"model": lm.path}
 
     if "loss" not in skip:
-        print("## validation loss (nats/token)\n\n| domain | tokens | model | unigram |\n|---|---|---|---|")
+        other = load_model(a.compare, dtype="float32", device="cpu") if a.compare else None
+        if other is not None and other.tokenizer._tok.to_str() != tok._tok.to_str():
+            raise SystemExit(f"--compare {a.compare}: a different tokenizer; losses would not be comparable")
+        col = f" {a.compare} |" if other else ""
+        print(f"## validation loss (nats/token)\n\n| domain | tokens | model |{col} unigram |\n"
+              f"|---|---|---|{'---|' if other else ''}---|")
         report["val_loss"] = {}
         for d in DOMAINS:
             val = encode_stream(tok._tok, d, "val")
@@ -145,11 +180,15 @@ def main(argv=None):
             loss, n, targets = val_loss(lm, val, a.seq_len)
             uni = unigram_nll(encode_stream(tok._tok, d, "train"), targets, V)
             report["val_loss"][d] = {"tokens": n, "model": loss, "unigram": uni}
-            print(f"| {d} | {n} | {loss:.3f} | {uni:.3f} |", flush=True)
+            if other is not None:
+                report["val_loss"][d]["compare"] = val_loss(other, val, a.seq_len)[0]
+            cmp = f" {report['val_loss'][d]['compare']:.3f} |" if other else ""
+            print(f"| {d} | {n} | {loss:.3f} |{cmp} {uni:.3f} |", flush=True)
         vl = report["val_loss"]
         m = np.mean([v["model"] for v in vl.values()])
         u = np.mean([v["unigram"] for v in vl.values()])
-        print(f"| mean | | {m:.3f} | {u:.3f} |\n")
+        cm = f" {np.mean([v['compare'] for v in vl.values()]):.3f} |" if other else ""
+        print(f"| mean | | {m:.3f} |{cm} {u:.3f} |\n")
 
     if "samples" not in skip:
         print("## greedy samples\n")
@@ -162,12 +201,16 @@ def main(argv=None):
 
     if "routing" not in skip:
         tp = a.trace or os.path.join(lm.path, "trace.npz")
-        r = routing(tp)
+        py = python_source_ids(tok._tok)[:a.python_tokens]
+        r = routing(tp, python_ex=route(lm, py, a.seq_len))
         report["routing"] = r
-        print(f"## routing health ({r['tokens']} traced tokens)\n")
-        print("load max/mean per layer:", r["load_max_over_mean"])
-        print(f"affinity {r['affinity']:.4f} = {r['affinity_over_uniform']:.2f}x uniform (1/E = {r['uniform']:.4f});"
-              f" per layer pair {r['affinity_per_layer']}")
+        print(f"## routing health ({r['tokens']} traced tokens, E = {r['num_experts']}, top-{r['top_k']})\n")
+        print("| set | tokens | worst load max/mean | load max/mean per layer | affinity x uniform | per layer pair |")
+        print("|---|---|---|---|---|---|")
+        for name, h in r["per_set"].items():
+            print(f"| {name} | {h['tokens']} | {h['worst_load']:.2f} | {h['load_max_over_mean']} | "
+                  f"{h['affinity_over_uniform']:.2f} | {h['affinity_over_uniform_per_layer']} |")
+        print()
         for l, spec in r["domain_top_experts"].items():
             print(f"layer {l} top experts by lift:", {d: v for d, v in spec.items()})
         print()

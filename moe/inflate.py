@@ -1,0 +1,190 @@
+"""Inflate a checkpoint's experts to a realistic size with outputs unchanged (``moeyard inflate``).
+
+    moeyard inflate SRC DST --expert-intermediate F
+
+Every routed expert of DST is ``F`` wide instead of its own width: the extra gate/up rows are random (drawn with
+the source rows' standard deviation), the matching down-projection columns zero, so every byte is read and
+multiplied but contributes nothing (silu(g·x)·(u·x) times a zero column is exactly zero). DST routes exactly as
+SRC — its routing is SRC's learned routing — while its experts have the megabytes of a real model, for I/O and
+engine benchmarks. DeepSeek-V3's shared experts are sized by the same config field and are inflated the same way.
+Other tensors and files (tokenizer, ``trace.npz``) are copied unchanged.
+
+Shapes: D hidden, F the source's expert width, G = F' - F extra units, E experts of a fused layer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+from safetensors.torch import save_file
+
+from .checkpoint import CheckpointReader
+from .config import MoEConfig
+from .errors import ModelError
+from .weights import expert_refs
+
+# config field holding the routed experts' width, per architecture
+WIDTH_FIELD = {"mixtral": "intermediate_size", "olmoe": "intermediate_size", "gpt_oss": "intermediate_size",
+               "qwen2_moe": "moe_intermediate_size", "qwen3_moe": "moe_intermediate_size",
+               "deepseek_v3": "moe_intermediate_size"}
+
+
+def _extra_rows(t: torch.Tensor, dim: int, G: int, gen: torch.Generator) -> torch.Tensor:
+    """``G`` random slices along ``dim`` with ``t``'s standard deviation, in ``t``'s dtype."""
+    shape = list(t.shape)
+    shape[dim] = G
+    std = float(t.float().std()) if t.numel() > 1 else 0.02
+    return (torch.randn(shape, generator=gen) * std).to(t.dtype)
+
+
+def _zeros(t: torch.Tensor, dim: int, G: int) -> torch.Tensor:
+    shape = list(t.shape)
+    shape[dim] = G
+    return t.new_zeros(shape)
+
+
+def _grow(t: torch.Tensor, dim: int, G: int, gen, zero: bool) -> torch.Tensor:
+    return torch.cat((t, _zeros(t, dim, G) if zero else _extra_rows(t, dim, G, gen)), dim=dim)
+
+
+def _interleaved(t: torch.Tensor, F: int, G: int, gen, zero: bool) -> torch.Tensor:
+    """gpt-oss's ``[..., 2F]`` (gate at even, up at odd positions) grown to ``[..., 2(F+G)]``."""
+    gate, up = t[..., 0::2], t[..., 1::2]
+    gate, up = _grow(gate, -1, G, gen, zero), _grow(up, -1, G, gen, zero)
+    return torch.stack((gate, up), dim=-1).flatten(-2)
+
+
+def plan(cfg: MoEConfig, reader: CheckpointReader) -> dict[str, str]:
+    """Tensor name -> how to grow it: "rows" (gate/up: dim -2 random), "cols" (down: dim -1 zero), "fused_gu"
+    ([E, 2F, D]: gate rows then up rows), "oss_gu", "oss_gu_bias", "oss_down" ([E, F, D]: dim -2 zero)."""
+    how: dict[str, str] = {}
+    for layer in cfg.moe_layers:
+        r = expert_refs(cfg, reader, layer, 0)
+        if cfg.expert_act == "swiglu_oss":
+            how.update({r.gate.name: "oss_gu", r.gate_bias.name: "oss_gu_bias", r.down.name: "oss_down"})
+        elif r.gate.index is not None:
+            how.update({r.gate.name: "fused_gu", r.down.name: "cols"})
+        else:
+            for e in range(cfg.num_experts):
+                r = expert_refs(cfg, reader, layer, e)
+                how.update({r.gate.name: "rows", r.up.name: "rows", r.down.name: "cols"})
+        if cfg.model_type == "deepseek_v3" and cfg.num_shared_experts:
+            p = f"model.layers.{layer}.mlp.shared_experts"
+            how.update({f"{p}.gate_proj.weight": "rows", f"{p}.up_proj.weight": "rows",
+                        f"{p}.down_proj.weight": "cols"})
+    return how
+
+
+def grow_tensor(t: torch.Tensor, how: str, F: int, G: int, gen: torch.Generator) -> torch.Tensor:
+    if how == "rows":
+        return _grow(t, -2, G * t.shape[-2] // F, gen, zero=False)   # shared experts: n_shared * F rows
+    if how == "cols":
+        return _grow(t, -1, G * t.shape[-1] // F, gen, zero=True)
+    if how == "fused_gu":
+        gate, up = t[:, :F], t[:, F:]
+        return torch.cat((_grow(gate, -2, G, gen, False), _grow(up, -2, G, gen, False)), dim=-2)
+    if how == "oss_gu":
+        return _interleaved(t, F, G, gen, zero=False)
+    if how == "oss_gu_bias":
+        return _interleaved(t, F, G, gen, zero=True)
+    if how == "oss_down":
+        return _grow(t, -2, G, gen, zero=True)
+    raise AssertionError(how)
+
+
+class ShardWriter:
+    """Writes tensors into safetensors shards of about ``shard_bytes`` as they come, so a checkpoint larger than
+    memory can be written; ``close()`` names the shards and writes the index when there is more than one."""
+
+    def __init__(self, dst: str, shard_bytes: int):
+        self.dst, self.shard_bytes = dst, shard_bytes
+        self.cur: dict[str, torch.Tensor] = {}
+        self.size = 0
+        self.names: list[list[str]] = []
+
+    def add(self, name: str, t: torch.Tensor):
+        nb = t.numel() * t.element_size()
+        if self.cur and self.size + nb > self.shard_bytes:
+            self._flush()
+        self.cur[name] = t
+        self.size += nb
+
+    def _flush(self):
+        save_file(self.cur, os.path.join(self.dst, f".shard-{len(self.names)}.tmp"), metadata={"format": "pt"})
+        self.names.append(list(self.cur))
+        self.cur, self.size = {}, 0
+
+    def close(self) -> int:
+        """Total bytes written."""
+        self._flush()
+        n = len(self.names)
+        files = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+        for k, fn in enumerate(files):
+            os.replace(os.path.join(self.dst, f".shard-{k}.tmp"), os.path.join(self.dst, fn))
+        if n > 1:
+            wm = {t: files[k] for k, names in enumerate(self.names) for t in names}
+            with open(os.path.join(self.dst, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {}, "weight_map": wm}, f, indent=1)
+        return sum(os.path.getsize(os.path.join(self.dst, fn)) for fn in files)
+
+
+def inflate(src: str, dst: str, width: int, seed: int = 0, shard_bytes: int = 1 << 30) -> dict:
+    """Write DST, a copy of SRC whose routed experts are ``width`` wide. Returns a summary."""
+    src_r, dst_r = os.path.realpath(src), os.path.realpath(dst)
+    if dst_r == src_r or dst_r.startswith(src_r + os.sep):
+        raise ModelError(f"inflate: destination {dst} is inside the source {src}")
+    cfg = MoEConfig.from_dir(src)
+    if cfg.model_type not in WIDTH_FIELD:
+        raise ModelError(f"inflate: architecture {cfg.model_type!r} is not supported; supported: "
+                         f"{', '.join(WIDTH_FIELD)}")
+    F = cfg.expert_intermediate_size
+    if width < F:
+        raise ModelError(f"inflate: --expert-intermediate {width} is smaller than the source's expert width {F}")
+    if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
+        raise ModelError(f"inflate: destination {dst} exists and is not an empty directory")
+    G = width - F
+    reader = CheckpointReader(src)
+    how = plan(cfg, reader)
+    gen = torch.Generator().manual_seed(seed)
+    os.makedirs(dst, exist_ok=True)
+    out = ShardWriter(dst, shard_bytes)
+    elem = 2
+    for name in reader.names():
+        t = reader.get(name)
+        if name in how:
+            t = grow_tensor(t, how[name], F, G, gen).contiguous()
+            elem = t.element_size()
+        out.add(name, t)
+    total = out.close()
+    with open(os.path.join(src, "config.json")) as f:
+        d = json.load(f)
+    d[WIDTH_FIELD[cfg.model_type]] = width
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(d, f, indent=2)
+    for fn in sorted(os.listdir(src)):
+        if fn.endswith(".safetensors") or fn in ("config.json", "model.safetensors.index.json"):
+            continue
+        if os.path.isfile(os.path.join(src, fn)):
+            shutil.copy(os.path.join(src, fn), os.path.join(dst, fn))
+    return {"src": src, "dst": dst, "expert_width": [F, width], "bytes": total, "files": len(out.names),
+            "expert_mb": round(3 * cfg.hidden_size * width * elem / 2**20, 2)}
+
+
+def cmd_inflate(args):
+    from .loader import resolve_model_path
+    s = inflate(resolve_model_path(args.src), args.dst, args.expert_intermediate, seed=args.seed)
+    print(f"wrote {s['dst']}: experts {s['expert_width'][0]} -> {s['expert_width'][1]} wide "
+          f"({s['expert_mb']} MB each), {s['bytes'] / 2**30:.2f} GiB in {s['files']} file(s)")
+
+
+def register(sub):
+    p = sub.add_parser("inflate", help="copy a checkpoint with wider experts and identical outputs (benchmarks)")
+    p.add_argument("src", help="checkpoint directory or an embedded model name")
+    p.add_argument("dst", help="new directory (must not exist or be empty; not inside SRC)")
+    p.add_argument("--expert-intermediate", type=int, required=True, metavar="F",
+                   help="width of every routed expert in DST (>= the source's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the extra random rows")
+    p.set_defaults(func=cmd_inflate)
