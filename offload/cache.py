@@ -137,7 +137,7 @@ class ExpertCache:
         self.counters = {"expert_hits": 0, "expert_misses": 0, "prefetch_issued": 0, "prefetch_used": 0,
                          "prefetch_cancelled": 0, "prefetch_wasted": 0, "prefetch_late": 0, "bytes_loaded": 0,
                          "stall_seconds": 0.0, "expert_requests": 0, "read_errors": 0, "evictions": 0,
-                         "prefetch_not_started": 0, "loads_inline": 0, "slots_stolen": 0}
+                         "prefetch_not_started": 0, "loads_inline": 0, "slots_stolen": 0, "budget_cut": 0}
         self._tls_main: dict = {}
         self._job_ids = itertools.count(1)
         self._by_job: dict[int, _Entry] = {}      # reader process: jobs without a D/X/E yet
@@ -459,17 +459,27 @@ class ExpertCache:
             self._flush()
         return n
 
-    def prefetch_predicted(self, max_dist: int | None = None, soon: int = 0) -> int:
-        """Issue loads for every predicted expert not resident, nearest-needed first, as far as slots can be had
-        under the rule above (stops at the first that cannot: a farther one could not either). Loads needed within
-        ``soon`` MoE layers wake the reader process at once (no nap: at the start of a step the first layer's
-        experts are needed in the time of one attention)."""
+    def prefetch_predicted(self, max_dist: int | None = None, soon: int = 0, allowed: set | None = None,
+                           max_new: int | None = None) -> int:
+        """Issue loads for every predicted expert not resident (only those in ``allowed`` when given: the gate's
+        choice), nearest-needed first, as far as slots can be had under the rule above (stops at the first that
+        cannot: a farther one could not either) and while fewer than ``max_new`` prefetches are in flight (the byte
+        budget). Loads needed within ``soon`` MoE layers wake the reader process at once (no nap: at the start of a
+        step the first layer's experts are needed in the time of one attention)."""
         n = 0
         with self._lock:          # no pipe poll here: begin_layer / step start just did it
             want = sorted(((d, k) for k, d in self.predicted.items()
-                           if k not in self.entries and (max_dist is None or d <= max_dist)))
+                           if k not in self.entries and (max_dist is None or d <= max_dist)
+                           and (allowed is None or k in allowed)))
             if not want:
                 return 0
+            if max_new is not None:
+                busy = sum(1 for e in self.entries.values() if e.prefetched and e.state in (QUEUED, LOADING))
+                if busy + len(want) > max_new:
+                    self.counters["budget_cut"] += len(want) - max(0, max_new - busy)
+                    want = want[:max(0, max_new - busy)]
+                    if not want:
+                        return 0
             cands = None        # evictable entries, a heap by eviction key (built once, when free slots run out)
             for d, key in want:
                 if self.free:

@@ -25,6 +25,11 @@ import torch
 
 from ..runtime.executor import LocalExecutor, RequestFailed, StepItem, build_batch
 from .cache import ExpertCache
+from .gate import PrefetchGate
+
+# kinds of prediction (the gate learns each one's precision apart): 0 = at the step start from the token ids,
+# a >= 1 = refined a MoE layers before, NEXT_STEP = the next step's first layer from the guessed next token
+NEXT_STEP = -1
 from .tiers import ExpertReadError
 
 
@@ -32,7 +37,7 @@ class OffloadExecutor(LocalExecutor):
     def __init__(self, model, kv, device, cache: ExpertCache, predictor=None, prefetch: bool = True,
                  lookahead: int = 1, max_decode_batch: int | None = None, token_scheduling: bool = True,
                  max_wait_steps: int = 4, width: int | None = None, prefetch_distance: int | None = None,
-                 sticky: float = 0.05):
+                 sticky: float = 0.05, gate: PrefetchGate | None = None):
         super().__init__(model, kv, device)
         model.experts = cache
         self.cache = cache
@@ -50,6 +55,7 @@ class OffloadExecutor(LocalExecutor):
         # farther predictions only protect what is resident from eviction)
         self.prefetch_distance = prefetch_distance
         self.sticky = sticky
+        self.gate = gate            # None: read every predicted expert (no confidence gate, no byte budget)
         self.route_hooks = [self._on_route]
         self.max_decode_batch = max_decode_batch
         self.batch_policy = ExpertGroupingPolicy(self, max_wait_steps) if token_scheduling else None
@@ -57,9 +63,11 @@ class OffloadExecutor(LocalExecutor):
         self._slot_set: dict[int, frozenset] = {}        # memo of experts_of (cleared when the slot runs again)
         self._routes: dict[int, torch.Tensor] = {}
         self._prev_sets: dict[int, set] = {}             # last step's experts per layer (fallback prediction)
-        self._plan: dict[int, set] = {}                  # layer → predicted experts (this step)
-        self._pending: dict[int, list] = {}              # target layer → [(ahead, predicted set)]
-        self.pred = {}                                   # ahead → [true positives, predicted, actual]
+        self._plan: dict[int, tuple] = {}                # layer → (kind, predicted experts best first) this step
+        self._pending: dict[int, list] = {}              # target layer → [(kind, predicted experts best first)]
+        self.pred = {}                                   # kind → [true positives, predicted, actual]
+        self.pred_layer = {}                             # layer → [true positives, predicted, actual]
+        self._n = 1                                      # tokens of the current forward pass
         self.counters = {"decode_steps": 0, "decode_distinct_experts": 0, "decode_tokens": 0}
 
     # ---- one step ----------------------------------------------------------------------------------------------
@@ -72,6 +80,8 @@ class OffloadExecutor(LocalExecutor):
         self._items = items
         if self.predictor is not None:
             self.predictor.begin(ids_N)
+        if self.gate is not None:
+            self.gate.step_break()
         if self.prefetch:
             self._plan_step()
         try:
@@ -133,18 +143,21 @@ class OffloadExecutor(LocalExecutor):
         return out
 
     # ---- prediction → prefetch ---------------------------------------------------------------------------------
-    def _set(self, t: int, s_NE: torch.Tensor) -> set:
-        """The predicted experts of layer ``t`` from per-token scores [N, E]. One token: its ``width`` best, experts
-        already in the cache getting a small bonus (``sticky``: a near-tie is not worth a read)."""
+    def _set(self, t: int, s_NE: torch.Tensor) -> list[int]:
+        """The predicted experts of layer ``t`` from per-token scores [N, E], best first. One token: its ``width``
+        best, experts already in the cache getting a small bonus (``sticky``: a near-tie is not worth a read).
+        Several: the union of each token's top_k and the ``width`` best of the summed scores, by summed score."""
         if s_NE.shape[0] == 1:                  # plain Python on 1 x E scores: cheaper than a few tiny torch ops
             v = s_NE[0].tolist()
             if self.sticky:
                 for e in self.cache.present(t):
                     v[e] += self.sticky
-            return set(heapq.nlargest(self.width, range(len(v)), key=v.__getitem__))
+            return heapq.nlargest(self.width, range(len(v)), key=v.__getitem__)
+        tot = s_NE.sum(0)
         out = set(torch.topk(s_NE, min(self.K, s_NE.shape[-1]), dim=-1).indices.flatten().tolist())
-        out.update(torch.topk(s_NE.sum(0), min(self.width, s_NE.shape[-1])).indices.tolist())
-        return out
+        out.update(torch.topk(tot, min(self.width, s_NE.shape[-1])).indices.tolist())
+        v = tot.tolist()
+        return sorted(out, key=lambda e: -v[e])
 
     def _prefetch_next(self, logits: torch.Tensor):
         """Before the engine samples: guess each sequence's next token (argmax) and start loading the first MoE
@@ -154,15 +167,19 @@ class OffloadExecutor(LocalExecutor):
         if s is None:
             return
         t = self.moe_layers[0]
-        self.cache.set_predictions({(t, e): 1 for e in self._set(t, s)})
-        self.cache.prefetch_predicted(self.prefetch_distance, soon=1)
+        ranked = self._set(t, s)
+        self._pending.setdefault(t, []).append((NEXT_STEP, ranked))
+        load = self._loadable(NEXT_STEP, s.shape[0], ranked)
+        self.cache.set_predictions({(t, e): 1 for e in ranked})
+        self.cache.prefetch_predicted(self.prefetch_distance, soon=1, allowed={(t, e) for e in load},
+                                      max_new=self._budget())
 
     def _plan_step(self):
         """Step start: a prediction for every MoE layer from the token ids (else last step's experts)."""
         self._plan = {}
         S = self.predictor.start_scores()                      # [N, L, E] or None
         if S is None:
-            self._plan = {t: es for t, es in self._prev_sets.items()}
+            self._plan = {t: (0, sorted(es)) for t, es in self._prev_sets.items()}
         else:
             S = S[:, :len(self.moe_layers)]
             E = S.shape[-1]
@@ -175,33 +192,64 @@ class OffloadExecutor(LocalExecutor):
                         s[[self.pos[l] for l, _ in have], [e for _, e in have]] += self.sticky
                 rows = torch.topk(s, min(self.width, E), dim=-1).indices.tolist()
             else:
+                tot = S.sum(0)
                 top = torch.topk(S, min(self.K, E), dim=-1).indices.permute(1, 0, 2).reshape(S.shape[1], -1)
-                tot = torch.topk(S.sum(0), min(self.width, E), dim=-1).indices
-                rows = torch.cat([top, tot], 1).tolist()
+                best = torch.topk(tot, min(self.width, E), dim=-1).indices
+                v = tot.tolist()
+                rows = [sorted(set(r), key=lambda e, vl=vl: -vl[e])
+                        for r, vl in zip(torch.cat([top, best], 1).tolist(), v)]
             for t, r in zip(self.moe_layers, rows):
-                self._plan[t] = set(r)
-                self._pending.setdefault(t, []).append((0, self._plan[t]))
+                self._plan[t] = (0, r)
+                self._pending.setdefault(t, []).append((0, r))
         self._push(-1)
 
+    def _loadable(self, kind: int, n: int, ranked: list[int]) -> list[int]:
+        return ranked if self.gate is None else self.gate.allowed(kind, n, ranked)
+
+    def _budget(self) -> int | None:
+        if self.gate is None:
+            return None
+        return self.gate.max_loads(self.cache.tier.gbps() * 1e9, self.cache.slot_bytes)
+
     def _push(self, li: int):
-        """Hand the cache what the layers after position ``li`` are predicted to need, then prefetch (at the step
-        start, ``li=-1``, the first layer's loads are needed soonest: the reader is woken for them)."""
-        pos = self.pos
-        self.cache.set_predictions({(t, e): d for t, es in self._plan.items() if (d := pos[t] - li) > 0 for e in es})
-        self.cache.prefetch_predicted(self.prefetch_distance, soon=1 if li < 0 else 0)
+        """Hand the cache what the layers after position ``li`` are predicted to need (every guess protects from
+        eviction; the gate picks the ones worth a read), then prefetch (at the step start, ``li=-1``, the first
+        layer's loads are needed soonest: the reader is woken for them)."""
+        pos, n = self.pos, len(self._items) if li < 0 else self._n
+        pred, allowed = {}, set()
+        for t, (kind, ranked) in self._plan.items():
+            d = pos[t] - li
+            if d <= 0:
+                continue
+            for e in ranked:
+                pred[(t, e)] = d
+            if self.prefetch_distance is None or d <= self.prefetch_distance:
+                allowed.update((t, e) for e in self._loadable(kind, n, ranked))
+        self.cache.set_predictions(pred)
+        self.cache.prefetch_predicted(self.prefetch_distance, soon=1 if li < 0 else 0, allowed=allowed,
+                                      max_new=self._budget())
 
     # ---- the route hook ----------------------------------------------------------------------------------------
     def _on_route(self, layer, x_ND, ids_NK, w_NK):
         ids = ids_NK.detach().cpu()
         self._routes[layer] = ids
+        self._n = ids.shape[0]
         actual = sorted(set(ids.flatten().tolist()))
         self.cache.begin_layer(layer, actual)
+        if self.gate is not None:
+            self.gate.layer_tick(self.cache.counters["stall_seconds"])
         aset = set(actual)
-        for ahead, p in self._pending.pop(layer, []):
-            s = self.pred.setdefault(ahead, [0, 0, 0])
-            s[0] += len(p & aset)
+        for kind, p in self._pending.pop(layer, []):
+            s = self.pred.setdefault(kind, [0, 0, 0])
+            s[0] += len(aset.intersection(p))
             s[1] += len(p)
             s[2] += len(aset)
+            ls = self.pred_layer.setdefault(layer, [0, 0, 0])
+            ls[0] += len(aset.intersection(p))
+            ls[1] += len(p)
+            ls[2] += len(aset)
+            if self.gate is not None:
+                self.gate.record(kind, self._n, p, aset)
         self._prev_sets[layer] = aset
         if self.predictor is None:
             return
@@ -215,8 +263,8 @@ class OffloadExecutor(LocalExecutor):
             t = self.moe_layers[li + a]
             s = self.predictor.scores_for(t, layer)
             if s is not None:
-                self._plan[t] = self._set(t, s)
-                self._pending.setdefault(t, []).append((a, self._plan[t]))
+                self._plan[t] = (a, self._set(t, s))
+                self._pending.setdefault(t, []).append(self._plan[t])
         self._push(li)
 
     # ---- engine interface --------------------------------------------------------------------------------------
@@ -233,9 +281,15 @@ class OffloadExecutor(LocalExecutor):
         req = d["expert_hits"] + d["expert_misses"]
         d["hit_rate"] = round(d["expert_hits"] / req, 4) if req else None
         for a, (tp, np_, nt) in sorted(self.pred.items()):
-            name = f"ahead{a}" if a else "step_start"
+            name = {0: "step_start", NEXT_STEP: "next_step_first_layer"}.get(a, f"ahead{a}")
             d[f"pred_precision_{name}"] = round(tp / np_, 4) if np_ else None
             d[f"pred_recall_{name}"] = round(tp / nt, 4) if nt else None
+        layers = sorted(self.pred_layer)
+        d["pred_precision_per_layer"] = [round(self.pred_layer[l][0] / max(1, self.pred_layer[l][1]), 4)
+                                         for l in layers]
+        d["pred_recall_per_layer"] = [round(self.pred_layer[l][0] / max(1, self.pred_layer[l][2]), 4) for l in layers]
+        if self.gate is not None:
+            d.update(self.gate.stats())
         return d
 
     def close(self):

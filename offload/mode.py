@@ -18,6 +18,9 @@ Options (the keyword parameters of ``build_offload``):
   compute thread; reader threads where that is not possible: GPU, fused/odd layouts, other platforms),
   "process" or "thread"; ``io_threads``: reader threads in "thread" mode; ``read_timeout``: seconds a step may
   wait with no word from the reader process before it is taken as hung (killed, its loads fail, a new one starts);
+- ``gate``: read only the predicted experts worth a read (``offload/gate.py``): ``min_p`` (default 0.5) is the
+  measured precision a rank of a prediction needs, ``budget_layers`` (default 2; 0: no budget) caps the reads in
+  flight to what the disk delivers in that many layers of compute; ``gate=False`` reads every guess;
 - ``max_decode_batch``: sequences per decode step (default: as many as the budget's working set allows,
   ``slots // top_k``, at most ``max_num_seqs``); ``token_scheduling``: group sequences with overlapping experts.
 """
@@ -35,6 +38,7 @@ from ..moe.weights import check_fused_shapes
 from ..runtime.modes import ModeContext, new_kv_cache
 from .cache import EVICTION, ExpertCache
 from .executor import OffloadExecutor
+from .gate import PrefetchGate
 from .tiers import DiskTier
 
 
@@ -81,7 +85,8 @@ def build_offload(ctx: ModeContext, expert_cache_fraction: float = 0.25, expert_
                   lookahead: int = 1, io_threads: int = 2, max_decode_batch: int | None = None,
                   token_scheduling: bool = True, trace: str | None = None, drop_page_cache: bool = True,
                   prefetch_distance: int = 1, width: int | None = None, sticky: float = 0.05,
-                  io_mode: str = "auto", read_timeout: float = 60.0):
+                  io_mode: str = "auto", read_timeout: float = 60.0, gate: bool = True, min_p: float = 0.5,
+                  budget_layers: float = 2.0):
     if predictor is not None and predictor not in PREDICTORS:
         raise OffloadConfigError(f"unknown predictor {predictor!r}; valid: {', '.join(PREDICTORS)}")
     if eviction not in EVICTION:
@@ -92,6 +97,9 @@ def build_offload(ctx: ModeContext, expert_cache_fraction: float = 0.25, expert_
         raise OffloadConfigError(f"read_timeout must be a positive number of seconds, got {read_timeout!r}")
     if lookahead < 1:
         raise OffloadConfigError(f"lookahead must be >= 1, got {lookahead}")
+    for name, v, lo, hi in (("min_p", min_p, 0.0, 1.0), ("budget_layers", budget_layers, 0.0, 1e6)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+            raise OffloadConfigError(f"{name} must be a number in [{lo:g}, {hi:g}], got {v!r}")
     cfg, device = ctx.cfg, ctx.device        # device chosen by the runtime (GPU when present)
     dtype = resolve_dtype(ctx.dtype, cfg, device)
     reader = CheckpointReader(ctx.path)
@@ -114,7 +122,8 @@ def build_offload(ctx: ModeContext, expert_cache_fraction: float = 0.25, expert_
         tr = load_trace(tpath) if os.path.isfile(tpath) else None
         pred = build_predictor(predictor, cfg, model=model, trace=tr, max_ahead=max(4, lookahead))
     kv = new_kv_cache(cfg, ctx.max_num_seqs, ctx.max_model_len, dtype, device)
+    pg = PrefetchGate(min_p, budget_layers=budget_layers) if gate else None
     ex = OffloadExecutor(model, kv, device, cache, pred, prefetch=prefetch, lookahead=lookahead,
                          max_decode_batch=mdb, token_scheduling=token_scheduling, width=width,
-                         prefetch_distance=prefetch_distance or None, sticky=sticky)
+                         prefetch_distance=prefetch_distance or None, sticky=sticky, gate=pg)
     return ex, Tokenizer.from_dir(ctx.path)

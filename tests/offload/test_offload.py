@@ -60,13 +60,15 @@ def test_lossless_every_predictor(refs, arch, predictor):
                                   dict(io_mode="thread"), dict(io_mode="process", expert_cache_fraction=0.1),
                                   dict(expert_cache_fraction=1.0, predictor="combined", lookahead=3),
                                   dict(max_decode_batch=2, token_scheduling=True),
-                                  dict(max_decode_batch=2, token_scheduling=False)])
+                                  dict(max_decode_batch=2, token_scheduling=False),
+                                  dict(gate=False), dict(predictor="combined", min_p=0.9, budget_layers=0.5),
+                                  dict(predictor="combined", min_p=1.0)])
 def test_lossless_options(refs, opts):
     path, ref = refs["mixtral"]
     llm = LLM(path, mode="offload", max_num_seqs=4, **opts)
     assert _gen(llm) == ref
     _check_counters(llm.stats())
-    if not opts.get("prefetch", True):
+    if not opts.get("prefetch", True) or opts.get("min_p") == 1.0:   # min_p 1: no rank is ever that precise
         assert llm.stats()["prefetch_issued"] == 0
     if "io_mode" in opts:
         assert llm.stats()["io_mode"] == opts["io_mode"]
@@ -426,3 +428,11 @@ def test_step_start_prediction():
     assert tr.scores_for(2, None) is None
     tr.observe(0, None, torch.tensor([[7 % E, 8 % E]]))
     assert tr.scores_for(2, 0) is not None and tr.scores_for(0, 0) is None
+
+
+def test_gate_options_are_checked(refs):
+    path, _ = refs["mixtral"]
+    with pytest.raises(OffloadConfigError, match=r"min_p must be a number in \[0, 1\], got 2"):
+        LLM(path, mode="offload", min_p=2)
+    with pytest.raises(OffloadConfigError, match="budget_layers must be a number"):
+        LLM(path, mode="offload", budget_layers="lots")
