@@ -1,28 +1,31 @@
-"""Offload-mode benchmark (issue 5).
+"""Offload mode where it matters: experts of megabytes, a fraction of them in memory, against what users run.
 
-    .venv/bin/python benchmarks/bench_offload.py [--quick] [--skip-big] [--fractions 0.1,0.25,0.5]
-        [--only SUBSTR,...] [--repeat N] [--reps 3] [--out /tmp/moeyard_bench_offload/offload.json]
+    .venv/bin/python benchmarks/bench_offload.py [--models default,deepseek-mini] [--width 8192]
+        [--fractions 0.1,0.25,0.5] [--batches 1,8] [--new-tokens 48] [--reps 3] [--peers llama.cpp,accelerate]
+        [--record]
 
-e.g. the headline comparison only, twice: ``--skip-big --fractions 0.25 --only "combined),LRU" --repeat 2``.
-
-Part A (model): the default model (``moe/default_model``) when present, else a random Mixtral written to /tmp.
-For budgets 10/25/50 % of experts resident: all-resident local mode vs offload with prediction+prefetch vs
-on-demand LRU without prediction — tokens/s, hit rate, stall, bytes, distinct experts per decode step with and
-without token scheduling, and predictor precision/recall per look-ahead distance on held-out prompts (the
-transition/token tables come from a routing trace recorded on *other* prompts, or the model's ``trace.npz``).
-
-Part B (trace-driven, realistic sizes): a synthetic Mixtral-shaped checkpoint (D=4096, F=14336, bf16: 352 MB per
-expert, >= 4 GB) in /tmp, replayed against the cache from a recorded routing trace with a fixed emulated compute
-time per layer; hit rate, stall, achieved read GB/s vs the disk's sequential read (fadvise DONTNEED), peak RSS vs
-budget. Every configuration runs in its own subprocess (clean peak RSS, no shared page cache state).
+Workload: the inflated copy of each embedded model (``moeyard inflate``: the model's own learned routing, every
+routed expert ``--width`` wide, ~6 MB in bf16 at 8192), prompts from MT-Bench (``../shared/prompts``) and held-out
+corpus text. Per model, in one run, each configuration in its own subprocess (its own peak memory, a cold page
+cache for the checkpoint):
+- resident: local mode, every expert in memory (the speed ceiling, and the tokens every other row must equal);
+- offload at each budget and batch: prediction with the gate (default options), prediction without the gate,
+  on-demand LRU (prefetch off): tokens/s (median pass), hit rate, stall, bytes read per token (``/proc`` I/O of the
+  engine and its reader process), prefetches issued/used, predictor precision/recall per layer;
+- the hindsight ceiling at each budget: Belady's optimal cache over the resident run's real expert requests gives
+  the fewest bytes any policy must read; with reads perfectly overlapped the time per token is at least
+  max(resident compute, those bytes / the disk's O_DIRECT read bandwidth measured in the same run);
+- peers at 25 % batch 1 (``--peers``): llama.cpp on the same checkpoint (GGUF from its convert script, mmap) in a
+  memory cgroup capped at moeyard's own peak memory at that budget, and transformers + accelerate disk offload
+  with the same budget (``max_memory``), also capped: tokens/s and bytes read per token.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -30,358 +33,320 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PY = sys.executable
-RANDOM_MODEL = "/tmp/moeyard_bench_offload/random_mixtral"
-BIG = "/tmp/moeyard_bench_offload/big_mixtral"
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+WORK = os.environ.get("MOEYARD_BENCH_DIR", "/tmp/moeyard_bench_offload_big")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# models and workloads
-def make_random_mixtral(path: str):
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return
-    import torch
-    import transformers as tf
-    torch.manual_seed(0)
-    cfg = tf.MixtralConfig(vocab_size=2048, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
-                           num_attention_heads=8, num_key_value_heads=4, num_local_experts=8,
-                           num_experts_per_tok=2, max_position_embeddings=1024, sliding_window=None,
-                           tie_word_embeddings=False)
-    m = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if n.endswith("mlp.gate.weight"):
-                p.mul_(8.0)
-    m.to(torch.bfloat16).save_pretrained(path, save_original_format=True)
+# workload
+def prompt_texts(n: int, seed: int) -> list[str]:
+    """Half MT-Bench first turns, half held-out corpus windows (~300 characters)."""
+    rng = np.random.default_rng(seed)
+    texts = []
+    mt = os.path.join(ROOT, "..", "shared", "prompts", "mt_bench_questions.jsonl")
+    if os.path.isfile(mt):
+        qs = [json.loads(line)["turns"][0] for line in open(mt)]
+        texts += [qs[i] for i in rng.choice(len(qs), n - n // 2, replace=False)]
+    from corpus import DOMAINS, split
+    while len(texts) < n:
+        d = DOMAINS[len(texts) % len(DOMAINS)]
+        val = split(d, "val")
+        s = int(rng.integers(0, len(val) - 400))
+        texts.append(val[s:s + 300])
+    return texts
 
 
-def model_path() -> tuple[str, str]:
-    d = os.path.join(ROOT, "moe", "default_model")
-    if os.path.isfile(os.path.join(d, "config.json")) and any(f.endswith(".safetensors") for f in os.listdir(d)):
-        return d, "default model (moe/default_model)"
-    make_random_mixtral(RANDOM_MODEL)
-    return RANDOM_MODEL, ("random Mixtral (default model not present yet): 8 layers, 8 experts top-2, D=512, "
-                          "F=1024, bf16 on disk")
-
-
-def prompts(path, n, seed, length=24):
-    from moeyard.moe.config import MoEConfig
+def prompt_ids(path: str, n: int, seed: int, max_len: int = 48) -> list[list[int]]:
     from moeyard.moe.tokenizer import Tokenizer
     tok = Tokenizer.from_dir(path)
-    rng = np.random.default_rng(seed)
-    if tok is not None:
-        words = ("the a model expert token layer river city music history science water light small large "
-                 "people time world story night market system energy field garden winter language").split()
-        texts = [" ".join(rng.choice(words, length)) for _ in range(n)]
-        return [tok.encode(t)[:length] for t in texts]
-    V = MoEConfig.from_dir(path).vocab_size
-    return [rng.integers(0, V, length).tolist() for _ in range(n)]
+    return [tok.encode(t)[-max_len:] for t in prompt_texts(n, seed)]
 
 
-def record_trace(path, out, n=32, seed=123, max_tokens=32):
-    """Routing trace experts[T, L, k] (int16) of local-mode generation over n prompts."""
-    import torch
-    from moeyard.runtime.llm import LLM
-    from moeyard.runtime.sampling import SamplingParams
-    llm = LLM(path, max_num_seqs=8)
-    rows = {}
+def io_read_bytes(pid: int | str = "self") -> int:
+    with open(f"/proc/{pid}/io") as f:
+        return int(next(line for line in f if line.startswith("read_bytes")).split()[1])
 
-    def hook(layer, x, ids, w):
-        rows.setdefault(layer, []).append(ids.detach().cpu().to(torch.int16))
-    llm.engine.executor.route_hooks.append(hook)
-    llm.generate(prompt_token_ids=prompts(path, n, seed), sampling_params=SamplingParams(max_tokens=max_tokens,
-                                                                                          temperature=0))
-    layers = sorted(rows)
-    ex = np.stack([torch.cat(rows[l]).numpy() for l in layers], axis=1)
-    np.savez(out, experts=ex)
-    return ex.shape
+
+def disk_read_gbps(path: str, mb: int = 512) -> float:
+    """O_DIRECT sequential read bandwidth of the checkpoint's file (what a reader that bypasses the cache sees)."""
+    fn = max((os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors")), key=os.path.getsize)
+    r = subprocess.run(["dd", f"if={fn}", "of=/dev/null", "bs=8M", "iflag=direct", f"count={mb // 8}"],
+                       capture_output=True, text=True)
+    line = r.stderr.strip().splitlines()[-1]
+    nbytes, secs = int(line.split()[0]), float(line.split(",")[-2].split()[0])
+    return nbytes / secs / 1e9
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Part A worker: one configuration in this process
-def run_model(cfg: dict) -> dict:
+# one configuration (a subprocess)
+def worker(cfg: dict) -> dict:
     import torch
-    torch.set_num_threads(cfg.get("threads", 1))
-    from moeyard.runtime.llm import LLM
-    from moeyard.runtime.sampling import SamplingParams
-    path = cfg["path"]
+    from moeyard.runtime import LLM, SamplingParams
+    torch.set_num_threads(cfg["threads"])
     opts = dict(cfg.get("opts", {}))
-    t0 = time.perf_counter()
-    llm = LLM(path, mode=cfg["mode"], max_num_seqs=cfg["seqs"], **opts)
-    load_s = time.perf_counter() - t0
-    sp = SamplingParams(max_tokens=cfg["max_tokens"], temperature=0, ignore_eos=True)
-    llm.generate(prompt_token_ids=prompts(path, 2, 999), sampling_params=SamplingParams(max_tokens=4,
-                                                                                         temperature=0))  # warm-up
+    io0 = io_read_bytes()
+    llm = LLM(cfg["path"], mode=cfg["mode"], max_num_seqs=cfg["batch"], **opts)
+    routes: list[tuple[int, list]] = []
+    if cfg.get("record_routes"):
+        llm.engine.executor.route_hooks.append(
+            lambda layer, x, ids, w: routes.append((layer, ids.detach().cpu().tolist())))
+    sp = SamplingParams(max_tokens=cfg["new_tokens"], temperature=0.0, ignore_eos=True)
+    llm.generate(prompt_token_ids=prompt_ids(cfg["path"], cfg["batch"], 999), sampling_params=sp)   # warm-up
+    routes.clear()
     base = llm.stats()
-    # ``reps`` passes over different held-out prompts: the median pass is the figure (single short passes on this
-    # shared machine vary by +-20%); counters cover all passes
-    rates, toks, dt, outs = [], 0, 0.0, []
-    for r in range(cfg.get("reps", 1)):
+    io1 = io_read_bytes()
+    rates, outs, toks = [], [], 0
+    for r in range(cfg["reps"]):
+        ps = prompt_ids(cfg["path"], cfg["prompts"], cfg["seed"] + r)
         t0 = time.perf_counter()
-        o = llm.generate(prompt_token_ids=prompts(path, cfg["n"], cfg["seed"] + r), sampling_params=sp)
-        d = time.perf_counter() - t0
-        n = sum(len(x.token_ids) for x in o)
-        rates.append(n / d)
-        toks, dt, outs = toks + n, dt + d, outs + o
+        for i in range(0, len(ps), cfg["batch"]):
+            o = llm.generate(prompt_token_ids=ps[i:i + cfg["batch"]], sampling_params=sp)
+            outs += [x.token_ids for x in o]
+        dt = time.perf_counter() - t0
+        n = sum(len(x) for x in outs[-len(ps):])
+        rates.append(n / dt)
+        toks += n
     st = llm.stats()
-    res = {"tokens": toks, "seconds": round(dt, 3), "tokens_per_s": round(sorted(rates)[len(rates) // 2], 2),
-           "tokens_per_s_passes": [round(x, 1) for x in rates], "load_s": round(load_s, 2),
-           "peak_rss_mb": round(peak_rss_mb(), 1), "outputs_hash": hash(tuple(tuple(o.token_ids) for o in outs))}
-    if cfg["mode"] == "offload":
-        for k in ("expert_hits", "expert_misses", "prefetch_issued", "prefetch_used", "prefetch_late",
-                  "prefetch_not_started", "loads_inline", "bytes_loaded", "stall_seconds",
-                  "decode_distinct_experts", "decode_steps"):
-            res[k] = st[k] - base.get(k, 0)
-        req = res["expert_hits"] + res["expert_misses"]
-        res["hit_rate"] = round(res["expert_hits"] / req, 4)
-        res["stall_seconds"] = round(res["stall_seconds"], 3)
-        res["read_gbps_per_thread"] = st["read_gbps"]
-        res["io_mode"] = st.get("io_mode")
-        res["expert_slots"], res["expert_cache_mb"] = st["expert_slots"], round(st["expert_cache_bytes"] / 2**20, 1)
-        if res["decode_steps"]:
-            res["distinct_experts_per_decode_step"] = round(res["decode_distinct_experts"] / res["decode_steps"], 2)
-        for k, v in st.items():
-            if k.startswith("pred_"):
-                res[k] = v
-        dense = sum(p.numel() * p.element_size() for p in llm.engine.executor.model.parameters())
-        res["dense_mb"] = round(dense / 2**20, 1)
-        kv = llm.engine.executor.kv
-        res["kv_mb"] = round(sum(t.numel() * t.element_size() for t in vars(kv).values()
-                                 if isinstance(t, torch.Tensor)) / 2**20, 1)
+    reader = getattr(getattr(llm.engine.executor, "cache", None), "proc", None)     # offload's reader process
+    reader_io = io_read_bytes(reader.proc.pid) if reader is not None and reader.proc is not None else 0
+    res = {"tokens_per_s": round(float(np.median(rates)), 3), "passes": [round(x, 2) for x in rates],
+           "tokens": toks, "digest": hashlib.md5(json.dumps(outs).encode()).hexdigest()[:10],
+           "read_mb_per_token": round((io_read_bytes() - io1 + reader_io) / 2**20 / toks, 2),
+           "load_read_mb": round((io1 - io0) / 2**20, 1), "compute_dtype": str(st.get("compute_dtype", ""))}
     llm.close()
+    res["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    if cfg["mode"] == "offload":
+        d = {k: st[k] - base.get(k, 0) for k in ("expert_hits", "expert_misses", "prefetch_issued",
+                                                 "prefetch_used", "prefetch_wasted", "stall_seconds",
+                                                 "bytes_loaded") if k in st}
+        req = d["expert_hits"] + d["expert_misses"]
+        d["hit_rate"] = round(d["expert_hits"] / max(1, req), 4)
+        d["stall_ms_per_token"] = round(d.pop("stall_seconds") * 1e3 / toks, 2)
+        d["loaded_mb_per_token"] = round(d.pop("bytes_loaded") / 2**20 / toks, 2)
+        d["reader_rss_mb"] = st.get("reader_rss_mb")
+        d["pool_mb"] = round(st["expert_cache_bytes"] / 2**20, 1)
+        for k in ("pred_precision_per_layer", "pred_recall_per_layer", "gated_out"):
+            if k in st:
+                d[k] = st[k]
+        res.update(d)
+    if routes:
+        res["routes"] = routes
     return res
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Part B: synthetic big checkpoint and trace replay
-def write_big_checkpoint(path: str, layers=2, E=8, D=4096, F=14336):
-    """Mixtral-layout safetensors with only routers and experts (bf16), written block by block (random bytes)."""
-    fn = os.path.join(path, "model.safetensors")
-    if os.path.isfile(fn):
-        return fn
-    os.makedirs(path, exist_ok=True)
-    header, off = {}, 0
-    for l in range(layers):
-        header[f"model.layers.{l}.block_sparse_moe.gate.weight"] = {"dtype": "BF16", "shape": [E, D],
-                                                                    "data_offsets": [off, off + E * D * 2]}
-        off += E * D * 2
-        for e in range(E):
-            for w, shape in (("w1", [F, D]), ("w3", [F, D]), ("w2", [D, F])):
-                n = shape[0] * shape[1] * 2
-                header[f"model.layers.{l}.block_sparse_moe.experts.{e}.{w}.weight"] = {
-                    "dtype": "BF16", "shape": shape, "data_offsets": [off, off + n]}
-                off += n
-    h = json.dumps(header).encode()
-    h += b" " * ((8 - len(h) % 8) % 8)
-    block = np.random.default_rng(0).integers(0, 2**16, 32 << 20, dtype=np.uint16).tobytes()   # 64 MB
-    with open(fn + ".tmp", "wb") as f:
-        f.write(len(h).to_bytes(8, "little"))
-        f.write(h)
-        left = off
-        while left > 0:
-            n = min(left, len(block))
-            f.write(block[:n])
-            left -= n
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(fn + ".tmp", fn)
-    cfgd = {"model_type": "mixtral", "vocab_size": 32000, "hidden_size": D, "intermediate_size": F,
-            "num_hidden_layers": layers, "num_attention_heads": 32, "num_key_value_heads": 8,
-            "num_local_experts": E, "num_experts_per_tok": 2, "max_position_embeddings": 4096,
-            "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16"}
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(cfgd, f)
-    return fn
-
-
-def run_replay(cfg: dict) -> dict:
-    """Replay ``trace`` (held-out part) against the cache of the big checkpoint, compute emulated by sleeping."""
-    import torch
-    from moeyard.moe.checkpoint import CheckpointReader
-    from moeyard.moe.config import MoEConfig
-    from moeyard.moe.predictors import TransitionPredictor
-    from moeyard.offload.cache import ExpertCache
-    from moeyard.offload.tiers import DiskTier
-    path = cfg["path"]
-    mc = MoEConfig.from_dir(path)
-    tr = np.load(cfg["trace"])["experts"].astype(np.int64)
-    L, E = len(mc.moe_layers), mc.num_experts
-    tr = tr[:, :L] % E
-    split = int(len(tr) * 0.5)
-    train, test = tr[:split], tr[split:split + cfg["tokens"]]
-    rss0 = peak_rss_mb()
-    tier = DiskTier(mc, CheckpointReader(path))
-    slots = max(mc.top_k, int(round(cfg["fraction"] * L * E)))
-    cache = ExpertCache(mc, tier, slots, torch.bfloat16, torch.device("cpu"), eviction=cfg["eviction"],
-                        io_threads=cfg["io_threads"])
-    pred = TransitionPredictor(train, mc.moe_layers, E, mc.top_k) if cfg["prefetch"] else None
-    prev: dict[int, set] = {}
-    t0 = time.perf_counter()
-    for t in range(len(test)):
-        if pred is not None:
-            pred.begin(None)
-        for li, l in enumerate(mc.moe_layers):
-            ids = torch.as_tensor(test[t, li][None, :])
-            need = sorted(set(ids.flatten().tolist()))
-            cache.begin_layer(l, need)
-            if pred is not None:
-                pred.observe(l, None, ids)
-                min_p = cfg.get("min_p")
-                if li + 1 < L and min_p:        # only experts the predictor gives at least min_p
-                    sc = pred.scores(l, 1)[0]
-                    nxt, pset = mc.moe_layers[li + 1], set((sc >= min_p).nonzero().flatten().tolist())
-                elif li + 1 < L:
-                    p, _ = pred.predict(l, 1)
-                    nxt, pset = mc.moe_layers[li + 1], set(p.flatten().tolist())
-                else:                           # the next token's first layer: last token's experts (no score)
-                    nxt, pset = mc.moe_layers[0], set() if min_p else prev.get(mc.moe_layers[0], set())
-                cache.set_predictions({(nxt, e): 1 for e in pset})
-                cache.prefetch(nxt, sorted(pset))
-            prev[l] = set(need)
-            for e in need:
-                w = cache.get(l, e)
-                time.sleep(cfg["compute_ms"] / 1e3 / len(need))     # emulated expert compute
-        cache.end_step()
-    wall = time.perf_counter() - t0
-    st = cache.stats()
-    reader_mb = cache.proc.rss_anon_mb() if cache.proc is not None else 0.0
-    cache.close()
-    req = st["expert_hits"] + st["expert_misses"]
-    return {"tokens": len(test), "wall_s": round(wall, 2), "tokens_per_s": round(len(test) / wall, 3),
-            "hit_rate": round(st["expert_hits"] / req, 4), "stall_s": round(st["stall_seconds"], 2),
-            "expert_slots": slots, "budget_mb": round(st["expert_cache_bytes"] / 2**20),
-            "bytes_loaded_gb": round(st["bytes_loaded"] / 1e9, 2), "read_gbps_per_read": st["read_gbps"],
-            "read_gbps_wall": round(st["bytes_loaded"] / 1e9 / wall, 3), "prefetch_issued": st["prefetch_issued"],
-            "prefetch_used": st["prefetch_used"], "peak_rss_mb": round(peak_rss_mb()), "rss_before_cache_mb":
-            round(rss0), "io_mode": st["io_mode"], "reader_private_mb": round(reader_mb or 0),
-            # the replay never touches the slots, so with the reader process (slots in a shared memfd it fills) the
-            # engine's own peak RSS leaves the pool out: memory in use = engine + pool + the reader's private part
-            "memory_total_mb": round(peak_rss_mb() + (reader_mb or 0)
-                                     + (st["expert_cache_bytes"] / 2**20 if st["io_mode"] == "process" else 0))}
-
-
-def summarize(res: dict, fracs, round_no: int):
-    """Same-run ratios: predicted+prefetch (combined) vs all-resident and vs on-demand LRU at each budget."""
-    rt = res.get("resident", {}).get("tokens_per_s")
-    for f in fracs:
-        p, l = res.get(f"{f}/predicted+prefetch(combined)"), res.get(f"{f}/on-demand LRU")
-        if not p or not l or "error" in p or "error" in l or not rt:
-            continue
-        print(f"[round {round_no}] {f}: hit rate {p['hit_rate']:.3f} (LRU {l['hit_rate']:.3f}); "
-              f"{p['tokens_per_s']:.1f} tok/s = {p['tokens_per_s'] / rt:.2f}x resident ({rt:.1f}), "
-              f"{p['tokens_per_s'] / l['tokens_per_s']:.2f}x LRU ({l['tokens_per_s']:.1f}); same outputs: "
-              f"{p['outputs_hash'] == l['outputs_hash'] == res['resident']['outputs_hash']}", flush=True)
-
-
-def sub(kind: str, cfg: dict) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([PY, __file__, "--worker", kind, json.dumps(cfg)], capture_output=True, text=True, env=env,
-                       cwd=ROOT)
-    if r.returncode != 0:
-        return {"error": r.stderr[-2000:]}
+def run(cfg: dict) -> dict:
+    from peers import drop_page_cache
+    drop_page_cache([cfg["path"]])
+    r = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"worker failed: {r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--worker", nargs=2)
-    ap.add_argument("--quick", action="store_true", help="16 tokens per prompt, 25%% budget only")
-    ap.add_argument("--skip-big", action="store_true", help="skip part B (trace-driven, realistic sizes)")
-    ap.add_argument("--fractions", default=None, help="comma-separated budgets for part A (default 0.1,0.25,0.5)")
-    ap.add_argument("--only", default=None, help="run only part A configurations whose name contains one of these "
-                    "comma-separated substrings (the all-resident run always runs)")
-    ap.add_argument("--repeat", type=int, default=1, help="run part A this many times (rounds interleaved)")
-    ap.add_argument("--reps", type=int, default=3, help="part A: generation passes per configuration (different "
-                    "prompts each); the median pass's tok/s is reported")
-    ap.add_argument("--out", default="/tmp/moeyard_bench_offload/offload.json")
-    a = ap.parse_args()
+# the hindsight ceiling
+def belady_misses(requests: list[list[tuple[int, int]]], slots: int) -> int:
+    """Misses of Belady's MIN over ``requests`` (one list of (layer, expert) per MoE layer step, all of a step's
+    experts needed together): on a miss with a full cache, evict the expert whose next use is farthest."""
+    flat = [(i, k) for i, step in enumerate(requests) for k in step]
+    nxt, last = [0] * len(flat), {}
+    for j in range(len(flat) - 1, -1, -1):
+        nxt[j] = last.get(flat[j][1], 1 << 60)
+        last[flat[j][1]] = j
+    import heapq
+    cache: dict = {}            # key -> next use
+    heap: list = []             # (-next use, key)
+    misses = 0
+    for j, (_, k) in enumerate(flat):
+        if k not in cache:
+            misses += 1
+            if len(cache) >= slots:
+                while True:
+                    nu, v = heapq.heappop(heap)
+                    if cache.get(v) == -nu:
+                        del cache[v]
+                        break
+        cache[k] = nxt[j]
+        heapq.heappush(heap, (-nxt[j], k))
+    return misses
+
+
+def lru_misses(requests, slots: int) -> int:
+    from collections import OrderedDict
+    c, misses = OrderedDict(), 0
+    for step in requests:
+        for k in step:
+            if k in c:
+                c.move_to_end(k)
+            else:
+                misses += 1
+                if len(c) >= slots:
+                    c.popitem(last=False)
+                c[k] = True
+    return misses
+
+
+def requests_of(routes) -> list[list[tuple[int, int]]]:
+    return [sorted({(layer, e) for row in ids for e in row}) for layer, ids in routes]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def inflated(name: str, width: int) -> str:
+    from moeyard.moe.inflate import inflate
+    from moeyard.moe.loader import resolve_model_path
+    dst = os.path.join(WORK, f"{name}_f{width}")
+    if not os.path.isfile(os.path.join(dst, "config.json")):
+        os.makedirs(WORK, exist_ok=True)
+        print(f"inflating {name} to experts {width} wide -> {dst}", flush=True)
+        inflate(resolve_model_path(name), dst, width)
+    return dst
+
+
+def bench_model(name: str, a) -> dict:
+    from moeyard.moe.config import MoEConfig
+    path = inflated(name, a.width)
+    cfg = MoEConfig.from_dir(path)
+    total = len(cfg.moe_layers) * cfg.num_experts
+    bw = float(np.median([disk_read_gbps(path) for _ in range(3)]))
+    base = dict(path=path, threads=a.threads, new_tokens=a.new_tokens, reps=a.reps, prompts=a.prompts, seed=7)
+    out = {"model": name, "path": path, "disk_gbps": round(bw, 3), "rows": []}
+    print(f"\n# {name}: {total} routed experts of {cfg.expert_bytes(2) / 2**20:.1f} MB (bf16), disk {bw:.2f} GB/s",
+          flush=True)
+    for batch in a.batches:
+        res = run({**base, "mode": "local", "batch": batch, "record_routes": True})
+        reqs = requests_of(res.pop("routes"))
+        expert_mb = cfg.expert_bytes(2) / 2**20
+        out["rows"].append({"config": "resident", "batch": batch, **res})
+        print(f"  b{batch} resident: {res['tokens_per_s']} tok/s, peak {res['peak_rss_mb']} MB", flush=True)
+        t_compute = 1.0 / res["tokens_per_s"]
+        for frac in a.fractions:
+            slots = int(frac * total)
+            bel, lru = belady_misses(reqs, slots), lru_misses(reqs, slots)
+            ntok = res["tokens"] / a.reps
+            io_s = bel * expert_mb * 2**20 / ntok / (bw * 1e9)
+            ceiling = 1.0 / max(t_compute, io_s)
+            row0 = {"config": "ceiling (Belady + perfect overlap)", "batch": batch, "fraction": frac,
+                    "tokens_per_s": round(ceiling, 3), "belady_mb_per_token": round(bel * expert_mb / ntok, 2),
+                    "lru_sim_mb_per_token": round(lru * expert_mb / ntok, 2)}
+            out["rows"].append(row0)
+            for label, opts in (("predicted + gate", {}), ("predicted, no gate", {"gate": False}),
+                                ("on-demand LRU", {"prefetch": False, "eviction": "lru"})):
+                if a.only and not any(s in label for s in a.only.split(",")):
+                    continue
+                o = {"expert_cache_fraction": frac, "predictor": "combined", **opts}
+                try:
+                    r = run({**base, "mode": "offload", "batch": batch, "opts": o})
+                except RuntimeError as e:
+                    print(f"  b{batch} {frac:.0%} {label}: failed: {str(e)[-300:]}", flush=True)
+                    continue
+                r.update(config=label, batch=batch, fraction=frac, same_tokens=r["digest"] == res["digest"])
+                out["rows"].append(r)
+                print(f"  b{batch} {frac:.0%} {label}: {r['tokens_per_s']} tok/s "
+                      f"({r['tokens_per_s'] / res['tokens_per_s']:.2f}x resident), hit {r['hit_rate']}, "
+                      f"stall {r['stall_ms_per_token']} ms/tok, read {r['read_mb_per_token']} MB/tok, "
+                      f"same tokens {r['same_tokens']}", flush=True)
+            print(f"  b{batch} {frac:.0%} ceiling: {ceiling:.2f} tok/s (Belady {row0['belady_mb_per_token']} MB/tok, "
+                  f"LRU sim {row0['lru_sim_mb_per_token']} MB/tok)", flush=True)
+    if a.peers:
+        out["peers"] = bench_peers(path, cfg, out, a)
+    return out
+
+
+def bench_peers(path: str, cfg, out: dict, a) -> list[dict]:
+    import peers
+    rows = []
+    ours = [r for r in out["rows"] if r.get("config") == "predicted + gate" and r["batch"] == 1
+            and r["fraction"] == 0.25]
+    if not ours:
+        return rows
+    cap = int((ours[0]["peak_rss_mb"] + (ours[0].get("reader_rss_mb") or 0)) * 2**20)
+    print(f"  peers at 25% batch 1, memory cap {cap / 2**20:.0f} MB (moeyard's peak)", flush=True)
+    if "llama.cpp" in a.peers:
+        try:
+            peers.build_llama_cpp()
+            gguf = peers.to_gguf(path, os.path.join(WORK, os.path.basename(path) + ".bf16.gguf"))
+            r = peers.llama_bench(gguf, a.new_tokens, a.threads, cap)
+            rows.append({"peer": "llama.cpp (bf16 GGUF, mmap, capped)", **r})
+            print(f"  llama.cpp: {r}", flush=True)
+        except Exception as e:   # noqa: BLE001 — a peer that cannot run is reported, the run goes on
+            rows.append({"peer": "llama.cpp", "error": str(e)[-500:]})
+            print(f"  llama.cpp failed: {str(e)[-500:]}", flush=True)
+    if "accelerate" in a.peers:
+        try:
+            peers.ensure_peer_packages("accelerate")
+            budget = int(cap * 0.8)
+            cmd = [peers.peer_python(), __file__, "--accelerate-worker",
+                   json.dumps({"path": path, "budget": budget, "new_tokens": a.new_tokens, "threads": a.threads,
+                               "prompts": 2, "offload": os.path.join(WORK, "accel_offload")})]
+            r, nbytes = peers.read_bytes_of(peers.run_capped, cmd, cap, "accelerate", timeout=3600)
+            if r["returncode"]:
+                raise RuntimeError(r["stderr"][-1500:])
+            res = json.loads(r["stdout"].strip().splitlines()[-1])
+            res["read_mb_per_token"] = round(nbytes / 2**20 / res["tokens"], 2)
+            rows.append({"peer": "transformers + accelerate disk offload (capped)", **res})
+            print(f"  accelerate: {res}", flush=True)
+        except Exception as e:   # noqa: BLE001
+            rows.append({"peer": "accelerate", "error": str(e)[-500:]})
+            print(f"  accelerate failed: {str(e)[-500:]}", flush=True)
+    return rows
+
+
+def accelerate_worker(cfg: dict) -> dict:
+    import shutil
+    import torch
+    from transformers import AutoModelForCausalLM
+    torch.set_num_threads(cfg["threads"])
+    shutil.rmtree(cfg["offload"], ignore_errors=True)
+    m = AutoModelForCausalLM.from_pretrained(cfg["path"], dtype=torch.bfloat16, device_map="auto",
+                                             max_memory={"cpu": cfg["budget"]}, offload_folder=cfg["offload"])
+    m.eval()
+    ps = prompt_ids(cfg["path"], cfg["prompts"], 7)
+    toks, t0 = 0, time.perf_counter()
+    with torch.no_grad():
+        for p in ps:
+            o = m.generate(torch.tensor([p]), max_new_tokens=cfg["new_tokens"], do_sample=False, eos_token_id=None,
+                           pad_token_id=0)
+            toks += o.shape[1] - len(p)
+    dt = time.perf_counter() - t0
+    return {"tokens_per_s": round(toks / dt, 3), "tokens": toks,
+            "offloaded_modules": sum(1 for v in m.hf_device_map.values() if v == "disk")}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--accelerate-worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--models", default="default,deepseek-mini")
+    ap.add_argument("--width", type=int, default=8192, help="expert width of the inflated copies")
+    ap.add_argument("--fractions", default="0.1,0.25,0.5")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--prompts", type=int, default=8, help="prompts per pass")
+    ap.add_argument("--reps", type=int, default=3, help="passes per configuration (the median is reported)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", default=None, help="comma list: run only offload configurations containing these")
+    ap.add_argument("--peers", default="", help="comma list of llama.cpp, accelerate")
+    ap.add_argument("--out", default=os.path.join(WORK, "offload.json"))
+    a = ap.parse_args(argv)
     if a.worker:
-        kind, cfg = a.worker
-        fn = {"model": run_model, "replay": run_replay}[kind]
-        print(json.dumps(fn(json.loads(cfg))))
+        print(json.dumps(worker(json.loads(a.worker))))
         return
-    path, what = model_path()
-    print(f"model: {what}", flush=True)
-    trace = os.path.join(path, "trace.npz")
-    if not os.path.isfile(trace):
-        trace = "/tmp/moeyard_bench_offload/trace.npz"
-        if not os.path.isfile(trace):
-            print("recording routing trace on training prompts ...", flush=True)
-            record_trace(path, trace)
-    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": what,
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), "
-                         f"{round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB RAM, CPU only",
-              "load_average_start": os.getloadavg(), "A": {}, "B": {}}
-    # batch-1 decode (the ExpertFlow setting)
-    base = dict(path=path, seqs=1, n=4, seed=7, max_tokens=16 if a.quick else 32, reps=1 if a.quick else a.reps)
-    fracs = [float(f) for f in a.fractions.split(",")] if a.fractions else ([0.25] if a.quick else [0.1, 0.25, 0.5])
-    runs = {"resident": dict(base, mode="local")}
-    for frac in fracs:
-        o = dict(expert_cache_fraction=frac, trace=trace)
-        lru = dict(o, prefetch=False, eviction="lru", token_scheduling=False)
-        runs[f"{frac}/predicted+prefetch(combined)"] = dict(base, mode="offload", opts=dict(o, predictor="combined"))
-        runs[f"{frac}/on-demand LRU"] = dict(base, mode="offload", opts=lru)
-        # the same two with reader threads in this process instead of the reader process (io_mode="thread")
-        runs[f"{frac}/combined, reader threads"] = dict(base, mode="offload",
-                                                         opts=dict(o, predictor="combined", io_mode="thread"))
-        runs[f"{frac}/LRU, reader threads"] = dict(base, mode="offload", opts=dict(lru, io_mode="thread"))
-        if frac == 0.25 and not a.quick:
-            for p in ("router", "token", "transition"):
-                runs[f"{frac}/predicted+prefetch({p})"] = dict(base, mode="offload", opts=dict(o, predictor=p))
-            runs[f"{frac}/combined, prefetch whole step"] = dict(
-                base, mode="offload", opts=dict(o, predictor="combined", prefetch_distance=0))
-            runs[f"{frac}/combined, width 4"] = dict(base, mode="offload", opts=dict(o, predictor="combined", width=4))
-            runs[f"{frac}/combined, not sticky"] = dict(base, mode="offload", opts=dict(o, predictor="combined",
-                                                                                          sticky=0.0))
-            # token scheduling: 16 running, decode batches of 4
-            for ts in (True, False):
-                runs[f"{frac}/sched={'group' if ts else 'fifo'} (16 seqs, batch 4)"] = dict(
-                    base, mode="offload", seqs=16, n=16, max_tokens=16,
-                    opts=dict(o, predictor="combined", max_decode_batch=4, token_scheduling=ts))
-    if a.only:
-        keys = a.only.split(",")
-        runs = {k: v for k, v in runs.items() if k == "resident" or any(x in k for x in keys)}
-    rounds = []
-    for r_i in range(a.repeat):
-        res = {}
-        for name, cfg in runs.items():
-            r = sub("model", cfg)
-            res[name] = r
-            print(f"[round {r_i + 1}] {name} {json.dumps(r)}", flush=True)
-        rounds.append(res)
-        summarize(res, fracs, r_i + 1)
-    report["A"] = rounds[0] if a.repeat == 1 else {"rounds": rounds}
-    report["load_average_end"] = os.getloadavg()
-    if not a.skip_big:
-        fn = write_big_checkpoint(BIG)
-        size = os.path.getsize(fn)
-        from moeyard.offload.tiers import sequential_read_gbps
-        seq = sequential_read_gbps(fn, limit=4 << 30)
-        report["B"]["checkpoint_gb"] = round(size / 1e9, 2)
-        report["B"]["disk_sequential_gbps"] = round(seq, 3)
-        print(f"big checkpoint {size / 1e9:.2f} GB, sequential read {seq:.3f} GB/s", flush=True)
-        rb = dict(path=BIG, trace=trace, tokens=8 if a.quick else 16, compute_ms=20, io_threads=2)
-        for name, c in {"0.25/predicted+prefetch": dict(rb, fraction=0.25, eviction="predicted", prefetch=True),
-                        "0.25/on-demand LRU": dict(rb, fraction=0.25, eviction="lru", prefetch=False),
-                        "0.25/predicted, only p >= 0.25": dict(rb, fraction=0.25, eviction="predicted", prefetch=True,
-                                                               min_p=0.25),
-                        "0.5/predicted+prefetch": dict(rb, fraction=0.5, eviction="predicted", prefetch=True),
-                        "0.5/predicted, only p >= 0.25": dict(rb, fraction=0.5, eviction="predicted", prefetch=True,
-                                                              min_p=0.25),
-                        "0.5/on-demand LRU": dict(rb, fraction=0.5, eviction="lru", prefetch=False)}.items():
-            r = sub("replay", c)
-            report["B"][name] = r
-            print(name, json.dumps(r), flush=True)
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"wrote {a.out}")
+    if a.accelerate_worker:
+        print(json.dumps(accelerate_worker(json.loads(a.accelerate_worker))))
+        return
+    a.fractions = [float(x) for x in a.fractions.split(",")]
+    a.batches = [int(x) for x in a.batches.split(",")]
+    a.peers = [x for x in a.peers.split(",") if x]
+    res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load": os.getloadavg(), "models": []}
+    for name in a.models.split(","):
+        res["models"].append(bench_model(name, a))
+        os.makedirs(os.path.dirname(a.out), exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+    print(f"\nwrote {a.out}")
 
 
 if __name__ == "__main__":

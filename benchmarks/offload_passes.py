@@ -34,7 +34,7 @@ def main():
     a = ap.parse_args()
     import torch
     torch.set_num_threads(1)
-    from bench_offload import model_path, prompts
+    from bench_offload_small import model_path, prompts
     from moeyard.offload import cache as cache_mod
     from moeyard.runtime.llm import LLM
     from moeyard.runtime.sampling import SamplingParams
