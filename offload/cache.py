@@ -75,7 +75,7 @@ EVICTION = {"predicted": _predicted_key, "lru": _lru_key, "lfu": _lfu_key}
 class ExpertCache:
     def __init__(self, cfg, tier: DiskTier, num_slots: int, dtype: torch.dtype, device: torch.device,
                  eviction: str = "predicted", io_threads: int = 2, io_mode: str = "auto",
-                 read_timeout: float = 60.0):
+                 read_timeout: float = 60.0, host=None):
         if eviction not in EVICTION:
             raise ValueError(f"unknown eviction policy {eviction!r}; valid: {', '.join(EVICTION)}")
         if io_mode not in IO_MODES:
@@ -90,7 +90,8 @@ class ExpertCache:
         D, F = cfg.hidden_size, cfg.expert_intermediate_size
         shapes = [x.shape for x in next(iter(tier.extents.values()))]   # 3 matrices, then 3 biases (gpt-oss)
         extra = dict(act=cfg.expert_act, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit)
-        self.flat = tier.flat if self.device.type == "cpu" else None
+        self.host = host      # HostTier between disk and slots (GPU), or None: slots are filled from disk
+        self.flat = tier.flat if self.device.type == "cpu" and host is None else None
         self.proc = None
         self._io_threads = max(1, io_threads)
         if self.flat is not None:
@@ -631,6 +632,8 @@ class ExpertCache:
         d["expert_slots"] = self.num_slots
         d["expert_cache_bytes"] = self.num_slots * self.slot_bytes
         d["io_mode"] = self.io_mode
+        if self.host is not None:
+            d.update(self.host.stats())
         if self.proc is not None:
             d["reader_rss_mb"] = self.proc.rss_anon_mb()
             d["reader_restarts"] = self.proc.restarts
@@ -703,24 +706,31 @@ class ExpertCache:
                 dst[i:i + n].copy_(st[0][at:at + n * isz].view(self._src_dtype))
             return None
         ext = self.tier.extents[e.key]
-        direct = not self.cuda and all(d.dtype == self.dtype and d.direct for d in ext)
-        if direct:
+        if self.host is None and not self.cuda and all(d.dtype == self.dtype and d.direct for d in ext):
             self.tier.read_raw(layer, x, list(dst.tensors))
             return None
-        k = tuple((d.dtype, d.slab_shape or d.shape) for d in ext)
-        if k not in tls:
-            tls[k] = [torch.empty(d.slab_shape or d.shape, dtype=d.dtype, pin_memory=self.cuda) for d in ext]
-        raw = [d.finish(r) for d, r in zip(ext, self.tier.read_raw(layer, x, tls[k]))]
-        if not self.cuda:
-            for d, s in zip(dst.tensors, raw):
-                d.copy_(s)
-            return None
-        with torch.cuda.stream(stream):
-            if release is not None:
-                stream.wait_event(release)
-            for d, s in zip(dst.tensors, raw):
-                d.copy_(s, non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record(stream)
-        ev.synchronize()   # the staging buffer is reused by this thread's next read
-        return ev
+        if self.host is not None:
+            src = self.host.fetch(layer, x)       # host tier: a hit is a copy, a miss a disk read into it
+        else:
+            k = tuple((d.dtype, d.slab_shape or d.shape) for d in ext)
+            if k not in tls:
+                tls[k] = [torch.empty(d.slab_shape or d.shape, dtype=d.dtype, pin_memory=self.cuda) for d in ext]
+            src = self.tier.read_raw(layer, x, tls[k])
+        try:
+            raw = [d.finish(r) for d, r in zip(ext, src)]
+            if not self.cuda:
+                for d, s in zip(dst.tensors, raw):
+                    d.copy_(s)
+                return None
+            with torch.cuda.stream(stream):
+                if release is not None:
+                    stream.wait_event(release)
+                for d, s in zip(dst.tensors, raw):
+                    d.copy_(s, non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(stream)
+            ev.synchronize()   # the staging / host buffer may be reused once the copy is done
+            return ev
+        finally:
+            if self.host is not None:
+                self.host.release(layer, x)

@@ -21,6 +21,10 @@ Options (the keyword parameters of ``build_offload``):
 - ``gate``: read only the predicted experts worth a read (``offload/gate.py``): ``min_p`` (default 0.5) is the
   measured precision a rank of a prediction needs, ``budget_layers`` (default 2; 0: no budget) caps the reads in
   flight to what the disk delivers in that many layers of compute; ``gate=False`` reads every guess;
+- ``host_cache_fraction`` (of all routed experts) / ``host_cache_bytes``: the host tier between disk and GPU slots
+  (``offload/host.py``: pinned buffers, a hit is one copy instead of a disk read). Default on a GPU: every expert if
+  that fits in half the available RAM, else that half; on a CPU none (the slots are host memory already; a value
+  above 0 puts the tier under the slots anyway, as the GPU path does);
 - ``max_decode_batch``: sequences per decode step (default: as many as the budget's working set allows,
   ``slots // top_k``, at most ``max_num_seqs``); ``token_scheduling``: group sequences with overlapping experts.
 """
@@ -39,6 +43,7 @@ from ..runtime.modes import ModeContext, new_kv_cache
 from .cache import EVICTION, ExpertCache
 from .executor import OffloadExecutor
 from .gate import PrefetchGate
+from .host import HostTier
 from .tiers import DiskTier
 
 
@@ -73,6 +78,26 @@ def plan_slots(cfg, slot_bytes: int, expert_cache_fraction: float, expert_cache_
     return slots, mdb
 
 
+def host_tier(cfg, tier: DiskTier, device, fraction: float | None, nbytes: int | None) -> HostTier | None:
+    """The host tier for these options (see the module docstring), or None."""
+    total = len(cfg.moe_layers) * cfg.num_experts
+    per = sum(x.nbytes for x in next(iter(tier.extents.values())))     # raw bytes of one expert on disk
+    if nbytes is not None:
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+            raise OffloadConfigError(f"host_cache_bytes must be a whole number of bytes >= 0, got {nbytes!r}")
+        n = nbytes // per
+    elif fraction is not None:
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+            raise OffloadConfigError(f"host_cache_fraction must be in [0, 1], got {fraction!r}")
+        n = int(fraction * total)
+    elif device.type == "cuda":
+        import psutil
+        n = min(total, int(psutil.virtual_memory().available * 0.5 // per))
+    else:
+        return None
+    return HostTier(tier, min(n, total), pin=device.type == "cuda") if n > 0 else None
+
+
 def _own_dense_weights(model):
     """Copy dense weights out of the checkpoint's memory map: they must stay valid (and be really resident) even if
     the file changes underneath; a truncated mmap would otherwise kill the process with SIGBUS."""
@@ -86,7 +111,8 @@ def build_offload(ctx: ModeContext, expert_cache_fraction: float = 0.25, expert_
                   token_scheduling: bool = True, trace: str | None = None, drop_page_cache: bool = True,
                   prefetch_distance: int = 1, width: int | None = None, sticky: float = 0.05,
                   io_mode: str = "auto", read_timeout: float = 60.0, gate: bool = True, min_p: float = 0.5,
-                  budget_layers: float = 2.0):
+                  budget_layers: float = 2.0, host_cache_fraction: float | None = None,
+                  host_cache_bytes: int | None = None):
     if predictor is not None and predictor not in PREDICTORS:
         raise OffloadConfigError(f"unknown predictor {predictor!r}; valid: {', '.join(PREDICTORS)}")
     if eviction not in EVICTION:
@@ -111,9 +137,10 @@ def build_offload(ctx: ModeContext, expert_cache_fraction: float = 0.25, expert_
     model = build_dense(cfg, reader, dtype, device, ctx.max_model_len)
     _own_dense_weights(model)
     tier = DiskTier(cfg, reader, drop_cache=drop_page_cache)
+    host = host_tier(cfg, tier, device, host_cache_fraction, host_cache_bytes)
     try:
         cache = ExpertCache(cfg, tier, slots, dtype, device, eviction=eviction, io_threads=io_threads,
-                            io_mode=io_mode, read_timeout=read_timeout)
+                            io_mode=io_mode, read_timeout=read_timeout, host=host)
     except ValueError as e:
         raise OffloadConfigError(str(e)) from None
     pred = None
