@@ -116,3 +116,28 @@ def linear_modules(hf_model) -> set[str]:
                 names |= {f"{n}.{e}.gate_proj", f"{n}.{e}.up_proj", f"{n}.{e}.down_proj",
                           f"{n}.{e}.w1", f"{n}.{e}.w2", f"{n}.{e}.w3"}
     return names
+
+
+def dequantized_copy(src: str, dst: str) -> str:
+    """An unquantized copy of FP8 checkpoint ``src`` whose weights are transformers' own dequantization of each
+    (weight, weight_scale_inv) pair (``Fp8Dequantize``, float32): the oracle model is transformers loading it."""
+    import shutil
+
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+    shutil.copytree(src, dst)
+    deq = Fp8Dequantize(None)
+    sd = _state(src)
+    out = {}
+    for name, t in sd.items():
+        if name.endswith("weight_scale_inv"):
+            continue
+        sn = name[:-len(".weight")] + ".weight_scale_inv" if name.endswith(".weight") else None
+        out[name] = deq._dequantize_one(t, sd[sn], torch.float32) if sn in sd else t.float()
+    for fn in os.listdir(dst):
+        if fn.endswith(".safetensors"):
+            os.remove(os.path.join(dst, fn))
+    save_file(out, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.load(open(os.path.join(dst, "config.json")))
+    cfg.pop("quantization_config")
+    json.dump(cfg, open(os.path.join(dst, "config.json"), "w"), indent=2)
+    return dst
