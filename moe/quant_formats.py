@@ -20,6 +20,7 @@ import math
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .errors import CheckpointError, ModelError
@@ -89,28 +90,50 @@ def scale_values(s: torch.Tensor) -> torch.Tensor:
     return s.to(torch.float32)
 
 
+def _lut(table: torch.Tensor, codes_u8: torch.Tensor) -> torch.Tensor:
+    """``table[codes]`` (float32, shape codes + table.shape[1:]): on a CPU through numpy's ``take``, several times
+    faster than torch's fp8 conversion or gather here (benchmarks/bench_dequant.py) and run without the GIL;
+    elsewhere torch indexing."""
+    if codes_u8.device.type == "cpu":
+        return torch.from_numpy(np.take(table.numpy(), codes_u8.contiguous().numpy(), axis=0))
+    return table.to(codes_u8.device)[codes_u8.to(torch.int)]
+
+
+_E4M3 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float32)   # exact: every code
+
+
 def dequant_fp8(w_RC: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None) -> torch.Tensor:
-    """float32 [..., R, C] of an e4m3 weight and its per-block inverse scales (``float(w) * s`` per element, the one
-    float32 multiply transformers does)."""
-    w = w_RC.to(torch.float32)
-    s = scale_values(scale)
+    """float32 [..., R, C] of an e4m3 weight and its per-block inverse scales: ``float(w) * s`` per element, the one
+    float32 multiply transformers does (so the same bits however the scales are broadcast)."""
+    w = _lut(_E4M3, w_RC.view(torch.uint8)) if w_RC.device.type == "cpu" else w_RC.to(torch.float32)
+    s = scale_values(scale).to(w.device)
     if block is None:
-        return w * s.reshape(s.shape[:-2] + (1, 1)) if s.dim() >= 2 else w * s
+        return w.mul_(s.reshape(s.shape[:-2] + (1, 1)) if s.dim() >= 2 else s)
     R, C = w.shape[-2:]
-    s = s.repeat_interleave(block[0], dim=-2)[..., :R, :].repeat_interleave(block[1], dim=-1)[..., :C]
-    return w * s
+    (br, bc), lead = block, w.shape[:-2]
+    if R % br == 0 and C % bc == 0 and s.shape[-2:] == (R // br, C // bc):
+        w.view(*lead, R // br, br, C // bc, bc).mul_(s[..., :, None, :, None])
+        return w
+    return w.mul_(s.repeat_interleave(br, dim=-2)[..., :R, :].repeat_interleave(bc, dim=-1)[..., :C])
 
 
 # ---- MXFP4 -------------------------------------------------------------------------------------------------------
+_FP4_PAIRS = torch.tensor([[FP4_VALUES[i & 15], FP4_VALUES[i >> 4]] for i in range(256)], dtype=torch.float32)
+_E8M0 = torch.pow(2.0, torch.arange(256, dtype=torch.int32) - 127)        # what torch.ldexp multiplies by
+
+
 def dequant_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """float32 [..., R, 32 G] from blocks [..., R, G, 16] (uint8) and scales [..., R, G] (uint8 e8m0): the lookup and
-    ``ldexp`` of transformers' ``convert_moe_packed_tensors``, without its final transpose."""
-    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
+    """float32 [..., R, 32 G] from blocks [..., R, G, 16] (uint8) and scales [..., R, G] (uint8 e8m0): each byte's two
+    e2m1 values (low nibble first) times 2^(scale - 127), the values and the one multiply of transformers'
+    ``convert_moe_packed_tensors`` (its lookup then ``ldexp``), without its final transpose."""
     b = blocks.to(torch.uint8)
-    out = torch.empty(b.shape[:-1] + (2 * b.shape[-1],), dtype=torch.float32, device=b.device)
-    out[..., 0::2] = lut[(b & 0x0F).to(torch.int)]
-    out[..., 1::2] = lut[(b >> 4).to(torch.int)]
-    torch.ldexp(out, (scales.to(torch.int32) - 127).unsqueeze(-1), out=out)
+    if b.device.type == "cpu":
+        out = _lut(_FP4_PAIRS, b).reshape(b.shape[:-1] + (2 * b.shape[-1],))
+    else:
+        lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=b.device)
+        out = torch.empty(b.shape[:-1] + (2 * b.shape[-1],), dtype=torch.float32, device=b.device)
+        out[..., 0::2], out[..., 1::2] = lut[(b & 0x0F).to(torch.int)], lut[(b >> 4).to(torch.int)]
+    out.mul_(_lut(_E8M0, scales.to(torch.uint8)).to(out.device).unsqueeze(-1))
     return out.reshape(out.shape[:-3] + (out.shape[-3], out.shape[-2] * out.shape[-1]))
 
 

@@ -18,17 +18,12 @@ import torch.nn.functional as F
 
 from .config import MoEConfig
 from .gated_delta import causal_conv, chunk_gated_delta_rule, recurrent_gated_delta_rule
-from .layers import Attention, Rotary
+from .layers import Attention, RMSNorm, Rotary
 from .partial_attention import rope_partial
 
 
-class OffsetRMSNorm(nn.Module):
+class OffsetRMSNorm(RMSNorm):
     """RMSNorm scaling by (1 + weight), computed in float32 before the cast back (Qwen3-Next)."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(dim))
-        self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x.float()

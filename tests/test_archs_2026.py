@@ -11,10 +11,8 @@ import torch
 
 from moeyard.moe.config import MoEConfig
 from moeyard.moe.errors import ModelError
-from moeyard.moe.loader import load_model
-from moeyard.moe.model import ForwardBatch
 from moeyard.runtime import LLM, SamplingParams
-from tiny_models import ARCHS_2026, build_hf, save_hf
+from tiny_models import ARCHS_2026, assert_logits_match, build_hf, save_hf
 
 # mixed lengths: 1 token (prefill of one), 77 (more than one 64-token chunk of the delta rule)
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], list(range(10, 40)), [42], list(range(3, 80))]
@@ -52,12 +50,7 @@ def want(ckpt):
 @pytest.mark.parametrize("arch", ARCHS_2026)
 def test_logits_match(ckpt, arch):
     path, hf = ckpt(arch)
-    lm = load_model(path, device="cpu")
-    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = hf(ids).logits
-        ours = lm.model(ids.reshape(-1), ForwardBatch.blocks(2, 20, "cpu")).view(2, 20, -1)
-    torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
+    assert_logits_match(path, hf)
 
 
 def test_config_fields(ckpt):

@@ -110,3 +110,15 @@ def save_hf(model, path: str, fused: bool = False, max_shard_size=None) -> str:
         kw["max_shard_size"] = max_shard_size
     model.save_pretrained(path, save_original_format=not fused, **kw)
     return path
+
+
+def assert_logits_match(path: str, hf, atol=2e-5, rtol=1e-4):
+    """Our no-cache forward of two random 20-token sequences against transformers' logits."""
+    from moeyard.moe.loader import load_model
+    from moeyard.moe.model import ForwardBatch
+    lm = load_model(path, device="cpu")
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        ours = lm.model(ids.reshape(-1), ForwardBatch.blocks(2, 20, "cpu")).view(2, 20, -1)
+    torch.testing.assert_close(ours, ref, atol=atol, rtol=rtol)
