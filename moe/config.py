@@ -16,8 +16,8 @@ from dataclasses import dataclass, field, replace
 from .errors import ModelError
 from .quant_formats import QuantFormat, parse_quant
 
-SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "glm4_moe",
-                         "minimax_m2", "qwen3_next")
+SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "kimi_k2", "gpt_oss",
+                         "glm4_moe", "minimax_m2", "qwen3_next")
 
 
 @dataclass(frozen=True)
@@ -415,5 +415,5 @@ def _gpt_oss(d):
 
 
 _PARSERS = {"mixtral": _mixtral, "qwen2_moe": _qwen2_moe, "qwen3_moe": _qwen3_moe, "olmoe": _olmoe,
-            "deepseek_v3": _deepseek_v3, "gpt_oss": _gpt_oss, "glm4_moe": _glm4_moe, "minimax_m2": _minimax_m2,
+            "deepseek_v3": _deepseek_v3, "kimi_k2": _deepseek_v3, "gpt_oss": _gpt_oss, "glm4_moe": _glm4_moe, "minimax_m2": _minimax_m2,
             "qwen3_next": _qwen3_next}

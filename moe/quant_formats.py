@@ -163,7 +163,11 @@ def present(reader, name: str) -> bool:
 def stored_as(reader, name: str) -> str:
     """How tensor ``name`` is stored: "plain", "fp8" (float8 with a scale) or "mxfp4" (``_blocks`` / ``_scales``)."""
     if name in reader:
-        return "fp8" if reader.dtype(name) == "F8_E4M3" else "plain"
+        dt = reader.dtype(name)
+        if dt.startswith("F8_") and dt != "F8_E4M3":
+            raise CheckpointError(f"tensor {name!r} is {dt}: only e4m3 fp8 weights are supported "
+                                  f"({reader.file_of(name)})")
+        return "fp8" if dt == "F8_E4M3" else "plain"
     if f"{name}_blocks" in reader:
         return "mxfp4"
     return "plain"    # missing: the plain read names it
@@ -199,6 +203,9 @@ def check_mxfp4(reader, q: QuantFormat, name: str, shape: tuple[int, ...]) -> No
     if q.method != "mxfp4":
         raise CheckpointError(f"tensor {name}_blocks is MXFP4 but config.json has no mxfp4 quantization_config "
                               f"({reader.file_of(name + '_blocks')})")
+    if not q.converts(module_of(name)):
+        raise CheckpointError(f"tensor {name}_blocks is MXFP4 but quantization_config.modules_to_not_convert lists "
+                              f"{module_of(name)!r} as unquantized ({reader.file_of(name + '_blocks')})")
     if shape[-2] % MX_GROUP:
         raise CheckpointError(f"tensor {name!r}: MXFP4 needs its input dimension ({shape[-2]}) to be a multiple of "
                               f"{MX_GROUP}")

@@ -48,6 +48,9 @@ class HybridCache(KVCache):
 
     import_ = export
 
+    def bytes_per_token(self) -> int:
+        return super().bytes_per_token() if self.L else 0
+
     @property
     def nbytes(self) -> int:
         return super().nbytes + sum(t.numel() * t.element_size() for t in self.conv + self.ssm)

@@ -204,7 +204,8 @@ def _edit(src, dst, config=None, tensors=None):
     return str(p)
 
 
-SCALE = "model.layers.1.mlp.experts.3.down_proj.weight_scale_inv"
+W = "model.layers.1.mlp.experts.3.down_proj.weight"
+SCALE = W + "_scale_inv"
 
 
 @pytest.mark.parametrize("case,match", [
@@ -213,6 +214,7 @@ SCALE = "model.layers.1.mlp.experts.3.down_proj.weight_scale_inv"
     ("shape", rf"tensor '{SCALE}' has shape \[4, 2\] but the fp8 scales .* need \[8, 2\]"),
     ("skipped", r"tensor 'model.layers.0.self_attn.o_proj.weight' is float8 but quantization_config."
                 r"modules_to_not_convert lists 'model.layers.0.self_attn.o_proj'"),
+    ("e5m2", r"tensor 'model.layers.1.mlp.experts.3.down_proj.weight' is F8_E5M2: only e4m3"),
 ])
 def test_bad_fp8_checkpoint_names_the_problem(fp8, tmp_path, case, match):
     src = fp8("deepseek_v3")[0]
@@ -220,7 +222,8 @@ def test_bad_fp8_checkpoint_names_the_problem(fp8, tmp_path, case, match):
              "missing": dict(tensors=lambda sd: sd.pop(SCALE)),
              "shape": dict(tensors=lambda sd: sd.__setitem__(SCALE, sd[SCALE][:4])),
              "skipped": dict(config=lambda d: d["quantization_config"].update(
-                 modules_to_not_convert=["model.layers.0.self_attn.o_proj"]))}
+                 modules_to_not_convert=["model.layers.0.self_attn.o_proj"])),
+             "e5m2": dict(tensors=lambda sd: sd.__setitem__(W, sd[W].float().to(torch.float8_e5m2)))}
     p = _edit(src, tmp_path / "m", **edits[case])
     with pytest.raises(ModelError, match=match):
         load_model(p, device="cpu")
@@ -230,6 +233,15 @@ def test_bad_fp8_checkpoint_names_the_problem(fp8, tmp_path, case, match):
         r = subprocess.run([sys.executable, "-m", "moeyard.runtime.cli", "generate", "--model", p, "--prompt", "x"],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and "Traceback" not in r.stderr and SCALE in r.stderr
+
+
+def test_kimi_k2_is_read_as_deepseek_v3(fp8):
+    """Kimi K2 ships DeepSeek-V3's architecture and FP8 layout under model_type "kimi_k2" (its own config code)."""
+    d = json.load(open(os.path.join(fp8("deepseek_v3")[0], "config.json")))
+    a, b = MoEConfig.from_dict(d), MoEConfig.from_dict({**d, "model_type": "kimi_k2"})
+    assert b.model_type == "kimi_k2" and b.quant == a.quant and b.attention_kind == "mla"
+    assert {k: v for k, v in vars(b).items() if k not in ("model_type", "raw")} == \
+        {k: v for k, v in vars(a).items() if k not in ("model_type", "raw")}
 
 
 def test_bad_mxfp4_checkpoint_names_the_tensor(mxfp4, tmp_path):
