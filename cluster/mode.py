@@ -39,7 +39,7 @@ def build_ray(ctx, num_workers: int = 2, placement: str = "round_robin", ep_sche
     if speculative_shuffle:
         from ..runtime.spec_shuffle import check_spec
         try:
-            check_spec(ep_scheme, num_workers)
+            check_spec(ep_scheme, num_workers, cfg)
         except ValueError as exc:
             raise MoeyardError(str(exc)) from None
     try:

@@ -92,6 +92,14 @@ class CheckpointReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._meta[name][1]["shape"])
 
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype string of ``name`` ("BF16", "F8_E4M3", "U8", …)."""
+        return self._meta[name][1]["dtype"]
+
+    def slice(self, name: str):
+        """safetensors' lazy slice of ``name``: indexing it reads only the bytes asked for."""
+        return self._handle(self.file_of(name)).get_slice(name)
+
     def nbytes(self, name: str) -> int:
         s, e = self._meta[name][1]["data_offsets"]
         return e - s

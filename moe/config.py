@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .errors import ModelError
+from .quant_formats import QuantFormat, parse_quant
 
-SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss")
+SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "kimi_k2", "gpt_oss",
+                         "glm4_moe", "minimax_m2", "qwen3_next")
 
 
 @dataclass(frozen=True)
@@ -50,14 +52,17 @@ class MoEConfig:
     rope_scaling: tuple = ()          # the rope parameters as sorted (key, value) pairs
     rotary_dim: int = 0               # rotated width; 0 = head_dim
     # ---- DeepSeek-V3: multi-head latent attention, sigmoid group-limited routing, shared experts ------------
-    attention_kind: str = "mha"       # "mha" | "mla" (DeepSeek) | "sinks" (gpt-oss: learned sinks, sliding window)
+    # "mha" | "mla" (DeepSeek) | "sinks" (gpt-oss: learned sinks, sliding window) | "partial" (GLM-4.5, MiniMax-M2:
+    # RoPE on the first rotary_dim of each head) | "gated" (Qwen3-Next: partial RoPE, sigmoid output gate)
+    attention_kind: str = "mha"
     q_lora_rank: int | None = None    # None: plain q_proj
     kv_lora_rank: int = 0
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
     rope_interleave: bool = False
-    router_kind: str = "softmax"      # "softmax" | "sigmoid_group" (DeepSeek-V3) | "topk_softmax" (gpt-oss)
+    # "softmax" | "sigmoid_group" (DeepSeek-V3, GLM-4.5) | "topk_softmax" (gpt-oss) | "sigmoid_bias" (MiniMax-M2)
+    router_kind: str = "softmax"
     n_group: int = 1
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
@@ -66,9 +71,18 @@ class MoEConfig:
     expert_act: str = "swiglu"        # "swiglu" | "swiglu_oss" (clamped, (up + 1) * glu, biases)
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
-    layer_types: tuple[str, ...] = () # per layer "full_attention" | "sliding_attention" (empty: all full)
+    # per layer "full_attention" | "sliding_attention" (gpt-oss) | "linear_attention" (Qwen3-Next); empty: all full
+    layer_types: tuple[str, ...] = ()
     sliding_window: int | None = None
     o_proj_bias: bool = False
+    # ---- Qwen3-Next: Gated-DeltaNet linear attention layers, (1 + weight) RMSNorms ---------------------------------
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel_dim: int = 0
+    rmsnorm_offset: bool = False      # RMSNorm scales by (1 + weight) (Qwen3-Next)
+    quant: QuantFormat = QuantFormat()   # quantization_config of the checkpoint (quant_formats.py)
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
@@ -85,6 +99,10 @@ class MoEConfig:
         for ok, msg in checks:
             if not ok:
                 raise ModelError(f"config.json: {msg}")
+
+    def is_linear_layer(self, layer: int) -> bool:
+        """A Gated-DeltaNet layer (Qwen3-Next): recurrent state instead of KV entries."""
+        return bool(self.layer_types) and self.layer_types[layer] == "linear_attention"
 
     def is_sliding_layer(self, layer: int) -> bool:
         return bool(self.layer_types) and self.layer_types[layer] == "sliding_attention" and bool(self.sliding_window)
@@ -118,7 +136,7 @@ class MoEConfig:
             raise ModelError(
                 f"config.json: unsupported model_type {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         try:
-            return _PARSERS[mt](d)
+            return replace(_PARSERS[mt](d), quant=parse_quant(d))
         except KeyError as e:
             raise ModelError(f"config.json: missing field {e.args[0]!r} for model_type {mt!r}") from None
 
@@ -235,12 +253,9 @@ def _fail(msg: str):
     raise ModelError(f"config.json: {msg}")
 
 
-def _deepseek_v3(d):
-    c = _common({**d, "rope_parameters": None, "rope_scaling": None})
-    c.update(_rope_scaled(d))
-    E, K = int(d["n_routed_experts"]), int(d["num_experts_per_tok"])
+def _group_routing(d: dict, E: int, K: int) -> tuple[int, int]:
+    """(n_group, topk_group) of a DeepSeek-style group-limited router, checked against E experts and top-K."""
     ng, tg = int(d.get("n_group") or 1), int(d.get("topk_group") or 1)
-    L, fk = int(d["num_hidden_layers"]), int(d.get("first_k_dense_replace") or 0)
     if E < 1:
         _fail(f"n_routed_experts ({E}) must be >= 1")
     if ng < 1 or tg < 1:
@@ -256,8 +271,22 @@ def _deepseek_v3(d):
     if K > tg * (E // ng):
         _fail(f"num_experts_per_tok ({K}) must not exceed topk_group x experts per group "
               f"({tg} x {E // ng} = {tg * E // ng}; n_routed_experts {E}, n_group {ng})")
+    return ng, tg
+
+
+def _first_dense(d: dict) -> tuple[int, ...]:
+    L, fk = int(d["num_hidden_layers"]), int(d.get("first_k_dense_replace") or 0)
     if not 0 <= fk <= L:
         _fail(f"first_k_dense_replace ({fk}) must be between 0 and num_hidden_layers ({L})")
+    return tuple(range(fk))
+
+
+def _deepseek_v3(d):
+    c = _common({**d, "rope_parameters": None, "rope_scaling": None})
+    c.update(_rope_scaled(d))
+    E, K = int(d["n_routed_experts"]), int(d["num_experts_per_tok"])
+    ng, tg = _group_routing(d, E, K)
+    dense = _first_dense(d)
     for f in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"):
         if int(d[f]) <= 0:
             _fail(f"{f} ({d[f]}) must be positive")
@@ -269,13 +298,95 @@ def _deepseek_v3(d):
                      norm_topk_prob=bool(d.get("norm_topk_prob", True)),
                      attention_bias=bool(d.get("attention_bias", False)),
                      dense_intermediate_size=int(d.get("intermediate_size", 0) or 0),
-                     dense_layers=tuple(range(fk)), rotary_dim=int(d["qk_rope_head_dim"]),
+                     dense_layers=dense, rotary_dim=int(d["qk_rope_head_dim"]),
                      attention_kind="mla", q_lora_rank=(int(d["q_lora_rank"]) if d.get("q_lora_rank") else None),
                      kv_lora_rank=int(d["kv_lora_rank"]), qk_nope_head_dim=int(d["qk_nope_head_dim"]),
                      qk_rope_head_dim=int(d["qk_rope_head_dim"]), v_head_dim=int(d["v_head_dim"]),
                      rope_interleave=bool(d.get("rope_interleave", True)), router_kind="sigmoid_group",
                      n_group=ng, topk_group=tg, routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
                      num_shared_experts=int(d.get("n_shared_experts") or 0), o_proj_bias=bool(d.get("attention_bias", False)))
+
+
+def _partial_rotary(d: dict, head_dim: int) -> int:
+    """Rotated width of a partial-RoPE head: ``rotary_dim`` (MiniMax-M2's release) or ``partial_rotary_factor`` (in
+    ``rope_parameters`` or at the top level) x head_dim."""
+    rp = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if d.get("rotary_dim"):
+        rd = int(d["rotary_dim"])
+    else:
+        f = rp.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) if isinstance(rp, dict) else 1.0
+        rd = int(head_dim * float(f if f is not None else 1.0))
+    if not 0 < rd <= head_dim or rd % 2:
+        _fail(f"the rotary dimension ({rd}: rotary_dim / partial_rotary_factor x head_dim {head_dim}) must be even "
+              f"and between 2 and head_dim")
+    return rd
+
+
+def _glm4_moe(d):
+    c = _common(d)
+    E, K = int(d["n_routed_experts"]), int(d["num_experts_per_tok"])
+    ng, tg = _group_routing(d, E, K)
+    return MoEConfig(**c, num_experts=E, top_k=K, expert_intermediate_size=int(d["moe_intermediate_size"]),
+                     norm_topk_prob=bool(d.get("norm_topk_prob", True)),
+                     attention_bias=bool(d.get("attention_bias", False)),
+                     qk_norm="head" if d.get("use_qk_norm") else "none",
+                     dense_intermediate_size=int(d.get("intermediate_size", 0) or 0), dense_layers=_first_dense(d),
+                     rotary_dim=_partial_rotary(d, c["head_dim"]), attention_kind="partial",
+                     router_kind="sigmoid_group", n_group=ng, topk_group=tg,
+                     routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
+                     num_shared_experts=int(d.get("n_shared_experts") or 0))
+
+
+def _minimax_m2(d):
+    c = _common(d)
+    E, K = int(d["num_local_experts"]), int(d["num_experts_per_tok"])
+    if K > E:
+        _fail(f"num_experts_per_tok ({K}) must not exceed num_local_experts ({E})")
+    if d.get("use_qk_norm", True) is False or d.get("qk_norm_type", "per_layer") != "per_layer":
+        _fail("MiniMax-M2 is supported with use_qk_norm true and qk_norm_type 'per_layer' (as released)")
+    return MoEConfig(**c, num_experts=E, top_k=K, expert_intermediate_size=int(d["intermediate_size"]),
+                     norm_topk_prob=True, qk_norm="full", rotary_dim=_partial_rotary(d, c["head_dim"]),
+                     attention_kind="partial", router_kind="sigmoid_bias")
+
+
+def _qwen3_next_layers(d: dict) -> tuple[str, ...]:
+    L = int(d["num_hidden_layers"])
+    lt = d.get("layer_types")
+    if lt is None:
+        iv = d.get("full_attention_interval", 4)
+        if not isinstance(iv, int) or iv < 1:
+            _fail(f"full_attention_interval ({iv!r}) must be a positive integer")
+        lt = ["linear_attention" if (i + 1) % iv else "full_attention" for i in range(L)]
+    if not isinstance(lt, (list, tuple)) or len(lt) != L:
+        _fail(f"layer_types has {len(lt) if isinstance(lt, (list, tuple)) else 'no list of'} entries but "
+              f"num_hidden_layers is {L}")
+    bad = [t for t in lt if t not in ("linear_attention", "full_attention")]
+    if bad:
+        _fail(f"layer_types: unsupported layer type {bad[0]!r} (qwen3_next has 'linear_attention' and "
+              "'full_attention')")
+    return tuple(lt)
+
+
+def _qwen3_next(d):
+    c = _common(d)
+    E, K = _num_experts(d), int(d["num_experts_per_tok"])
+    if K > E:
+        _fail(f"num_experts_per_tok ({K}) must not exceed num_experts ({E})")
+    lin = {f: int(d[f]) for f in ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+                                  "linear_value_head_dim", "linear_conv_kernel_dim")}
+    for f, v in lin.items():
+        if v < 1:
+            _fail(f"{f} ({v}) must be >= 1")
+    if lin["linear_num_value_heads"] % lin["linear_num_key_heads"]:
+        _fail(f"linear_num_value_heads ({lin['linear_num_value_heads']}) must be a multiple of linear_num_key_heads "
+              f"({lin['linear_num_key_heads']})")
+    return MoEConfig(**c, num_experts=E, top_k=K, expert_intermediate_size=int(d["moe_intermediate_size"]),
+                     norm_topk_prob=bool(d.get("norm_topk_prob", True)),
+                     attention_bias=bool(d.get("attention_bias", False)), o_proj_bias=bool(d.get("attention_bias", False)),
+                     qk_norm="head", shared_expert_intermediate_size=int(d.get("shared_expert_intermediate_size") or 0),
+                     dense_intermediate_size=int(d.get("intermediate_size", 0) or 0), dense_layers=_sparse_layers(d),
+                     rotary_dim=_partial_rotary(d, c["head_dim"]), attention_kind="gated",
+                     layer_types=_qwen3_next_layers(d), rmsnorm_offset=True, **lin)
 
 
 def _gpt_oss(d):
@@ -304,4 +415,5 @@ def _gpt_oss(d):
 
 
 _PARSERS = {"mixtral": _mixtral, "qwen2_moe": _qwen2_moe, "qwen3_moe": _qwen3_moe, "olmoe": _olmoe,
-            "deepseek_v3": _deepseek_v3, "gpt_oss": _gpt_oss}
+            "deepseek_v3": _deepseek_v3, "kimi_k2": _deepseek_v3, "gpt_oss": _gpt_oss, "glm4_moe": _glm4_moe, "minimax_m2": _minimax_m2,
+            "qwen3_next": _qwen3_next}

@@ -16,6 +16,7 @@ import torch.nn.functional as F_
 
 from .checkpoint import CheckpointReader
 from .config import MoEConfig
+from .quant_formats import QuantFormat, logical_shape, read_slice, read_tensor
 from .weights import TensorRef, check_fused_shapes, expert_refs
 
 
@@ -50,12 +51,14 @@ class ExpertProvider(Protocol):
     def get(self, layer: int, expert: int) -> ExpertWeights: ...
 
 
-def read_ref(reader: CheckpointReader, ref: TensorRef, shape: tuple[int, int]) -> torch.Tensor:
-    """Read one expert matrix. For fused tensors only that expert's slice is read from disk."""
+def read_ref(reader: CheckpointReader, ref: TensorRef, shape: tuple[int, int],
+             quant: QuantFormat = QuantFormat()) -> torch.Tensor:
+    """Read one expert matrix (dequantized when the checkpoint stores it as fp8 or MXFP4). For fused tensors only
+    that expert's slice is read from disk."""
     if ref.index is None:
-        return reader.get(ref.name, shape)
-    full = reader.shape(ref.name)
-    t = reader._handle(reader.file_of(ref.name)).get_slice(ref.name)[ref.index]
+        return read_tensor(reader, quant, ref.name, shape)
+    full = logical_shape(reader, ref.name)
+    t = read_slice(reader, quant, ref.name, ref.index, full)
     if ref.rows is not None:
         t = t[ref.rows[0]:ref.rows[1]]
     if ref.cols is not None:
@@ -74,13 +77,12 @@ def read_ref(reader: CheckpointReader, ref: TensorRef, shape: tuple[int, int]) -
 def read_expert(cfg: MoEConfig, reader: CheckpointReader, layer: int, expert: int) -> ExpertWeights:
     D, F = cfg.hidden_size, cfg.expert_intermediate_size
     refs = expert_refs(cfg, reader, layer, expert)
+    rd = lambda ref, shape: read_ref(reader, ref, shape, cfg.quant)     # noqa: E731
     if refs.gate_bias is not None:     # gpt-oss
-        return ExpertWeights(read_ref(reader, refs.gate, (F, D)), read_ref(reader, refs.up, (F, D)),
-                             read_ref(reader, refs.down, (D, F)), read_ref(reader, refs.gate_bias, (F,)),
-                             read_ref(reader, refs.up_bias, (F,)), read_ref(reader, refs.down_bias, (D,)),
+        return ExpertWeights(rd(refs.gate, (F, D)), rd(refs.up, (F, D)), rd(refs.down, (D, F)),
+                             rd(refs.gate_bias, (F,)), rd(refs.up_bias, (F,)), rd(refs.down_bias, (D,)),
                              act=cfg.expert_act, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit)
-    return ExpertWeights(read_ref(reader, refs.gate, (F, D)), read_ref(reader, refs.up, (F, D)),
-                         read_ref(reader, refs.down, (D, F)))
+    return ExpertWeights(rd(refs.gate, (F, D)), rd(refs.up, (F, D)), rd(refs.down, (D, F)))
 
 
 class ResidentExperts:

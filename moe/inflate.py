@@ -140,6 +140,9 @@ def inflate(src: str, dst: str, width: int, seed: int = 0, shard_bytes: int = 1 
     if cfg.model_type not in WIDTH_FIELD:
         raise ModelError(f"inflate: architecture {cfg.model_type!r} is not supported; supported: "
                          f"{', '.join(WIDTH_FIELD)}")
+    if cfg.quant.method != "none":
+        raise ModelError(f"inflate: {src} is a {cfg.quant.method} checkpoint; inflate works on unquantized weights "
+                         "(bf16/fp16/fp32)")
     F = cfg.expert_intermediate_size
     if width < F:
         raise ModelError(f"inflate: --expert-intermediate {width} is smaller than the source's expert width {F}")

@@ -14,6 +14,7 @@ from .config import MoEConfig
 from .errors import ModelError
 from .experts import ResidentExperts
 from .model import MoEForCausalLM
+from .quant_formats import read_tensor
 from .tokenizer import Tokenizer
 from .weights import dense_checkpoint_name
 
@@ -104,7 +105,7 @@ def build_dense(cfg: MoEConfig, reader: CheckpointReader, dtype, device, max_pos
                 and cfg.tie_word_embeddings:
             continue
         ck = dense_checkpoint_name(cfg, reader, pname)
-        t = reader.get(ck, tuple(p.shape)).to(device=device, dtype=dtype)
+        t = read_tensor(reader, cfg.quant, ck, tuple(p.shape)).to(device=device, dtype=dtype)
         mod_name, _, attr = pname.rpartition(".")
         mod = model.get_submodule(mod_name)
         mod._parameters[attr] = nn.Parameter(t, requires_grad=False)

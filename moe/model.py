@@ -1,4 +1,4 @@
-"""The MoE decoder: one class serves Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE (differences live in the config).
+"""The MoE decoder: one class serves every architecture (differences live in the config and the factories below).
 
 Shapes: N tokens of a flattened batch (all sequences' new tokens back to back), D hidden, E experts, K top-k,
 V vocabulary. Expert weights are not parameters of this module: they come from an expert provider, and tokens
@@ -115,6 +115,9 @@ def make_attention(cfg: MoEConfig, layer: int) -> nn.Module:
     if cfg.attention_kind == "sinks":
         from .gpt_oss import SinkAttention
         return SinkAttention(cfg, layer)
+    if cfg.attention_kind == "partial":
+        from .partial_attention import PartialRopeAttention
+        return PartialRopeAttention(cfg, layer)
     return Attention(cfg, layer)
 
 
@@ -125,7 +128,25 @@ def make_moe_block(cfg: MoEConfig, layer: int) -> nn.Module:
     if cfg.router_kind == "topk_softmax":
         from .routers import GptOssMoEBlock
         return GptOssMoEBlock(cfg, layer)
+    if cfg.router_kind == "sigmoid_bias":
+        from .routers import MiniMaxMoEBlock
+        return MiniMaxMoEBlock(cfg, layer)
     return MoEBlock(cfg, layer)
+
+
+def make_decoder_layer(cfg: MoEConfig, layer: int) -> nn.Module:
+    """Qwen3-Next's hybrid layers (linear or gated attention, (1 + w) norms) or the common one."""
+    if cfg.attention_kind == "gated":
+        from .qwen3_next import Qwen3NextDecoderLayer
+        return Qwen3NextDecoderLayer(cfg, layer)
+    return DecoderLayer(cfg, layer)
+
+
+def make_norm(cfg: MoEConfig, dim: int) -> nn.Module:
+    if cfg.rmsnorm_offset:
+        from .qwen3_next import OffsetRMSNorm
+        return OffsetRMSNorm(dim, cfg.rms_norm_eps)
+    return RMSNorm(dim, cfg.rms_norm_eps)
 
 
 class DecoderLayer(nn.Module):
@@ -149,8 +170,8 @@ class Model(nn.Module):
     def __init__(self, cfg: MoEConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(make_decoder_layer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = make_norm(cfg, cfg.hidden_size)
 
 
 class MoEForCausalLM(nn.Module):

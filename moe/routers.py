@@ -1,4 +1,4 @@
-"""Routers beyond softmax top-k, and the MoE blocks that use them (DeepSeek-V3, gpt-oss).
+"""Routers beyond softmax top-k, and the MoE blocks that use them (DeepSeek-V3 and GLM-4.5, gpt-oss, MiniMax-M2).
 
 Every router returns ``(logits_NE, ids_NK, w_NK)`` like ``model.Router`` so route hooks, profilers, predictors and
 the expert-parallel worker (``block.gate(h)``) work unchanged. Routed experts are reached only through the
@@ -64,6 +64,26 @@ class TopKSoftmaxRouter(nn.Module):
         return logits_NE, ids_NK, w_NK
 
 
+class SigmoidBiasRouter(nn.Module):
+    """MiniMax-M2: sigmoid scores; choice by score + ``e_score_correction_bias``; weights are the chosen scores
+    renormalised (float32, as transformers). The checkpoint keeps the bias on the block
+    (``block_sparse_moe.e_score_correction_bias``, mapped in ``weights.dense_checkpoint_name``)."""
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.num_experts), requires_grad=False)
+        self.top_k = cfg.top_k
+
+    def forward(self, x_ND):
+        logits_NE = F.linear(x_ND.to(self.weight.dtype), self.weight)
+        scores = logits_NE.float().sigmoid()
+        ids_NK = torch.topk(scores + self.e_score_correction_bias, self.top_k, dim=-1, sorted=False)[1]
+        w_NK = scores.gather(1, ids_NK)
+        w_NK = w_NK / w_NK.sum(dim=-1, keepdim=True)
+        return logits_NE, ids_NK, w_NK.to(x_ND.dtype)
+
+
 class _RoutedBlock(nn.Module):
     router_attr = "gate"
 
@@ -112,6 +132,19 @@ class GptOssMoEBlock(_RoutedBlock):
     @property
     def gate(self):   # the expert-parallel worker and predictors call ``block.gate(h)``
         return self.router
+
+    def forward(self, x_ND, batch, experts, dispatcher):
+        return self.routed(x_ND, batch, experts, dispatcher)
+
+
+class MiniMaxMoEBlock(_RoutedBlock):
+    """MiniMax-M2: sigmoid router with a per-block ``e_score_correction_bias``, no shared expert."""
+
+    def __init__(self, cfg: MoEConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.gate = SigmoidBiasRouter(cfg)
+        self.last_router_logits = None
 
     def forward(self, x_ND, batch, experts, dispatcher):
         return self.routed(x_ND, batch, experts, dispatcher)

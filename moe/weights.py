@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from .checkpoint import CheckpointReader
 from .config import MoEConfig
 from .errors import CheckpointError
+from .quant_formats import check_mxfp4, present
 
 
 @dataclass(frozen=True)
@@ -87,18 +88,23 @@ def check_fused_shapes(cfg: MoEConfig, reader: CheckpointReader, layer: int) -> 
         shapes = ((f"{p}.experts.gate_up_proj", (E, D, 2 * F)), (f"{p}.experts.down_proj", (E, F, D)),
                   (f"{p}.experts.gate_up_proj_bias", (E, 2 * F)), (f"{p}.experts.down_proj_bias", (E, D)))
         for name, _ in shapes:
-            if name not in reader:
+            if not present(reader, name):
                 raise CheckpointError(f"tensor {name!r} (gpt-oss experts of layer {layer}) not found in checkpoint "
                                       f"{reader.path}")
     for name, shape in shapes:
-        if name in reader and reader.shape(name) != shape:
+        if name not in reader and f"{name}_blocks" in reader:
+            check_mxfp4(reader, cfg.quant, name, shape)
+        elif name in reader and reader.shape(name) != shape:
             raise CheckpointError(f"tensor {name!r} has shape {list(reader.shape(name))} but the config implies "
                                   f"{list(shape)} ({reader.file_of(name)})")
 
 
 def dense_checkpoint_name(cfg: MoEConfig, reader: CheckpointReader, param: str) -> str:
-    """Map our parameter name to the checkpoint's (they match except Mixtral's legacy MoE prefix)."""
+    """Map our parameter name to the checkpoint's (they match except the legacy ``block_sparse_moe`` MoE prefix of
+    Mixtral and MiniMax-M2, and MiniMax-M2's router bias, kept on the block)."""
     if ".mlp.gate." in param or ".mlp.shared_expert" in param:
         layer = int(param.split(".")[2])
+        if cfg.router_kind == "sigmoid_bias" and param.endswith(".gate.e_score_correction_bias"):
+            param = param.replace(".gate.e_score_correction_bias", ".e_score_correction_bias")
         return param.replace(f"model.layers.{layer}.mlp", moe_prefix(cfg, reader, layer))
     return param

@@ -705,27 +705,27 @@ class ExpertCache:
                 # one conversion into the slot (bf16 → fp32; releases the GIL)
                 dst[i:i + n].copy_(st[0][at:at + n * isz].view(self._src_dtype))
             return None
-        ext = self.tier.extents[e.key]
+        ext = self.tier.ranges[e.key]           # the bytes as stored: matrices, then scales of quantized ones
         if self.host is None and not self.cuda and all(d.dtype == self.dtype and d.direct for d in ext):
             self.tier.read_raw(layer, x, list(dst.tensors))
             return None
         if self.host is not None:
-            src = self.host.fetch(layer, x)       # host tier: a hit is a copy, a miss a disk read into it
+            raw = self.host.fetch(layer, x)       # host tier: a hit is a copy, a miss a disk read into it
         else:
             k = tuple((d.dtype, d.slab_shape or d.shape) for d in ext)
             if k not in tls:
                 tls[k] = [torch.empty(d.slab_shape or d.shape, dtype=d.dtype, pin_memory=self.cuda) for d in ext]
-            src = self.tier.read_raw(layer, x, tls[k])
+            raw = self.tier.read_raw(layer, x, tls[k])
         try:
-            raw = [d.finish(r) for d, r in zip(ext, src)]
-            if not self.cuda:
-                for d, s in zip(dst.tensors, raw):
+            if not self.cuda:      # slices / dequantization here, in this I/O thread (torch releases the GIL)
+                for d, s in zip(dst.tensors, self.tier.finish(e.key, raw)):
                     d.copy_(s)
                 return None
-            with torch.cuda.stream(stream):
+            with torch.cuda.stream(stream):   # the bytes as read (quantized: small) cross to the GPU, finished there
                 if release is not None:
                     stream.wait_event(release)
-                for d, s in zip(dst.tensors, raw):
+                dev = [r.to(self.device, non_blocking=True) for r in raw]
+                for d, s in zip(dst.tensors, self.tier.finish(e.key, dev)):
                     d.copy_(s, non_blocking=True)
                 ev = torch.cuda.Event()
                 ev.record(stream)

@@ -34,7 +34,7 @@ class HostTier:
         if self._spare:
             return self._spare.pop()
         return [torch.empty(x.slab_shape or x.shape, dtype=x.dtype, pin_memory=self.pin)
-                for x in self.disk.extents[key]]
+                for x in self.disk.ranges[key]]
 
     def _evict_one(self) -> bool:
         for k in self._lru:

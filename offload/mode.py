@@ -81,7 +81,7 @@ def plan_slots(cfg, slot_bytes: int, expert_cache_fraction: float, expert_cache_
 def host_tier(cfg, tier: DiskTier, device, fraction: float | None, nbytes: int | None) -> HostTier | None:
     """The host tier for these options (see the module docstring), or None."""
     total = len(cfg.moe_layers) * cfg.num_experts
-    per = sum(x.nbytes for x in next(iter(tier.extents.values())))     # raw bytes of one expert on disk
+    per = sum(x.nbytes for x in next(iter(tier.ranges.values())))      # bytes of one expert as stored
     if nbytes is not None:
         if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
             raise OffloadConfigError(f"host_cache_bytes must be a whole number of bytes >= 0, got {nbytes!r}")

@@ -1,7 +1,9 @@
 """Storage tier: one expert's bytes read straight from the checkpoint's safetensors files.
 
 Every expert matrix (per-expert tensors or one expert's slice of a fused ``[E, ...]`` tensor) is a contiguous byte
-range. ``DiskTier.read_raw`` reads the ranges (adjacent ones with one ``os.preadv`` on a cached descriptor; with the
+range. A quantized checkpoint (fp8, MXFP4: ``moe/quant_formats.py``) keeps its small format here: the quantized
+bytes and their scales (a second range per matrix) are what is read, and ``finish`` dequantizes them after the
+read (on the compute device when it is a GPU). ``DiskTier.read_raw`` reads the ranges (adjacent ones with one ``os.preadv`` on a cached descriptor; with the
 usual layout a whole expert is one range, ``read_flat``) and drops them from the page cache afterwards
 (``posix_fadvise(DONTNEED)``) so the OS cannot hide the storage cost; the bytes land in a host buffer (pinned when
 CUDA is present) and are converted/copied into the caller's slot tensors.
@@ -20,9 +22,12 @@ import torch
 from ..moe.checkpoint import CheckpointReader
 from ..moe.config import MoEConfig
 from ..moe.errors import CheckpointError
+from ..moe.quant_formats import (check_fp8, check_mxfp4, dequant_fp8, dequant_mxfp4, fp8_scale_name, logical_shape,
+                                 stored_as)
 from ..moe.weights import expert_refs
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_RAW_DTYPES = {**_ST_DTYPES, "U8": torch.uint8, "F8_E4M3": torch.float8_e4m3fn, "F8_E8M0": torch.float8_e8m0fnu}
 
 
 class ExpertReadError(CheckpointError):
@@ -40,18 +45,29 @@ class Extent:
     nbytes: int
     dtype: torch.dtype
     shape: tuple[int, ...]                   # final shape of the matrix (or bias vector)
-    slab_shape: tuple[int, ...] | None = None  # gpt-oss: the expert's whole slab is read, then sliced
+    slab_shape: tuple[int, ...] | None = None  # gpt-oss, quantized: the bytes read have this shape, then finish
     cols: tuple[int, int, int] | None = None
     transpose: bool = False
+    fmt: str = "plain"                       # "plain" | "fp8" | "mxfp4"
+    scale: "Extent | None" = None            # the quantized matrix's scales
+    block: tuple[int, int] | None = None     # fp8 weight_block_size
+    rows: tuple[int, int] | None = None      # rows of the dequantized slab (fused fp8 gate/up)
 
     @property
     def direct(self) -> bool:
         return self.slab_shape is None
 
-    def finish(self, t: torch.Tensor) -> torch.Tensor:
-        """The matrix from the bytes read (a strided slice and transpose for slab reads)."""
+    def finish(self, t: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The matrix from the bytes read: dequantized (``scale``: the bytes of ``self.scale``), then a strided
+        slice and transpose for slab reads."""
         if self.direct:
             return t
+        if self.fmt == "fp8":
+            t = dequant_fp8(t, scale, self.block)
+        elif self.fmt == "mxfp4":
+            t = dequant_mxfp4(t, scale).transpose(-1, -2)
+        if self.rows is not None:
+            t = t[self.rows[0]:self.rows[1]]
         if self.cols is not None:
             t = t[..., self.cols[0]:self.cols[1]:self.cols[2]]
         if self.transpose:
@@ -73,6 +89,9 @@ def expert_extents(cfg: MoEConfig, reader: CheckpointReader, layer: int, expert:
         todo += [(refs.gate_bias, (F,)), (refs.up_bias, (F,)), (refs.down_bias, (D,))]
     out = []
     for ref, shape in todo:
+        if stored_as(reader, ref.name) != "plain":
+            out.append(_quant_extent(cfg, reader, ref, shape))
+            continue
         fp, off, nb, dt = reader.data_location(ref.name)
         if dt not in _ST_DTYPES:
             raise CheckpointError(f"tensor {ref.name!r}: dtype {dt} not supported by offload mode")
@@ -95,6 +114,34 @@ def expert_extents(cfg: MoEConfig, reader: CheckpointReader, layer: int, expert:
     return out
 
 
+def _range(reader, name: str, index: int | None, dtypes=_RAW_DTYPES) -> Extent:
+    """The bytes of ``name`` (or of ``name[index]``) as an extent of their stored dtype and shape."""
+    fp, off, nb, dt = reader.data_location(name)
+    if dt not in dtypes:
+        raise CheckpointError(f"tensor {name!r}: dtype {dt} not supported by offload mode")
+    shape = tuple(reader.shape(name))
+    if index is not None:
+        nb //= shape[0]
+        off, shape = off + index * nb, shape[1:]
+    return Extent(fp, off, nb, dtypes[dt], shape)
+
+
+def _quant_extent(cfg: MoEConfig, reader: CheckpointReader, ref, shape) -> Extent:
+    """A quantized expert matrix: its (slab of) quantized bytes with its scales as a second range."""
+    q, name = cfg.quant, ref.name
+    full = logical_shape(reader, name)
+    want = tuple(shape) if ref.index is None else full
+    if stored_as(reader, name) == "fp8":
+        check_fp8(reader, q, name, want)
+        data, scale = _range(reader, name, ref.index), _range(reader, fp8_scale_name(name), ref.index)
+        return Extent(data.file, data.offset, data.nbytes, data.dtype, tuple(shape), data.shape, ref.cols,
+                      ref.transpose, "fp8", scale, q.block, ref.rows)
+    check_mxfp4(reader, q, name, want)
+    data, scale = _range(reader, f"{name}_blocks", ref.index), _range(reader, f"{name}_scales", ref.index)
+    return Extent(data.file, data.offset, data.nbytes, data.dtype, tuple(shape), data.shape, ref.cols, ref.transpose,
+                  "mxfp4", scale, None, ref.rows)
+
+
 class DiskTier:
     """Reads experts from disk; counts bytes and seconds (achieved read bandwidth)."""
 
@@ -107,6 +154,8 @@ class DiskTier:
         self._dfds: dict[str, int] = {}
         self.extents = {(l, e): expert_extents(cfg, reader, l, e)
                         for l in cfg.moe_layers for e in range(cfg.num_experts)}
+        # every byte range of an expert: its matrices, then the scales of the quantized ones
+        self.ranges = {k: exts + [x.scale for x in exts if x.scale is not None] for k, exts in self.extents.items()}
         self.flat = self._flat_layout()
         self._lock = threading.Lock()
         self._fds: dict[str, int] = {}
@@ -194,13 +243,19 @@ class DiskTier:
         return off - a
 
     def expert_nbytes(self) -> int:
-        return sum(x.nbytes for x in next(iter(self.extents.values())))
+        """Bytes read for one expert (quantized bytes and scales for a quantized checkpoint)."""
+        return sum(x.nbytes for x in next(iter(self.ranges.values())))
 
     def read(self, layer: int, expert: int) -> list[torch.Tensor]:
-        """The expert's matrices (and biases) in the checkpoint dtype, slab reads sliced to their final shape."""
-        exts = self.extents[(layer, expert)]
-        bufs = [torch.empty(x.slab_shape or x.shape, dtype=x.dtype) for x in exts]
-        return [x.finish(t) for x, t in zip(exts, self.read_raw(layer, expert, bufs))]
+        """The expert's matrices (and biases): checkpoint dtype, or float32 when dequantized; final shapes."""
+        bufs = [torch.empty(x.slab_shape or x.shape, dtype=x.dtype) for x in self.ranges[(layer, expert)]]
+        return self.finish((layer, expert), self.read_raw(layer, expert, bufs))
+
+    def finish(self, key: tuple[int, int], raws: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The matrices from the buffers of ``read_raw`` (in ``ranges`` order): dequantized, sliced, transposed."""
+        exts = self.extents[key]
+        scales = iter(raws[len(exts):])
+        return [x.finish(t, next(scales) if x.scale is not None else None) for x, t in zip(exts, raws)]
 
     def _fd(self, file: str, reopen: bool = False, direct: bool = False) -> int:
         """A cached read-only descriptor of ``file`` (one ``open`` per file, not per read); ``direct``: opened with
@@ -264,12 +319,13 @@ class DiskTier:
         return 0
 
     def read_raw(self, layer: int, expert: int, bufs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """The three matrices in the checkpoint dtype (read into ``bufs`` when given, else fresh tensors).
+        """The bytes of every range of the expert (``ranges``: matrices, then scales), in their stored dtypes (read
+        into ``bufs`` when given, else fresh tensors).
 
         Extents that are adjacent in the file (an expert's gate/up/down usually are) are read with one ``preadv``
         and dropped from the page cache with one ``posix_fadvise``: few system calls, so few GIL hand-offs."""
         t0 = time.perf_counter()
-        exts = self.extents[(layer, expert)]
+        exts = self.ranges[(layer, expert)]
         out, seen, total = [], {}, 0
         for i, x in enumerate(exts):
             out.append(bufs[i] if bufs is not None else torch.empty(x.slab_shape or x.shape, dtype=x.dtype))

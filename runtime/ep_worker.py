@@ -459,7 +459,7 @@ class ThreadEPExecutor:
         if speculative_shuffle:
             from .spec_shuffle import SpecShuffler, check_spec
             cfg = MoEConfig.from_dir(path)
-            check_spec(scheme, world)
+            check_spec(scheme, world, cfg)
         self.workers = [EPWorker(path, g, world, holders, scheme, dtype, "cpu", max_num_seqs, max_model_len,
                                  shuffle=worker_shuffle, shuffle_options=shuffle_options if worker_shuffle else None)
                         for g in range(world)]

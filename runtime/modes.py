@@ -58,7 +58,11 @@ def build_local(ctx: ModeContext):
 
 
 def new_kv_cache(cfg: MoEConfig, slots: int, max_len: int, dtype, device) -> KVCache:
-    """The KV cache for ``cfg``: per-token shape from ``cfg.kv_shape`` (MLA caches the compressed latent)."""
+    """The KV cache for ``cfg``: per-token shape from ``cfg.kv_shape`` (MLA caches the compressed latent); a hybrid
+    model's also holds its linear-attention layers' recurrent states."""
+    if any(cfg.is_linear_layer(l) for l in range(cfg.num_layers)):
+        from .hybrid_cache import HybridCache
+        return HybridCache(cfg, slots, max_len, dtype, device)
     hk, dk, hv, dv = cfg.kv_shape
     if (hk, dk, hv, dv) == (cfg.num_kv_heads, cfg.head_dim, cfg.num_kv_heads, cfg.head_dim):
         return KVCache(cfg.num_layers, slots, cfg.num_kv_heads, cfg.head_dim, max_len, dtype, device)

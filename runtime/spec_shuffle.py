@@ -47,7 +47,11 @@ CALIBRATION_TEXT = ("The quick brown fox jumps over the lazy dog. In the beginni
                     "France? A: Paris. The weather today is sunny with a chance of rain in the afternoon.")
 
 
-def check_spec(scheme: str, world: int):
+def check_spec(scheme: str, world: int, cfg=None):
+    if cfg is not None and any(cfg.is_linear_layer(l) for l in range(cfg.num_layers)):
+        raise ValueError(f"speculative_shuffle=True moves sequences (their KV caches) between workers; "
+                         f"{cfg.model_type}'s linear-attention layers keep a recurrent state that does not move: use "
+                         f"speculative_shuffle=False")
     if world < 2:
         raise ValueError(f"speculative_shuffle=True needs num_workers >= 2 (got {world}): with one worker every "
                          f"expert is already local")

@@ -10,10 +10,8 @@ import torch
 
 from moeyard.moe.config import MoEConfig
 from moeyard.moe.errors import ModelError
-from moeyard.moe.loader import load_model
-from moeyard.moe.model import ForwardBatch
 from moeyard.runtime import LLM, SamplingParams
-from tiny_models import build_hf, save_hf
+from tiny_models import assert_logits_match, build_hf, save_hf
 
 # lengths 5, 3, 30, 4, 13: batched decode of unequal sequences; 30 and 13 exceed gpt-oss's sliding window of 8
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], list(range(10, 40)), [200, 13, 99, 4], list(range(100, 226, 10))[:13]]
@@ -44,12 +42,7 @@ def _hf_greedy(hf, p, n=24):
 @pytest.mark.parametrize("arch,fused", LAYOUTS, ids=IDS)
 def test_logits_match(ckpt, arch, fused):
     path, hf = ckpt(arch, fused)
-    lm = load_model(path, device="cpu")
-    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = hf(ids).logits
-        ours = lm.model(ids.reshape(-1), ForwardBatch.blocks(2, 20, "cpu")).view(2, 20, -1)
-    torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
+    assert_logits_match(path, hf)
 
 
 def test_on_disk_layouts(ckpt):

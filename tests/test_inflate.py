@@ -69,6 +69,12 @@ def test_inflate_bad_input(tiny_ckpt, tmp_path, capsys):
     json.dump({**d, "model_type": "llama"}, open(odd / "config.json", "w"))
     with pytest.raises(ModelError, match="unsupported model_type 'llama'"):
         inflate(str(odd), str(tmp_path / "b"), 2 * F)
+    fp8 = tmp_path / "fp8"
+    fp8.mkdir()
+    json.dump({**d, "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                            "weight_block_size": [128, 128]}}, open(fp8 / "config.json", "w"))
+    with pytest.raises(ModelError, match="is a fp8 checkpoint; inflate works on unquantized weights"):
+        inflate(str(fp8), str(tmp_path / "c"), 2 * F)
     full = tmp_path / "full"
     full.mkdir()
     (full / "x").write_text("keep me")

@@ -22,7 +22,7 @@ class _Disk:
     """Fake storage: expert (l, e) is filled with l * 100 + e; counts reads; a read takes ``delay`` s."""
 
     def __init__(self, delay=0.0):
-        self.extents = {(l, e): [_Ext()] for l in range(2) for e in range(8)}
+        self.ranges = {(l, e): [_Ext()] for l in range(2) for e in range(8)}
         self.reads, self.delay = [], delay
 
     def read_raw(self, layer, expert, bufs):

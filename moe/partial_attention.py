@@ -1,0 +1,40 @@
+"""GQA attention with partial RoPE (GLM-4.5 ``glm4_moe``, MiniMax-M2 ``minimax_m2``).
+
+Only the first ``rotary_dim`` channels of each query/key head are rotated (``partial_rotary_factor`` x head_dim;
+MiniMax-M2's release says ``rotary_dim``); the rest pass through, as transformers' ``apply_rotary_pos_emb`` with a
+shorter cos/sin table. GLM-4.5 has q/k/v biases and an optional per-head q/k RMSNorm (``use_qk_norm``);
+MiniMax-M2 normalises the whole q and k projections (``qk_norm == "full"``, like OLMoE). The cache and the
+attention paths are the plain ones of ``layers.Attention``.
+
+Shapes: N tokens, H / Hkv heads, Dh head dim, rd rotated channels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import MoEConfig
+from .layers import Attention, Rotary
+
+
+def rope_partial(rotary: Rotary, x_NHD: torch.Tensor, pos_N: torch.Tensor, rd: int) -> torch.Tensor:
+    """RoPE on channels [:rd] of every head, channels [rd:] unchanged."""
+    if rd == x_NHD.shape[-1]:
+        return rotary(x_NHD, pos_N)
+    return torch.cat((rotary(x_NHD[..., :rd], pos_N), x_NHD[..., rd:]), dim=-1)
+
+
+class PartialRopeAttention(Attention):
+    def __init__(self, cfg: MoEConfig, layer: int):
+        super().__init__(cfg, layer)
+        self.rd = cfg.rotary_dim or cfg.head_dim
+
+    def qkv(self, x_ND: torch.Tensor, pos_N: torch.Tensor, rotary: Rotary):
+        N = x_ND.shape[0]
+        q, k, v = self.q_proj(x_ND), self.k_proj(x_ND), self.v_proj(x_ND)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.view(N, self.H, self.Dh), k.view(N, self.Hkv, self.Dh), v.view(N, self.Hkv, self.Dh)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        return rope_partial(rotary, q, pos_N, self.rd), rope_partial(rotary, k, pos_N, self.rd), v
