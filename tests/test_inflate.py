@@ -78,6 +78,7 @@ def test_inflate_bad_input(tiny_ckpt, tmp_path, capsys):
     full = tmp_path / "full"
     full.mkdir()
     (full / "x").write_text("keep me")
+    capsys.readouterr()
     assert cli(["inflate", src, str(full), "--expert-intermediate", str(2 * F)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: inflate: destination") and "not an empty directory" in err and "\n" not in err
