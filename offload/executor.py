@@ -209,7 +209,7 @@ class OffloadExecutor(LocalExecutor):
     def _budget(self) -> int | None:
         if self.gate is None:
             return None
-        return self.gate.max_loads(self.cache.tier.gbps() * 1e9, self.cache.slot_bytes)
+        return self.gate.max_loads(self.cache.tier.gbps() * 1e9, self.cache.tier.expert_nbytes())
 
     def _push(self, li: int):
         """Hand the cache what the layers after position ``li`` are predicted to need (every guess protects from
