@@ -88,10 +88,13 @@ def load_balance_loss(router_logits: list[torch.Tensor], k: int) -> tuple[torch.
 
 
 def sequence_balance_loss(router_logits: list[torch.Tensor], router_ids: list[torch.Tensor], B: int,
-                          k: int) -> torch.Tensor:
+                          k: int, threshold: float = 0.0) -> torch.Tensor:
     """DeepSeek-V3's sequence-wise balance loss sum_e f_e * P_e per sequence (mean over sequences and layers):
     f_e = E / (K T) * (choices of e in the sequence), P_e = mean over the sequence of e's normalised sigmoid score.
-    1.0 when every sequence is balanced."""
+    1.0 when every sequence is balanced. With ``threshold`` t > 0 only the excess load counts, max(0, f_e - t): a
+    balanced sequence adds nothing, so the loss pushes only on an expert that takes over a sequence and does not
+    flatten the scores of sequences that are already balanced (the plain loss lowers the chosen experts' scores in
+    every sequence, which makes routing less decisive)."""
     tot = 0.0
     for lg, ids in zip(router_logits, router_ids):
         N, E = lg.shape
@@ -99,8 +102,10 @@ def sequence_balance_loss(router_logits: list[torch.Tensor], router_ids: list[to
         s = lg.float().sigmoid()
         P = (s / s.sum(-1, keepdim=True)).view(B, T, E).mean(1)
         f = torch.zeros(B, E, device=lg.device).scatter_add_(1, ids.reshape(B, T * k),
-                                                             torch.ones(B, T * k, device=lg.device))
-        tot = tot + ((f * (E / (k * T))) * P).sum(-1).mean()
+                                                             torch.ones(B, T * k, device=lg.device)) * (E / (k * T))
+        if threshold > 0:
+            f = (f - threshold).clamp(min=0.0)
+        tot = tot + (f * P).sum(-1).mean()
     return tot / len(router_logits)
 
 
@@ -225,6 +230,8 @@ def main(argv=None):
     ap.add_argument("--routed-scale", type=float, default=2.5, help="deepseek_v3: routed_scaling_factor")
     ap.add_argument("--bias-rate", type=float, default=1e-3, help="deepseek_v3: router bias update per step")
     ap.add_argument("--seq-aux-coef", type=float, default=1e-3, help="deepseek_v3: sequence-wise balance loss")
+    ap.add_argument("--seq-aux-threshold", type=float, default=0.0,
+                    help="deepseek_v3: count only an expert's load above this multiple of its fair share")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--min-lr-ratio", type=float, default=0.1)
     ap.add_argument("--warmup", type=int, default=150)
@@ -318,7 +325,8 @@ def main(argv=None):
         x = data.batch(a.batch_size, a.seq_len)
         loss = lm_loss(model, x)
         if ds:
-            aux = sequence_balance_loss(model.router_logits(), model.router_ids(), x.shape[0], cfg.top_k)
+            aux = sequence_balance_loss(model.router_logits(), model.router_ids(), x.shape[0], cfg.top_k,
+                                        a.seq_aux_threshold)
             z = torch.zeros(())
             total = loss + a.seq_aux_coef * aux
         else:
