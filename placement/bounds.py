@@ -118,12 +118,14 @@ class PairBound:
 
 
 def pair_lower_bound(problem: AffinityProblem, spec: PlaceSpec, copies_LE: np.ndarray,
-                     time_limit: float = 60.0, state: tuple | None = None, spectral: bool = True) -> PairBound:
+                     time_limit: float = 60.0, state: tuple | None = None, spectral: bool = True,
+                     spectral_evals: int = 120) -> PairBound:
     """Valid lower bound on the (topology-weighted) cost per token.
 
     Steps: 1. b-matching bound of every pair at worker and node level; 2. with several nodes and no
-    replicas (and ``spectral``), the spectral partition bound (spectral.py) of every pair's node level in the
-    time left; the smaller node-level co-location is kept. Both start from ``state`` when given.
+    replicas (and ``spectral``), the spectral partition bound (spectral.py, at most ``spectral_evals``
+    eigenvalue evaluations a pair) of every pair's node level in the time left; the smaller node-level
+    co-location is kept. Both start from ``state`` when given.
     """
     t0 = time.perf_counter()
     E, G = problem.num_experts, spec.num_workers
@@ -156,8 +158,12 @@ def pair_lower_bound(problem: AffinityProblem, spec: PlaceSpec, copies_LE: np.nd
     d_P = [None] * P
     if spectral:
         for l in range(P):
-            left = max(0.05, time_limit - (time.perf_counter() - t0)) / (P - l)
-            up, d_P[l] = partition_upper(problem.aff_PEE[l], topo.num_nodes, d0=warm_P[l][-1], time_limit=left)
+            left = (time_limit - (time.perf_counter() - t0)) / (P - l)
+            if left <= 0:   # out of time: keep the b-matching value and carry the old diagonal forward
+                d_P[l] = warm_P[l][-1]
+                continue
+            up, d_P[l] = partition_upper(problem.aff_PEE[l], topo.num_nodes, d0=warm_P[l][-1], time_limit=left,
+                                         max_evals=spectral_evals)
             if up < up_PV[l, 1]:
                 up_PV[l, 1] = up
                 methods.add("spectral")

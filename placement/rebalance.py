@@ -38,7 +38,7 @@ from .errors import PlacementError
 from .evaluate import pair_cost_PEE
 from .placement import Placement
 from .replication import add_replicas
-from .search import LayerSolver, local_search
+from .search import LayerSolver, local_search, total_cost
 from .solver import check_balance, placement_cost
 from .spec import PlaceSpec, replica_counts
 
@@ -127,7 +127,10 @@ def propose(current: Placement, trans_PEE: np.ndarray, load_LE: np.ndarray, num_
     cap_L = check_balance(problem, spec, copies_LE)
     prim_load_LE = problem.load_LE / copies_LE
     prim_cap = None if cap_L is None else (1 + spec.balance) * prim_load_LE.sum(1) / G
-    prim_LE = np.stack([linear_sum_assignment(np.repeat(~cur_LEG[l], S0, axis=1))[1] // S0 for l in range(L)])
+    if spec.replicas:   # primaries: one held copy per expert, S0 per worker (an assignment per layer)
+        prim_LE = np.stack([linear_sum_assignment(np.repeat(~cur_LEG[l], S0, axis=1))[1] // S0 for l in range(L)])
+    else:
+        prim_LE = cur_LEG.argmax(-1)
     # 3. bound and penalty
     topo = spec.topology
     cost_GG = topo.cost_GG()
@@ -137,9 +140,9 @@ def propose(current: Placement, trans_PEE: np.ndarray, load_LE: np.ndarray, num_
     penalty_LEG = cfg.expert_bytes / (cfg.window_tokens * cfg.crossing_bytes) * copy_LEG
     # 4. warm search, then replicas
     layer_solver = LayerSolver(G, S0, prim_load_LE, prim_cap, mip_time=max(0.2, 0.05 * cfg.time_limit))
-    left = cfg.time_limit - (time.perf_counter() - t0)
+    left = 0.9 * cfg.time_limit - (time.perf_counter() - t0)     # a tenth is kept to trim and price
     worker_LE, _, _ = local_search(problem.aff_PEE, cost_GG, topo.node_of_G, S0, layer_solver,
-                                   max(0.1, 0.95 * left), seed=cfg.seed, init=prim_LE, penalty_LEG=penalty_LEG)
+                                   max(0.1, left), seed=cfg.seed, init=prim_LE, penalty_LEG=penalty_LEG)
     if spec.replicas:
         new_LEG = add_replicas(worker_LE, copies_LE, problem.aff_PEE, problem.load_LE, G, slots, cap_L,
                                penalty_LEG=penalty_LEG)
@@ -152,8 +155,7 @@ def propose(current: Placement, trans_PEE: np.ndarray, load_LE: np.ndarray, num_
     moves, evictions = _moves(cur_LEG, new_LEG, cost_GG)
     move_bytes = cfg.expert_bytes * len(moves)
     move_cost = cfg.expert_bytes * float(sum(cost_GG[m.src, m.dst] for m in moves))
-    cur_b = cfg.crossing_bytes * placement_cost(cur_LEG, problem, spec)
-    new_b = cfg.crossing_bytes * placement_cost(new_LEG, problem, spec)
+    cur_b, new_b = (cfg.crossing_bytes * _cost(m, problem, spec, cost_GG) for m in (cur_LEG, new_LEG))
     saving = (cur_b - new_b) * cfg.window_tokens
     changed = tuple(int(l) for l in np.flatnonzero((cur_LEG != new_LEG).any((1, 2))))
     if not changed:
@@ -170,6 +172,13 @@ def propose(current: Placement, trans_PEE: np.ndarray, load_LE: np.ndarray, num_
     return Proposal(proposed, decision, tuple(moves), tuple(evictions), changed, cur_b, new_b, saving, move_bytes,
                     move_cost, bound_b, 0.0 if new_b <= 0 else (new_b - bound_b) / new_b, trimmed,
                     time.perf_counter() - t0, pb.state)
+
+
+def _cost(member_LEG, problem, spec, cost_GG):
+    """The solver's objective; by worker-to-worker flows when every expert has one copy (much cheaper)."""
+    if (member_LEG.sum(-1) == 1).all():
+        return total_cost(member_LEG.argmax(-1), problem.aff_PEE, cost_GG)
+    return placement_cost(member_LEG, problem, spec)
 
 
 def _copy_cost_LEG(cur_LEG, topo):

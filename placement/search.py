@@ -12,8 +12,8 @@ Glossary
   kick         randomly swap some experts of a few layers, then descend again (iterated local search)
   penalty_LEG  optional [L, E, G] cost (objective units) of putting expert e of layer l on worker g, e.g. the
                cost of moving it there from where it is now (rebalance.py). It adds to every layer move's cost
-               matrix, so layer moves stay exact; suffix moves and fresh starts are skipped under a penalty
-               (they relabel or rebuild whole layers, i.e. move most experts)
+               matrix and to every suffix move's G x G matrix (the experts of layers >= l on worker g going to
+               v), so both stay exact; fresh starts are skipped under a penalty (they ignore where experts are)
 """
 from __future__ import annotations
 
@@ -191,12 +191,22 @@ def penalised_cost(worker_LE, aff_PEE, cost_GG, penalty_LEG=None) -> float:
     return c + float(penalty_LEG[np.arange(L)[:, None], np.arange(E)[None, :], worker_LE].sum())
 
 
+def suffix_penalty_LGG(worker_LE, penalty_LEG):
+    """[L, G, G]: penalty change if the experts of layers >= l now on worker g moved to worker v."""
+    L, E = worker_LE.shape
+    G = penalty_LEG.shape[2]
+    own_LE = penalty_LEG[np.arange(L)[:, None], np.arange(E)[None, :], worker_LE]
+    on_LEG = np.zeros((L, E, G))
+    on_LEG[np.arange(L)[:, None], np.arange(E)[None, :], worker_LE] = 1.0
+    per_LGG = np.einsum("leg,lev->lgv", on_LEG, penalty_LEG - own_LE[..., None])
+    return np.cumsum(per_LGG[::-1], axis=0)[::-1]
+
+
 def descend(worker_LE, aff_PEE, cost_GG, layer_solver, deadline, node_of_G, *, dirty=None,
             suffix_moves=True, tol=1e-12, penalty_LEG=None):
     """Layer moves (alternating sweep direction) on layers whose neighbours changed, plus suffix
     moves, until nothing improves or the deadline passes. Returns (worker_LE, penalised cost)."""
     L, G = worker_LE.shape[0], cost_GG.shape[0]
-    suffix_moves = suffix_moves and penalty_LEG is None
     alpha = _topo_of(cost_GG)[1]
     w = worker_LE.copy()
     dirty = set(range(L)) if dirty is None else set(dirty)
@@ -217,12 +227,17 @@ def descend(worker_LE, aff_PEE, cost_GG, layer_solver, deadline, node_of_G, *, d
                 break
         forward = not forward
         if suffix_moves and not dirty:
+            pen_LGG = None if penalty_LEG is None else suffix_penalty_LGG(w, penalty_LEG)
             for l in range(1, L):
                 K = apply_cost(worker_flow_GG(w, aff_PEE, l - 1, G).T, node_of_G, alpha)  # cur g -> v
+                if pen_LGG is not None:
+                    K = K + pen_LGG[l]
                 perm = best_relabel(K, node_of_G)
                 if K[np.arange(G), perm].sum() < np.trace(K) - tol:
                     w[l:] = perm[w[l:]]   # topology-preserving, so only pair (l-1, l) changes
                     dirty.update((l - 1, l))
+                    if pen_LGG is not None:
+                        pen_LGG = suffix_penalty_LGG(w, penalty_LEG)
     return w, penalised_cost(w, aff_PEE, cost_GG, penalty_LEG)
 
 

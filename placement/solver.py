@@ -90,8 +90,8 @@ def solve(problem_or_trace, num_workers: int, *, nodes: int = 1, replicas: int =
     """Place experts to minimise expected cross-worker transitions per token.
 
     problem_or_trace: AffinityProblem (aff_PEE [L-1, E, E], load_LE [L, E]), Trace, or trace path.
-    bound_time: seconds of ``time_limit`` spent on the lower bound (default a quarter); bound_state: a
-    previous SolveResult's, to warm-start the bound on similar statistics.
+    bound_time: seconds for the lower bound, after which the search still gets ``time_limit`` (default: a
+    quarter of ``time_limit``, inside it); bound_state: a previous SolveResult's, to warm-start the bound.
     Returns SolveResult; raises PlacementError on bad input or infeasible constraints.
     """
     t0 = time.perf_counter()
@@ -131,6 +131,8 @@ def solve(problem_or_trace, num_workers: int, *, nodes: int = 1, replicas: int =
         pb = pair_lower_bound(problem, spec, copies_LE, time_limit=0.25 * time_limit if bound_time is None
                               else bound_time, state=bound_state)
         bound_state = pb.state
+        if bound_time is not None:
+            deadline = time.perf_counter() + float(time_limit)
         if pb.value > bound:
             bound = pb.value
             info.update(pb.info)

@@ -160,3 +160,19 @@ def test_bad_input(base):
         _propose(crowded, tr)
     with pytest.raises(PlacementError, match="window_tokens must be > 0"):
         RebalanceConfig(window_tokens=0, byte_budget=1, expert_bytes=1, crossing_bytes=1)
+
+
+def test_suffix_move_penalty_is_exact():
+    """The G x G matrix a suffix move adds equals the penalty change of relabelling layers >= l."""
+    from moeyard.placement.search import penalised_cost, suffix_penalty_LGG
+    rng = np.random.default_rng(0)
+    w = np.stack([rng.permutation(np.arange(E) % G) for _ in range(L)])
+    pen = rng.random((L, E, G))
+    zero = np.zeros((L - 1, E, E))
+    pen_LGG = suffix_penalty_LGG(w, pen)
+    for l in (1, 3, L - 1):
+        perm = rng.permutation(G)
+        moved = w.copy()
+        moved[l:] = perm[w[l:]]
+        change = penalised_cost(moved, zero, np.ones((G, G)), pen) - penalised_cost(w, zero, np.ones((G, G)), pen)
+        assert change == pytest.approx(pen_LGG[l][np.arange(G), perm].sum())
