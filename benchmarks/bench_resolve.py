@@ -131,7 +131,8 @@ def main(argv=None):
     rows = [run_instance(c, args) for c in (2.5, calibrated)]
     md = [f"Instance: {L} MoE layers x {E} experts, top-{K}, {G} workers on {N} nodes (crossing cost 1 inside a node, "
           f"4 across), `placement.synthetic.domain_traces`, {args.tokens} tokens per domain (domain A = start-up "
-          f"traffic, B = after the switch). CPU flags: {cpu_flags()}. Load average {load0:.1f} at the start, "
+          f"traffic, B = after the switch); the first row of the gap table is bench_placement.py's scale instance "
+          f"(`synthetic_trace`, seed 2, {args.tokens} tokens), the one whose 4-node gap was 24%. CPU flags: {cpu_flags()}. Load average {load0:.1f} at the start, "
           f"{os.getloadavg()[0]:.1f} at the end (2 shared cores: times are several times an idle machine's).", "",
           "Affinity calibration: rank-aligned top-8 partner share 7 layers apart, minus independence: OLMoE-1B-7B "
           + ("n/a" if target is None else f"{target:.3f}") + " (mean of layers 0->7, 7->15 over 4 domains); synthetic "
