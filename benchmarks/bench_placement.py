@@ -180,7 +180,10 @@ def main(argv=None):
            "The per-pair b-matching bound is tight when a worker holds few experts per layer (8 here) but loose "
            "for large groups: with 4 nodes the node-level term groups 64 experts per node, and that term "
            "dominates the 4-node gap; the same instance on one node (worker level only) shows the search itself "
-           "is within a few % of optimal there.", ""]
+           "is within a few % of optimal there. With several nodes the node level is also bounded by the spectral "
+           "partition bound (`placement/spectral.py`) in the bound's share of the time limit; with more time it "
+           "tightens further: before/after gaps in 'Placement at DeepSeek-V3 scale' (`benchmarks/bench_resolve.py`).",
+           ""]
 
     # 5. balance and 6. replication, synthetic OLMoE-like, held-out half
     trace = synthetic_trace(args.tokens, 16, 64, 8, seed=3)

@@ -87,7 +87,9 @@ def load_routing_stats(paths: str | os.PathLike | Iterable[str | os.PathLike], *
     """Load OLMoE-paper routing statistics (``expert_counts[3, E]``, ``coactivation[2, E, E]``).
 
     The three recorded layers (0, 7, 15) become three consecutive "layers" of the problem. Several
-    files (e.g. text domains) are summed. Tokens = expert_counts[0].sum() / top_k.
+    files (e.g. text domains) are summed. Tokens = expert_counts[0].sum() / top_k. A file without
+    ``coactivation`` (written by ``save_load_counts`` from a count-only engine dump) gives loads only:
+    zero affinity, ``meta["load_only"]`` set, so a placement from it can balance load and nothing else.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -99,10 +101,13 @@ def load_routing_stats(paths: str | os.PathLike | Iterable[str | os.PathLike], *
         if not os.path.exists(p):
             raise PlacementError(f"routing statistics file not found: {p}")
         with np.load(p) as d:
-            for key in ("expert_counts", "coactivation"):
-                if key not in d.files:
-                    raise PlacementError(f"{p}: missing '{key}'; not a routing statistics file")
-            c, co = d["expert_counts"].astype(np.float64), d["coactivation"].astype(np.float64)
+            if "expert_counts" not in d.files:
+                raise PlacementError(f"{p}: missing 'expert_counts'; not a routing statistics file")
+            c = d["expert_counts"].astype(np.float64)
+            if "coactivation" in d.files:
+                co = d["coactivation"].astype(np.float64)
+            else:   # loads only (save_load_counts)
+                co = np.zeros((c.shape[0] - 1,) + (c.shape[1],) * 2) if c.ndim == 2 else np.zeros(0)
             k = int(d["top_k"]) if "top_k" in d.files else 1
         if c.ndim != 2 or co.ndim != 3 or co.shape[0] != c.shape[0] - 1 or co.shape[1:] != (c.shape[1],) * 2:
             raise PlacementError(f"{p}: expected expert_counts[L, E] and coactivation[L-1, E, E], "
@@ -113,11 +118,18 @@ def load_routing_stats(paths: str | os.PathLike | Iterable[str | os.PathLike], *
         co_PEE = co if co_PEE is None else co_PEE + co
         tokens += c[0].sum() / k
     label = name or "+".join(os.path.splitext(os.path.basename(p))[0] for p in paths)
-    return affinity_from_counts(co_PEE, counts_LE, tokens, name=label)
+    problem = affinity_from_counts(co_PEE, counts_LE, tokens, name=label)
+    problem.meta["load_only"] = not co_PEE.any()
+    return problem
+
+
+def save_load_counts(path: str | os.PathLike, counts_LE: np.ndarray, top_k: int) -> None:
+    """Write expert loads [L, E] (routed token-slot pairs per expert) as a statistics file without affinity."""
+    np.savez(path, expert_counts=np.asarray(counts_LE, dtype=np.float64), top_k=np.int64(top_k))
 
 
 def load_problem_file(path: str | os.PathLike):
-    """Load either a token trace (``experts`` array) or OLMoE-paper statistics (``coactivation``).
+    """Load either a token trace (``experts`` array) or count statistics (``expert_counts``).
 
     Returns (problem, trace) where trace is None for precomputed statistics.
     """
@@ -130,7 +142,7 @@ def load_problem_file(path: str | os.PathLike):
             keys = set(d.files)
     except Exception as exc:
         raise PlacementError(f"cannot read {path}: {exc}") from exc
-    if "coactivation" in keys and "experts" not in keys:
+    if "expert_counts" in keys and "experts" not in keys:
         return load_routing_stats(path), None
     trace = load_trace(path)
     return affinity_from_trace(trace, name=os.path.basename(path)), trace

@@ -16,11 +16,13 @@ from .errors import PlacementError
 
 
 def add_replicas(worker_LE: np.ndarray, copies_LE: np.ndarray, aff_PEE: np.ndarray, load_LE: np.ndarray,
-                 num_workers: int, slots: int, cap_L: np.ndarray | None = None) -> np.ndarray:
+                 num_workers: int, slots: int, cap_L: np.ndarray | None = None,
+                 penalty_LEG: np.ndarray | None = None) -> np.ndarray:
     """Membership [L, E, G] with the primaries of ``worker_LE`` plus copies_LE - 1 replicas each.
 
     worker_LE: [L, E] primary workers; copies_LE: [L, E]; aff_PEE: [L-1, E, E]; load_LE: [L, E];
-    cap_L: [L] optional max expected tokens per worker.
+    cap_L: [L] optional max expected tokens per worker; penalty_LEG: [L, E, G] optional cost of a copy on
+    each worker (a move's cost when re-placing, see rebalance.py), subtracted from the gain.
     """
     L, E = worker_LE.shape
     G = num_workers
@@ -45,6 +47,8 @@ def add_replicas(worker_LE: np.ndarray, copies_LE: np.ndarray, aff_PEE: np.ndarr
             if not allowed.any():
                 allowed = ok_G & (new_max_G <= new_max_G[ok_G].min() + 1e-12)
             gain_G = _gain(member, aff_PEE, l, e)
+            if penalty_LEG is not None:
+                gain_G = gain_G - penalty_LEG[l, e]
             g = int(np.flatnonzero(allowed)[np.argmax(gain_G[allowed])])
             member[l, e, g] = True
             free_G[g] -= 1

@@ -10,6 +10,10 @@ Glossary
   suffix move  relabel the workers of layers l..L-1 by one permutation, chosen by a G x G assignment;
                only the (l-1, l) pair changes on one node. Escapes optima single-layer moves cannot
   kick         randomly swap some experts of a few layers, then descend again (iterated local search)
+  penalty_LEG  optional [L, E, G] cost (objective units) of putting expert e of layer l on worker g, e.g. the
+               cost of moving it there from where it is now (rebalance.py). It adds to every layer move's cost
+               matrix and to every suffix move's G x G matrix (the experts of layers >= l on worker g going to
+               v), so both stay exact; fresh starts are skipped under a penalty (they ignore where experts are)
 """
 from __future__ import annotations
 
@@ -178,10 +182,30 @@ class LayerSolver:
         return None if res.x is None else res.x.reshape(E, G).argmax(1)
 
 
+def penalised_cost(worker_LE, aff_PEE, cost_GG, penalty_LEG=None) -> float:
+    """total_cost plus the penalty of every expert's worker."""
+    c = total_cost(worker_LE, aff_PEE, cost_GG)
+    if penalty_LEG is None:
+        return c
+    L, E = worker_LE.shape
+    return c + float(penalty_LEG[np.arange(L)[:, None], np.arange(E)[None, :], worker_LE].sum())
+
+
+def suffix_penalty_LGG(worker_LE, penalty_LEG):
+    """[L, G, G]: penalty change if the experts of layers >= l now on worker g moved to worker v."""
+    L, E = worker_LE.shape
+    G = penalty_LEG.shape[2]
+    own_LE = penalty_LEG[np.arange(L)[:, None], np.arange(E)[None, :], worker_LE]
+    on_LEG = np.zeros((L, E, G))
+    on_LEG[np.arange(L)[:, None], np.arange(E)[None, :], worker_LE] = 1.0
+    per_LGG = np.einsum("leg,lev->lgv", on_LEG, penalty_LEG - own_LE[..., None])
+    return np.cumsum(per_LGG[::-1], axis=0)[::-1]
+
+
 def descend(worker_LE, aff_PEE, cost_GG, layer_solver, deadline, node_of_G, *, dirty=None,
-            suffix_moves=True, tol=1e-12):
+            suffix_moves=True, tol=1e-12, penalty_LEG=None):
     """Layer moves (alternating sweep direction) on layers whose neighbours changed, plus suffix
-    moves, until nothing improves or the deadline passes. Returns (worker_LE, cost)."""
+    moves, until nothing improves or the deadline passes. Returns (worker_LE, penalised cost)."""
     L, G = worker_LE.shape[0], cost_GG.shape[0]
     alpha = _topo_of(cost_GG)[1]
     w = worker_LE.copy()
@@ -193,6 +217,8 @@ def descend(worker_LE, aff_PEE, cost_GG, layer_solver, deadline, node_of_G, *, d
                 continue
             dirty.discard(l)
             c = layer_cost_EG(w, aff_PEE, cost_GG, l, G)
+            if penalty_LEG is not None:
+                c = c + penalty_LEG[l]
             new = layer_solver.solve(c, l, w[l])
             if c[np.arange(len(new)), new].sum() < c[np.arange(len(new)), w[l]].sum() - tol:
                 w[l] = new
@@ -201,13 +227,18 @@ def descend(worker_LE, aff_PEE, cost_GG, layer_solver, deadline, node_of_G, *, d
                 break
         forward = not forward
         if suffix_moves and not dirty:
+            pen_LGG = None if penalty_LEG is None else suffix_penalty_LGG(w, penalty_LEG)
             for l in range(1, L):
                 K = apply_cost(worker_flow_GG(w, aff_PEE, l - 1, G).T, node_of_G, alpha)  # cur g -> v
+                if pen_LGG is not None:
+                    K = K + pen_LGG[l]
                 perm = best_relabel(K, node_of_G)
                 if K[np.arange(G), perm].sum() < np.trace(K) - tol:
                     w[l:] = perm[w[l:]]   # topology-preserving, so only pair (l-1, l) changes
                     dirty.update((l - 1, l))
-    return w, total_cost(w, aff_PEE, cost_GG)
+                    if pen_LGG is not None:
+                        pen_LGG = suffix_penalty_LGG(w, penalty_LEG)
+    return w, penalised_cost(w, aff_PEE, cost_GG, penalty_LEG)
 
 
 def greedy_chain(aff_PEE, cost_GG, layer_solver, G, S, E, rng, start_layer=None):
@@ -237,8 +268,9 @@ def kick(worker_LE, rng, strength=0.2, layers=3):
     return w, list(touched)
 
 
-def local_search(aff_PEE, cost_GG, node_of_G, S, layer_solver, time_limit, seed=0, init=None, target=None):
-    """Iterated local search; returns (best worker_LE, cost, iterations). Stops early at ``target``."""
+def local_search(aff_PEE, cost_GG, node_of_G, S, layer_solver, time_limit, seed=0, init=None, target=None,
+                 penalty_LEG=None):
+    """Iterated local search; returns (best worker_LE, penalised cost, iterations). Stops early at ``target``."""
     t0 = time.perf_counter()
     deadline = t0 + time_limit
     rng = np.random.default_rng(seed)
@@ -246,18 +278,20 @@ def local_search(aff_PEE, cost_GG, node_of_G, S, layer_solver, time_limit, seed=
     E = aff_PEE.shape[1]
     L = aff_PEE.shape[0] + 1
     w0 = init if init is not None else greedy_chain(aff_PEE, cost_GG, layer_solver, G, S, E, rng, L // 2)
-    best_w, best = descend(w0, aff_PEE, cost_GG, layer_solver, deadline, node_of_G)
+    best_w, best = descend(w0, aff_PEE, cost_GG, layer_solver, deadline, node_of_G, penalty_LEG=penalty_LEG)
     cur_w, cur = best_w, best
     it = 0
     while time.perf_counter() < deadline and (target is None or best > target):
         it += 1
-        if it % 8 == 0:   # occasional fresh start from another layer
+        fresh = it % 8 == 0 and penalty_LEG is None
+        if fresh:   # occasional fresh start from another layer
             trial = greedy_chain(aff_PEE, cost_GG, layer_solver, G, S, E, rng)
         else:
             trial, touched = kick(cur_w, rng, strength=float(rng.uniform(0.05, 0.3)),
                                   layers=int(rng.integers(1, 4)))
-        dirty = None if it % 8 == 0 else {x for l in touched for x in (l - 1, l, l + 1) if 0 <= x < L}
-        trial, c = descend(trial, aff_PEE, cost_GG, layer_solver, deadline, node_of_G, dirty=dirty)
+        dirty = None if fresh else {x for l in touched for x in (l - 1, l, l + 1) if 0 <= x < L}
+        trial, c = descend(trial, aff_PEE, cost_GG, layer_solver, deadline, node_of_G, dirty=dirty,
+                           penalty_LEG=penalty_LEG)
         if not layer_solver.feasible_all(trial):   # a kick cut short by the deadline
             continue
         if c < cur - 1e-12:

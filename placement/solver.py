@@ -41,7 +41,8 @@ EXACT_MAX_TERMS = 4096      # (L-1) * E^2 * G above which "auto" uses the search
 
 @dataclass(frozen=True)
 class SolveResult:
-    """placement, objective and bound (per token), gap = (objective - bound) / objective."""
+    """placement, objective and bound (per token), gap = (objective - bound) / objective; bound_state
+    warm-starts the bound of a later solve (bounds.PairBound.state)."""
 
     placement: Placement
     objective: float
@@ -49,6 +50,7 @@ class SolveResult:
     gap: float
     status: str
     seconds: float
+    bound_state: tuple | None = None
 
 
 def as_problem(data: AffinityProblem | Trace | str | os.PathLike) -> AffinityProblem:
@@ -66,7 +68,8 @@ def placement_cost(member_LEG: np.ndarray, problem: AffinityProblem, spec: Place
     return float((problem.aff_PEE * pair_cost_PEE(member_LEG, spec.topology)).sum())
 
 
-def _check_balance(problem, spec, copies_LE):
+def check_balance(problem, spec, copies_LE):
+    """[L] balance caps (None without a balance constraint); raises if one expert alone breaks its cap."""
     if spec.balance is None:
         return None
     cap_L = balance_cap_L(problem.load_LE, spec.num_workers, spec.balance)
@@ -82,10 +85,13 @@ def _check_balance(problem, spec, copies_LE):
 
 def solve(problem_or_trace, num_workers: int, *, nodes: int = 1, replicas: int = 0,
           balance: float | None = None, time_limit: float = 30.0, seed: int = 0, method: str = "auto",
-          inter_node_cost: float = 4.0) -> SolveResult:
+          inter_node_cost: float = 4.0, bound_time: float | None = None,
+          bound_state: tuple | None = None) -> SolveResult:
     """Place experts to minimise expected cross-worker transitions per token.
 
     problem_or_trace: AffinityProblem (aff_PEE [L-1, E, E], load_LE [L, E]), Trace, or trace path.
+    bound_time: seconds for the lower bound, after which the search still gets ``time_limit`` (default: a
+    quarter of ``time_limit``, inside it); bound_state: a previous SolveResult's, to warm-start the bound.
     Returns SolveResult; raises PlacementError on bad input or infeasible constraints.
     """
     t0 = time.perf_counter()
@@ -100,7 +106,7 @@ def solve(problem_or_trace, num_workers: int, *, nodes: int = 1, replicas: int =
     slots = spec.slots(E)
     # 2. replica counts (EPLB rule); primaries use ceil(E / G) slots, replicas the rest
     copies_LE = replica_counts(problem.load_LE, G, slots) if replicas else np.ones((L, E), dtype=np.int64)
-    cap_L = _check_balance(problem, spec, copies_LE)
+    cap_L = check_balance(problem, spec, copies_LE)
     terms = (L - 1) * E * E * G
     use_exact = method == "exact" or (method == "auto" and terms <= EXACT_MAX_TERMS)
     info = {"policy": "affinity", "seed": seed, "time_limit": time_limit, "nodes": nodes,
@@ -121,11 +127,15 @@ def solve(problem_or_trace, num_workers: int, *, nodes: int = 1, replicas: int =
         if res.member_LEG is not None:
             member, status = res.member_LEG, res.status
     if member is None or (method == "auto" and status != "optimal"):
-        # 3. bound (a quarter of the budget at most)
-        pb, binfo = pair_lower_bound(problem, spec, copies_LE, time_limit=0.25 * time_limit)
-        if pb > bound:
-            bound = pb
-            info.update(binfo)
+        # 3. bound (a quarter of the budget unless bound_time says otherwise)
+        pb = pair_lower_bound(problem, spec, copies_LE, time_limit=0.25 * time_limit if bound_time is None
+                              else bound_time, state=bound_state)
+        bound_state = pb.state
+        if bound_time is not None:
+            deadline = time.perf_counter() + float(time_limit)
+        if pb.value > bound:
+            bound = pb.value
+            info.update(pb.info)
         # 4. primaries
         prim_load_LE = problem.load_LE / copies_LE
         prim_cap = None if cap_L is None else (cap_L if not replicas else
@@ -163,4 +173,4 @@ def solve(problem_or_trace, num_workers: int, *, nodes: int = 1, replicas: int =
     info.update(status=status, seconds=round(secs, 3), gap=gap,
                 objective_units="expected weighted cross-worker transitions per token")
     placement = Placement.from_membership(member, objective=obj, bound=bound, solver=info)
-    return SolveResult(placement, obj, bound, gap, status, secs)
+    return SolveResult(placement, obj, bound, gap, status, secs, bound_state)

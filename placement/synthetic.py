@@ -30,14 +30,42 @@ def synthetic_trace(num_tokens: int, num_layers: int, num_experts: int, top_k: i
         pop_E = skew * rng.standard_normal(E)
         switch = rng.random(T) < drift
         topic_T = np.where(switch, rng.choice(num_topics, size=T, p=topic_mix), topic_T)
-        logits_TE = pref_CE[topic_T] + pop_E[None, :]
-        noisy_TE = logits_TE + rng.gumbel(size=(T, E))
-        top_Tk = np.argpartition(-noisy_TE, k - 1, axis=1)[:, :k]
-        experts_TLk[:, l] = top_Tk
-        g_Tk = np.take_along_axis(logits_TE, top_Tk, 1)
-        g_Tk = np.exp(g_Tk - g_Tk.max(1, keepdims=True))
-        weights_TLk[:, l] = g_Tk / g_Tk.sum(1, keepdims=True)
+        experts_TLk[:, l], weights_TLk[:, l] = _route(rng, pref_CE[topic_T] + pop_E[None, :], k)
     return Trace(experts_TLk, E, weights_TLk.astype(np.float16).astype(np.float64), np.arange(T))
+
+
+def _route(rng, logits_TE, k):
+    """Gumbel top-k choices [T, k] and their softmax gate weights."""
+    noisy_TE = logits_TE + rng.gumbel(size=logits_TE.shape)
+    top_Tk = np.argpartition(-noisy_TE, k - 1, axis=1)[:, :k]
+    g_Tk = np.take_along_axis(logits_TE, top_Tk, 1)
+    g_Tk = np.exp(g_Tk - g_Tk.max(1, keepdims=True))
+    return top_Tk, g_Tk / g_Tk.sum(1, keepdims=True)
+
+
+def domain_traces(num_tokens: int, num_layers: int, num_experts: int, top_k: int, *, domains: int = 2,
+                  num_topics: int = 16, concentration: float = 2.5, skew: float = 0.6, drift: float = 0.15,
+                  domain_concentration: float = 0.3, seed: int = 0) -> list[Trace]:
+    """One synthetic model, several text domains (code, chat, ...): every layer's topic preferences and
+    expert popularity are shared, each domain draws its own sparse topic mixture (Dirichlet with
+    ``domain_concentration``) and its own ``num_tokens`` tokens. Routing drifts between domains the way it
+    does when a workload switches, with the experts unchanged."""
+    rng = np.random.default_rng(seed)
+    T, L, E, k = num_tokens, num_layers, num_experts, top_k
+    pref_LCE = concentration * rng.standard_normal((L, num_topics, E))
+    pop_LE = skew * rng.standard_normal((L, E))
+    out = []
+    for d in range(domains):
+        drng = np.random.default_rng([seed, d + 1])
+        mix = drng.dirichlet(np.full(num_topics, domain_concentration))
+        topic_T = drng.choice(num_topics, size=T, p=mix)
+        experts_TLk = np.empty((T, L, k), dtype=np.int64)
+        for l in range(L):
+            switch = drng.random(T) < drift
+            topic_T = np.where(switch, drng.choice(num_topics, size=T, p=mix), topic_T)
+            experts_TLk[:, l] = _route(drng, pref_LCE[l, topic_T] + pop_LE[l][None, :], k)[0]
+        out.append(Trace(experts_TLk, E, None, np.arange(T)))
+    return out
 
 
 def planted_chain_trace(num_tokens: int, num_layers: int, num_experts: int, num_groups: int, *,

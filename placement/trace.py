@@ -94,6 +94,9 @@ def load_trace(path: str | os.PathLike) -> Trace:
     except Exception as exc:  # corrupt zip, not an npz, ...
         raise PlacementError(f"cannot read trace {path}: {exc}") from exc
     with data:
+        if "experts" not in data.files and "expert_counts" in data.files:
+            raise PlacementError(f"{path}: holds expert loads only ('expert_counts', e.g. imported from a "
+                                 f"count-only engine dump), not a token trace")
         for key in ("experts", "num_experts"):
             if key not in data.files:
                 raise PlacementError(

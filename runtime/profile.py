@@ -2,6 +2,11 @@
 
 Trace format (``trace.npz``): ``experts[T, L, k]`` int16, ``weights[T, L, k]`` float16, ``token_ids[T]`` int32,
 ``num_experts``, ``top_k``. L counts MoE layers only.
+
+``moeyard profile --import FILE... --format sglang|vllm --model M --out trace.npz`` converts the routing other
+engines record instead (``moeyard.placement.sglang_format`` / ``vllm_format``), checked against M's layers. A
+count-only SGLang dump (recorder modes per_pass, stat) carries no per-token routing: it is written as expert
+loads (``expert_counts``), which ``moeyard place`` can balance against but not keep tokens local with.
 """
 
 from __future__ import annotations
@@ -39,9 +44,35 @@ def record_trace(lm, token_ids: list[int], chunk: int = 256) -> dict:
             "top_k": np.int32(cfg.top_k), "layers": np.asarray(moe_layers, np.int32)}
 
 
+def cmd_import(args) -> None:
+    from ..placement.affinity import save_load_counts
+    from ..placement.cli import model_layout
+    from ..placement.sglang_format import ImportedCounts, import_sglang_dump
+    from ..placement.trace import save_trace
+    from ..placement.vllm_format import import_vllm_routed
+    layout = model_layout(args.model)
+    reader = import_sglang_dump if args.format == "sglang" else import_vllm_routed
+    got = reader(args.imports, layout)
+    if isinstance(got, ImportedCounts):
+        save_load_counts(args.out, got.counts_LE, got.top_k)
+        print(f"wrote {args.out}: expert loads of {got.counts_LE.shape[0]} MoE layers from a count-only SGLang "
+              f"dump (mode {got.mode}); it has no per-token routing, so no layer-to-layer transitions: record "
+              f"with --expert-distribution-recorder-mode per_token for an affinity placement")
+        return
+    save_trace(got, args.out)
+    print(f"wrote {args.out}: {got.num_tokens} tokens x {got.num_layers} MoE layers x top-{got.top_k} "
+          f"from {args.format}")
+
+
 def cmd_profile(args):
     import os
     from ..moe.errors import MoeyardError
+    if args.imports:
+        if args.text:
+            raise MoeyardError("give --text (record with moeyard) or --import (convert an engine's file), not both")
+        return cmd_import(args)
+    if not args.text:
+        raise MoeyardError("profile needs --text (a text file to record) or --import (an engine's routing file)")
     from ..moe.loader import load_model
     if not os.path.isfile(args.text):
         raise MoeyardError(f"text file not found: {args.text}")
@@ -58,9 +89,12 @@ def cmd_profile(args):
 
 
 def register(sub):
-    p = sub.add_parser("profile", help="record the routing of a text file as trace.npz")
+    p = sub.add_parser("profile", help="record the routing of a text file as trace.npz, or import an engine's")
     p.add_argument("--model", default="default")
-    p.add_argument("--text", required=True)
+    p.add_argument("--text", default=None)
+    p.add_argument("--import", dest="imports", nargs="+", default=None, metavar="FILE",
+                   help="routing recorded by another engine: SGLang recorder dumps (.pt) or vLLM routed experts")
+    p.add_argument("--format", choices=["sglang", "vllm"], default="sglang", help="engine of the --import files")
     p.add_argument("--tokens", type=int, default=20000)
     p.add_argument("--chunk", type=int, default=256)
     p.add_argument("--dtype", default=None)
