@@ -225,15 +225,18 @@ def bench_model(name: str, a) -> dict:
         for frac in a.fractions:
             slots = int(frac * total)
             bel, lru = belady_misses(reqs, slots), lru_misses(reqs, slots)
-            ntok = res["tokens"] / a.reps
+            ntok = res["tokens"]          # the routes were recorded over every pass, as were the tokens
             io_s = bel * expert_mb * 2**20 / ntok / (bw * 1e9)
             ceiling = 1.0 / max(t_compute, io_s)
             row0 = {"config": "ceiling (Belady + perfect overlap)", "batch": batch, "fraction": frac,
                     "tokens_per_s": round(ceiling, 3), "belady_mb_per_token": round(bel * expert_mb / ntok, 2),
                     "lru_sim_mb_per_token": round(lru * expert_mb / ntok, 2)}
             out["rows"].append(row0)
-            for label, opts in (("predicted + gate", {}), ("predicted, no gate", {"gate": False}),
-                                ("on-demand LRU", {"prefetch": False, "eviction": "lru"})):
+            configs = [("predicted + gate", {}), ("predicted, no gate", {"gate": False}),
+                       ("on-demand LRU", {"prefetch": False, "eviction": "lru"})]
+            for v in a.variants:
+                configs.append((f"predicted + gate {json.dumps(v, sort_keys=True)}", v))
+            for label, opts in configs:
                 if a.only and not any(s in label for s in a.only.split(",")):
                     continue
                 o = {"expert_cache_fraction": frac, "predictor": "combined", **opts}
@@ -329,6 +332,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default=None, help="comma list: run only offload configurations containing these")
     ap.add_argument("--peers", default="", help="comma list of llama.cpp, accelerate")
+    ap.add_argument("--variants", default="[]",
+                    help='JSON list of extra offload option sets to run beside the defaults, e.g. '
+                         '\'[{"min_p": 0.3, "budget_layers": 4}]\'')
     ap.add_argument("--out", default=os.path.join(WORK, "offload.json"))
     a = ap.parse_args(argv)
     if a.worker:
@@ -339,6 +345,7 @@ def main(argv=None):
         return
     a.fractions = [float(x) for x in a.fractions.split(",")]
     a.batches = [int(x) for x in a.batches.split(",")]
+    a.variants = json.loads(a.variants)
     a.peers = [x for x in a.peers.split(",") if x]
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load": os.getloadavg(), "models": []}
     for name in a.models.split(","):

@@ -26,7 +26,7 @@ def batch_class(n: int) -> int:
 
 
 class PrefetchGate:
-    def __init__(self, min_p: float = 0.5, decay: float = 0.995, budget_layers: float = 2.0):
+    def __init__(self, min_p: float = 0.5, decay: float = 0.995, budget_layers: float = 8.0):
         if not 0.0 <= min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {min_p}")
         self.min_p, self.decay, self.budget_layers = float(min_p), float(decay), float(budget_layers)

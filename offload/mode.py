@@ -19,7 +19,7 @@ Options (the keyword parameters of ``build_offload``):
   "process" or "thread"; ``io_threads``: reader threads in "thread" mode; ``read_timeout``: seconds a step may
   wait with no word from the reader process before it is taken as hung (killed, its loads fail, a new one starts);
 - ``gate``: read only the predicted experts worth a read (``offload/gate.py``): ``min_p`` (default 0.5) is the
-  measured precision a rank of a prediction needs, ``budget_layers`` (default 2; 0: no budget) caps the reads in
+  measured precision a rank of a prediction needs, ``budget_layers`` (default 8: a cap on runaway queues; 0: no budget) caps the reads in
   flight to what the disk delivers in that many layers of compute; ``gate=False`` reads every guess;
 - ``host_cache_fraction`` (of all routed experts) / ``host_cache_bytes``: the host tier between disk and GPU slots
   (``offload/host.py``: pinned buffers, a hit is one copy instead of a disk read). Default on a GPU: every expert if
@@ -111,7 +111,7 @@ def build_offload(ctx: ModeContext, expert_cache_fraction: float = 0.25, expert_
                   token_scheduling: bool = True, trace: str | None = None, drop_page_cache: bool = True,
                   prefetch_distance: int = 1, width: int | None = None, sticky: float = 0.05,
                   io_mode: str = "auto", read_timeout: float = 60.0, gate: bool = True, min_p: float = 0.5,
-                  budget_layers: float = 2.0, host_cache_fraction: float | None = None,
+                  budget_layers: float = 8.0, host_cache_fraction: float | None = None,
                   host_cache_bytes: int | None = None):
     if predictor is not None and predictor not in PREDICTORS:
         raise OffloadConfigError(f"unknown predictor {predictor!r}; valid: {', '.join(PREDICTORS)}")
