@@ -47,7 +47,7 @@ class Engine:
         params = params or SamplingParams()
         if prompt_token_ids is None:
             if prompt is None:
-                raise RequestError("a request needs a prompt or prompt_token_ids")
+                raise RequestError("a request needs a prompt or prompt_token_ids", param="prompt")
             if not isinstance(prompt, str):
                 raise RequestError(f"prompt must be a string, got {type(prompt).__name__}")
             if self.tokenizer is None:
@@ -57,10 +57,15 @@ class Engine:
         if not ids:
             raise RequestError("the prompt is empty")
         if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size for t in ids):
-            raise RequestError(f"prompt token ids must be integers in [0, {self.vocab_size})")
+            raise RequestError(f"prompt token ids must be integers in [0, {self.vocab_size})", param="prompt")
         if len(ids) >= self.max_model_len:
             raise RequestError(f"the prompt has {len(ids)} tokens but the context is {self.max_model_len} tokens "
-                               "(prompt plus at least one generated token must fit)")
+                               "(prompt plus at least one generated token must fit)", param="prompt")
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise RequestError(f"the context is {self.max_model_len} tokens, but the request asks for "
+                               f"{len(ids) + params.max_tokens} ({len(ids)} in the prompt, {params.max_tokens} in "
+                               f"max_tokens); reduce max_tokens to at most {self.max_model_len - len(ids)}",
+                               param="max_tokens")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.seqs:
             raise RequestError(f"request id {rid!r} is already in use")

@@ -13,7 +13,11 @@ from ..moe.errors import MoeyardError
 
 
 class RequestError(MoeyardError):
-    """A request's parameters or prompt cannot be served."""
+    """A request's parameters or prompt cannot be served; ``param`` names the parameter when one is at fault."""
+
+    def __init__(self, message: str = "", param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
@@ -31,10 +35,13 @@ class SamplingParams:
 
     def __post_init__(self):
         def bad(msg):
-            raise RequestError(msg)
+            raise RequestError(msg, param=msg.split(" ", 1)[0])
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 0:
             bad(f"max_tokens must be a non-negative integer, got {self.max_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+        if isinstance(self.seed, bool) or (self.seed is not None and (not isinstance(self.seed, int) or
+                                                                     not -(2 ** 63) <= self.seed < 2 ** 63)):
+            bad(f"seed must be an integer in [-2^63, 2^63), got {self.seed!r}")
+        if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool) or self.temperature < 0:
             bad(f"temperature must be >= 0, got {self.temperature!r}")
         if not isinstance(self.top_p, (int, float)) or not (0 < self.top_p <= 1):
             bad(f"top_p must be in (0, 1], got {self.top_p!r}")
