@@ -41,6 +41,16 @@ def context_length(cfg: MoEConfig, max_model_len: int | None) -> int:
     return min(n, 4096)
 
 
+def _validate(path: str, cfg: MoEConfig):
+    from ..moe.checkpoint import CheckpointReader
+    from ..moe.validate import validate_checkpoint
+    reader = CheckpointReader(path)
+    try:
+        validate_checkpoint(cfg, reader)
+    finally:
+        reader.close()
+
+
 class LLM:
     """Generate with an MoE checkpoint in one of the modes of ``moeyard.runtime.modes.MODES``."""
 
@@ -52,6 +62,7 @@ class LLM:
         self.path = resolve_model_path(model)
         self.mode = mode
         self.cfg = MoEConfig.from_dir(self.path)
+        _validate(self.path, self.cfg)     # every mode: dtype and shape of every tensor, before building anything
         dev = torch.device(device) if device is not None else default_device()
         self._ctx = ModeContext(self.path, self.cfg, dtype, dev, max_num_seqs, context_length(self.cfg, max_model_len))
         self._builder, self._options = builder, mode_options
