@@ -70,6 +70,7 @@ class StreamOutput:
     finish_reason: str | None = None            # set once, on the last output: stop | length | abort | error
     error: str | None = None
     num_generated: int = 0                      # tokens generated so far (cumulative)
+    prompt_logprobs: list | None = None         # on the last output, when asked for (None, then SampleResults)
 
     @property
     def finished(self) -> bool:
@@ -565,7 +566,8 @@ class AsyncLLM:
             return
         out = StreamOutput(seq.request_id, seq.prompt_token_ids, new_ids, delta, new_lp,
                            seq.finish_reason if finished else None, seq.error if finished else None,
-                           len(seq.output_ids))
+                           len(seq.output_ids),
+                           list(seq.prompt_logprobs) if finished and seq.params.prompt_logprobs is not None else None)
         stream._put(out)
         if finished:
             n = len(seq.output_ids)

@@ -24,6 +24,8 @@ class RequestOutput:
     finish_reason: str | None           # "stop" | "length" | "abort" | "error"
     error: str | None = None
     logprobs: list = field(default_factory=list)
+    prompt_logprobs: list = field(default_factory=list)   # with SamplingParams(prompt_logprobs=k): None, then one
+                                                          # SampleResult per later prompt token
 
 
 def context_length(cfg: MoEConfig, max_model_len: int | None) -> int:
@@ -130,7 +132,7 @@ class LLM:
     @staticmethod
     def _output(s) -> RequestOutput:
         return RequestOutput(s.request_id, s.prompt, s.prompt_token_ids, list(s.output_ids), s.text,
-                             s.finish_reason, s.error, list(s.logprobs))
+                             s.finish_reason, s.error, list(s.logprobs), list(s.prompt_logprobs))
 
     def stats(self) -> dict:
         return self.engine.stats()

@@ -103,9 +103,6 @@ class ChatCompletionRequest(_Common):
 # request that sets one to anything but its no-op value gets a 400 naming it, instead of having it ignored.
 _INERT = {
     "best_of": lambda v, r: v is None or v == 1 or v == r.n,
-    "logit_bias": lambda v, r: not v,
-    "presence_penalty": lambda v, r: not v,
-    "frequency_penalty": lambda v, r: not v,
     "repetition_penalty": lambda v, r: v is None or v == 1,
     "suffix": lambda v, r: not v,
     "tools": lambda v, r: not v,
@@ -131,6 +128,13 @@ _INERT = {
 
 def _refuse_unsupported(req):
     extra = req.model_extra or {}
+    for name in ("presence_penalty", "frequency_penalty"):       # implemented (runtime/sampling.py)
+        v = extra.get(name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not -2 <= v <= 2):
+            raise APIError(f"{name} must be a number between -2 and 2", param=name)
+    lb = extra.get("logit_bias")
+    if lb is not None and not isinstance(lb, dict):
+        raise APIError("logit_bias must be an object mapping token ids to numbers", param="logit_bias")
     for name, inert in _INERT.items():
         if name in extra and not inert(extra[name], req):
             raise APIError(f"{name} is not supported by this server (see docs/SERVING.md for the supported fields)",
@@ -425,16 +429,24 @@ def build_app(async_llm, model_name: str = "moeyard", api_key: str | None = None
     async def completions(req: CompletionRequest, request: Request):
         llm = _check(get_llm(), req, model_name)
         _refuse_unsupported(req)
-        if req.echo:
-            raise APIError("echo is not supported", param="echo", code="unsupported_parameter")
+        if req.echo and req.stream:
+            raise APIError("echo is not supported with stream: true", param="echo", code="unsupported_parameter")
         prompts = _prompts(req.prompt)
         _check_fanout(len(prompts), req.n, limits, "prompt")
         ids = [await prompt_ids(llm, p, "prompt") for p in prompts]
         explicit = req.max_tokens is not None
         mts = [_max_tokens(llm, len(x), req.max_tokens if explicit else 16, explicit, "max_tokens") for x in ids]
-        sps = [_sampling(req, mt, req.logprobs) for mt in mts]
+        echo = None
+        if req.echo:     # the prompt's text (and its tokens' logprobs) go in front of the completion
+            echo = [p if isinstance(p, str) else (llm.tokenizer.decode(x, skip_special_tokens=False)
+                                                  if llm.tokenizer is not None else "")
+                    for p, x in zip(prompts, ids)]
+        plp = req.logprobs if req.echo else None
+        # echo with max_tokens 0 (scoring a prompt): run one token for the prompt's logits, return none of it
+        drop = bool(req.echo) and all(mt == 0 for mt in mts)
+        sps = [_sampling(req, 1 if drop else mt, req.logprobs, plp) for mt in mts]
         return await _run(llm, req, ids, sps, "cmpl", "prompt", tt(llm), chat=False, model_name=model_name,
-                          request=request)
+                          request=request, echo=echo, drop=drop)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request):
@@ -556,10 +568,14 @@ def _prompts(p) -> list:
     return list(p)
 
 
-def _sampling(req, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def _sampling(req, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
+    extra = req.model_extra or {}
     try:
         return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                              seed=req.seed, stop=req.stop, ignore_eos=req.ignore_eos, logprobs=logprobs)
+                              seed=req.seed, stop=req.stop, ignore_eos=req.ignore_eos, logprobs=logprobs,
+                              presence_penalty=extra.get("presence_penalty") or 0.0,
+                              frequency_penalty=extra.get("frequency_penalty") or 0.0,
+                              logit_bias=extra.get("logit_bias") or None, prompt_logprobs=prompt_logprobs)
     except RequestError as e:
         raise APIError(str(e), param=getattr(e, "param", None)) from None
 
@@ -570,6 +586,7 @@ class _Choice:
         self.text, self.ids, self.lps = [], [], []
         self.finish_reason = self.error = None
         self.prompt_len = 0
+        self.prompt_lps = None
 
 
 async def _start(llm: AsyncLLM, prompts: list, sps: list, n: int, base_id: str, param: str):
@@ -629,7 +646,7 @@ async def _watch_disconnect(request: Request, llm: AsyncLLM, choices):
 
 
 async def _run(llm: AsyncLLM, req, prompts, sps, prefix, param, tt: TokenText, chat: bool, model_name: str,
-               request: Request | None = None):
+               request: Request | None = None, echo: list[str] | None = None, drop: bool = False):
     rid = f"{prefix}-{uuid.uuid4().hex[:24]}"
     choices = await _start(llm, prompts, sps, req.n, rid, param)
     created = int(time.time())
@@ -658,12 +675,35 @@ async def _run(llm: AsyncLLM, req, prompts, sps, prefix, param, tt: TokenText, c
         if chat:
             ch = {"index": c.index, "message": {"role": "assistant", "content": text},
                   "logprobs": _logprobs_chat(c.lps, tt) if want_lp else None, "finish_reason": c.finish_reason}
+        elif echo is not None:
+            ptext = echo[c.prompt_idx]
+            if drop:
+                text, c.lps, c.ids = "", [], []
+            lp = None
+            if want_lp:
+                pl = c.prompt_lps or [None]
+                lp = _logprobs_completion([r for r in pl if r is not None], tt, 0)
+                first, _ = tt(prompts[c.prompt_idx][0])
+                gen = _logprobs_completion(c.lps, tt, 0)
+                lp = {"tokens": [first] + lp["tokens"] + gen["tokens"],
+                      "token_logprobs": [None] + lp["token_logprobs"] + gen["token_logprobs"],
+                      "top_logprobs": [None] + lp["top_logprobs"] + gen["top_logprobs"]}
+                offs, off = [], 0
+                for t in lp["tokens"]:
+                    offs.append(off)
+                    off += len(t)
+                lp["text_offset"] = offs
+            ch = {"index": c.index, "text": ptext + text, "logprobs": lp, "finish_reason": c.finish_reason}
         else:
             ch = {"index": c.index, "text": text, "logprobs": _logprobs_completion(c.lps, tt, 0) if want_lp else None,
                   "finish_reason": c.finish_reason}
         out_choices.append(ch)
+    usage = _usage(choices)
+    if drop:
+        usage = {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": 0,
+                 "total_tokens": usage["prompt_tokens"]}
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-            "model": model_name, "choices": out_choices, "usage": _usage(choices)}
+            "model": model_name, "choices": out_choices, "usage": usage}
 
 
 def _usage(choices) -> dict:
@@ -682,6 +722,8 @@ def _absorb(c: _Choice, out: StreamOutput):
     c.lps.extend(out.logprobs)
     if out.finished:
         c.finish_reason, c.error = out.finish_reason, out.error
+        if out.prompt_logprobs is not None:
+            c.prompt_lps = out.prompt_logprobs
 
 
 async def _collect(llm: AsyncLLM, c: _Choice):

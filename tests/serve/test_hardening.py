@@ -310,10 +310,11 @@ def test_error_messages_name_no_path_or_exception_type():
     ({**GREEDY, "max_tokens": True}, "max_tokens"),                      # finding 7: true is not 1
     ({**GREEDY, "seed": 2 ** 70}, "seed"),                                # finding 7: named seed, no overflow text
     ({**GREEDY, "temperature": True}, "temperature"),
-    ({**GREEDY, "logit_bias": {"5": 10}}, "logit_bias"),                  # finding 8: refused, not ignored
-    ({**GREEDY, "presence_penalty": 0.5}, "presence_penalty"),
-    ({**GREEDY, "frequency_penalty": 1.0}, "frequency_penalty"),
-    ({**GREEDY, "best_of": 3}, "best_of"),
+    ({**GREEDY, "logit_bias": {"5": 1000}}, "logit_bias"),                # out of range
+    ({**GREEDY, "logit_bias": {"999999": 1}}, "logit_bias"),              # not a token id of the model
+    ({**GREEDY, "presence_penalty": 2.5}, "presence_penalty"),
+    ({**GREEDY, "frequency_penalty": "x"}, "frequency_penalty"),
+    ({**GREEDY, "best_of": 3}, "best_of"),                                # finding 8: refused, not ignored
     ({**GREEDY, "max_tokens": 300}, "max_tokens"),                        # finding 8: beyond the context
     ({**GREEDY, "suffix": "x"}, "suffix"),
 ])
@@ -365,3 +366,66 @@ def test_port_in_use_fails_before_loading(serve_ckpt):
     assert f"port {port} on 127.0.0.1 is already in use" in p.stderr and "Traceback" not in p.stderr
     assert "loading" not in p.stdout
     assert time.time() - t0 < 60
+
+
+# -- finding 8: penalties and logit_bias are implemented ------------------------------------------------------------
+def test_logit_bias_and_penalties(llm):
+    from moeyard.runtime.sampling import apply_penalties
+    import torch
+    logits = torch.zeros(2, 6)
+    sp = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, logit_bias={"3": 2.0})
+    out = apply_penalties(logits, [sp, SamplingParams()], [[1, 1, 2], [1]])
+    assert out[0].tolist() == [0.0, -1.0, -0.75, 2.0, 0.0, 0.0] and out[1].tolist() == [0.0] * 6
+    allm = AsyncLLM(llm)
+
+    async def fn(cl):
+        r = await cl.post("/v1/completions", json={**GREEDY, "max_tokens": 6, "logit_bias": {"42": 100}, "logprobs": 0})
+        assert r.status_code == 200, r.text
+        toks = [t for t in r.json()["choices"][0]["logprobs"]["tokens"]]
+        assert len(toks) == 6 and len(set(toks)) == 1        # every token is the biased one
+        # +100 on token 42, minus 2 per time it was generated: it wins about 50 times, then another token does
+        r = await cl.post("/v1/completions", json={**GREEDY, "max_tokens": 80, "logit_bias": {"42": 100},
+                                                    "frequency_penalty": 2.0, "logprobs": 0})
+        toks = r.json()["choices"][0]["logprobs"]["tokens"]
+        assert toks[:40] == [toks[0]] * 40 and len(set(toks)) > 1, toks
+    run_app(allm, fn)
+
+
+# -- echo with prompt logprobs (lm-evaluation-harness loglikelihood) -------------------------------------------------
+def test_echo_prompt_logprobs_match_transformers(llm, serve_ckpt):
+    transformers = pytest.importorskip("transformers")
+    import torch
+    hf = transformers.AutoModelForCausalLM.from_pretrained(serve_ckpt, torch_dtype=torch.float32).eval()
+    prompt = "The quick brown fox jumps over the lazy dog. Hello, world!"
+    ids = llm.tokenizer.encode(prompt)
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), -1)
+    want = [float(ref[i - 1, ids[i]]) for i in range(1, len(ids))]
+    allm = AsyncLLM(llm)
+
+    async def fn(cl):
+        for mt in (0, 1):
+            r = await cl.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "echo": True,
+                                                        "logprobs": 1, "max_tokens": mt, "temperature": 0})
+            assert r.status_code == 200, r.text
+            ch = r.json()["choices"][0]
+            lp = ch["logprobs"]
+            assert ch["text"].startswith(prompt) and (mt or ch["text"] == prompt)
+            assert len(lp["tokens"]) == len(ids) + mt and lp["token_logprobs"][0] is None
+            got = lp["token_logprobs"][1:len(ids)]
+            assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4
+            assert all(len(t) == 1 for t in lp["top_logprobs"][1:])
+            assert r.json()["usage"]["completion_tokens"] == mt
+        assert_error(await cl.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "echo": True,
+                                                             "stream": True}), 400, "echo")
+    run_app(allm, fn)
+    # chunked prefill (8-token chunks) gives the same prompt logprobs through the Python API
+    small = LLM(serve_ckpt, max_num_seqs=2, max_model_len=256, max_num_batched_tokens=8)
+    try:
+        o = small.generate(prompt_token_ids=[ids], sampling_params=SamplingParams(max_tokens=1, temperature=0,
+                                                                                  prompt_logprobs=0))[0]
+    finally:
+        small.close()
+    assert o.prompt_logprobs[0] is None and len(o.prompt_logprobs) == len(ids)
+    assert [r.token for r in o.prompt_logprobs[1:]] == ids[1:]
+    assert max(abs(r.logprob - w) for r, w in zip(o.prompt_logprobs[1:], want)) < 1e-4
