@@ -78,7 +78,7 @@ def check(url, path, b, client):
     assert h.status_code == 200 and h.json()["status"] == "ready", h.text
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                  HealthCheck.too_slow], derandomize=True)
 @given(b=body("completions"))
 def test_fuzz_completions(url, b):
@@ -86,7 +86,7 @@ def test_fuzz_completions(url, b):
         check(url, "/v1/completions", b, c)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                  HealthCheck.too_slow], derandomize=True)
 @given(b=body("chat"))
 def test_fuzz_chat(url, b):

@@ -429,3 +429,19 @@ def test_echo_prompt_logprobs_match_transformers(llm, serve_ckpt):
     assert o.prompt_logprobs[0] is None and len(o.prompt_logprobs) == len(ids)
     assert [r.token for r in o.prompt_logprobs[1:]] == ids[1:]
     assert max(abs(r.logprob - w) for r, w in zip(o.prompt_logprobs[1:], want)) < 1e-4
+
+
+# -- finding 11: CLI output and help ---------------------------------------------------------------------------------
+def test_demo_plain_output_and_cli_help(capsys):
+    from moeyard.runtime.cli import build_parser, main
+    assert main(["demo", "--max-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "\033[" not in out and "routing of the demo tokens" in out      # not a terminal: no ANSI codes
+    sub = build_parser()._subparsers._group_actions[0].choices
+    for cmd, flags in (("profile", ("--model", "--text", "--tokens", "--chunk", "--dtype", "--out")),
+                       ("simulate", ("--hidden-size", "--bytes-per-elem", "--tokens-per-step")),
+                       ("serve", ("--api-key", "--max-queued", "--request-timeout", "--max-body-bytes"))):
+        helps = {a.option_strings[0]: a.help for a in sub[cmd]._actions if a.option_strings}
+        for f in flags:
+            assert helps.get(f), (cmd, f)
+    assert "4096" in sub["simulate"].format_help() and "held" in sub["place"].format_help()
