@@ -250,6 +250,8 @@ def main(argv=None):
     ap.add_argument("--startup-timeout", type=float, default=300.0)
     ap.add_argument("--disconnect-fraction", type=float, default=1 / 3,
                     help="share of clients that drop each stream after 1-8 chunks (default a third)")
+    ap.add_argument("--warmup", type=float, default=10.0, help="seconds of the same load before measuring "
+                    "(default 10; RSS 'before' is taken after it)")
     ap.add_argument("--note", default="", help="a line recorded with the result")
     ap.add_argument("--no-record", action="store_true")
     a = ap.parse_args(argv)
@@ -263,6 +265,9 @@ def main(argv=None):
     try:
         import httpx
         model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
+        if a.warmup > 0:     # the same load, not counted: the KV cache and allocator reach their working size
+            asyncio.run(run_clients(url, model, a.clients, a.warmup, a.max_tokens, a.temperature, a.timeout,
+                                    a.disconnect_fraction))
         before = asyncio.run(greedy_texts(url, model))
         rss0 = rss_mb(proc)
         res = asyncio.run(run_clients(url, model, a.clients, a.duration, a.max_tokens, a.temperature, a.timeout,

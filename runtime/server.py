@@ -814,6 +814,21 @@ def bind_socket(host: str, port: int):
     return s
 
 
+def _idle_closing_protocol():
+    """uvicorn's HTTP protocol, but a connection that sends nothing is closed after ``timeout_keep_alive`` seconds
+    from the start too (uvicorn starts that timer only after a first response, so idle half-open sockets were held
+    for ever)."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class IdleClosing(AutoHTTPProtocol):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            if getattr(self, "timeout_keep_alive_task", None) is None:
+                self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                                    self.timeout_keep_alive_handler)
+    return IdleClosing
+
+
 def make_server(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
                 graceful_timeout: float = 30.0, timeout_keep_alive: float = 5.0):
     """A ``uvicorn.Server`` for ``app``. On SIGTERM/SIGINT it stops accepting connections and lets in-flight
@@ -849,7 +864,8 @@ def make_server(app, host: str = "127.0.0.1", port: int = 8000, log_level: str =
                 self._captured_signals.clear()      # shut down cleanly: exit 0, not by the signal
 
     cfg = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_timeout,
-                         lifespan="on", access_log=False, timeout_keep_alive=timeout_keep_alive)
+                         lifespan="on", access_log=False, timeout_keep_alive=timeout_keep_alive,
+                         http=_idle_closing_protocol())
     return Server(cfg)
 
 

@@ -54,7 +54,7 @@ def url(serve_ckpt):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     srv = make_server(build_app(allm, "tiny", limits=ServerLimits(max_body_bytes=64 << 10, max_choices=8)),
-                      "127.0.0.1", port, log_level="critical", graceful_timeout=5)
+                      "127.0.0.1", port, log_level="critical", graceful_timeout=5, timeout_keep_alive=1)
     th = threading.Thread(target=srv.run, daemon=True)
     th.start()
     t0 = time.time()
@@ -101,3 +101,19 @@ def test_fuzz_raw_bytes(url):
             r = c.post(url + "/v1/completions", content=raw, headers={"content-type": "application/json"})
             assert 400 <= r.status_code < 500 and "error" in r.json(), (raw[:20], r.text[:300])
         assert c.get(url + "/health").status_code == 200
+
+
+def test_idle_sockets_are_closed(url):
+    """Finding 7: connections that never send a byte are closed after timeout_keep_alive (1 s here)."""
+    import urllib.parse
+    u = urllib.parse.urlparse(url)
+    socks = [socket.create_connection((u.hostname, u.port), timeout=10) for _ in range(30)]
+    try:
+        t0 = time.time()
+        for s in socks:
+            assert s.recv(1) == b""               # closed by the server (recv would block until the 10 s timeout)
+        assert time.time() - t0 < 8
+    finally:
+        for s in socks:
+            s.close()
+    assert httpx.get(url + "/health", timeout=10).status_code == 200
