@@ -429,6 +429,16 @@ def test_echo_prompt_logprobs_match_transformers(llm, serve_ckpt):
     assert o.prompt_logprobs[0] is None and len(o.prompt_logprobs) == len(ids)
     assert [r.token for r in o.prompt_logprobs[1:]] == ids[1:]
     assert max(abs(r.logprob - w) for r, w in zip(o.prompt_logprobs[1:], want)) < 1e-4
+    # offload mode (a subclass of the local executor, with prefetching) gives them too
+    off = LLM(serve_ckpt, mode="offload", expert_cache_fraction=0.5, max_num_seqs=2, max_model_len=256,
+              max_num_batched_tokens=8)
+    try:
+        o2 = off.generate(prompt_token_ids=[ids], sampling_params=SamplingParams(max_tokens=3, temperature=0,
+                                                                                 prompt_logprobs=0))[0]
+    finally:
+        off.close()
+    assert max(abs(r.logprob - w) for r, w in zip(o2.prompt_logprobs[1:], want)) < 1e-4
+    assert o2.finish_reason == "length" and len(o2.token_ids) == 3
 
 
 # -- finding 11: CLI output and help ---------------------------------------------------------------------------------
