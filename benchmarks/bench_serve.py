@@ -8,7 +8,10 @@ Starts the server as a subprocess (unless ``--url``), runs closed-loop clients (
 ``/v1/completions`` request, waits for ``data: [DONE]``, sends the next) until the duration is up, lets
 in-flight requests finish, then reports: requests done and failed (any non-200, error event, missing [DONE] or
 exception counts as failed), generated tokens per second, p50/p99 time to first token and time per output
-token. Prints a markdown table and appends it, with the command, date and machine, to the ``## Serving``
+token. ``--disconnect-fraction`` of the clients (default a third) drop every stream after a few chunks (counted
+as disconnects, not failures). Before and after the load: greedy completions of fixed prompts (must be identical),
+the server's RSS and, after the load, its running sequences and active requests from /metrics (must be 0: no
+leaked KV slots). Prints a markdown table and appends it, with the command, date and machine, to the ``## Serving``
 section of docs/BENCHMARKS.md (``--no-record`` to skip). Exit status 1 if any request failed.
 """
 
@@ -73,8 +76,9 @@ def pct(xs: list[float], p: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-async def one_request(client, url, model, prompt, max_tokens, temperature, seed):
-    """Stream one completion; return (ok, ttft, tpot, tokens, error)."""
+async def one_request(client, url, model, prompt, max_tokens, temperature, seed, disconnect_after=None):
+    """Stream one completion; return (ok, ttft, tpot, tokens, error). With ``disconnect_after`` chunks the client
+    closes the stream there and ok is "disconnected"."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, "seed": seed,
             "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
@@ -92,6 +96,10 @@ async def one_request(client, url, model, prompt, max_tokens, temperature, seed)
                     done = True
                     break
                 ev = json.loads(data)
+                if disconnect_after is not None:
+                    disconnect_after -= 1
+                    if disconnect_after <= 0:
+                        return "disconnected", None, None, 0, None
                 if "error" in ev:
                     return False, None, None, 0, ev["error"].get("message")
                 now = time.perf_counter()
@@ -113,18 +121,22 @@ async def one_request(client, url, model, prompt, max_tokens, temperature, seed)
     return True, ttft, tpot, tokens, None
 
 
-async def run_clients(url, model, clients, duration, max_tokens, temperature, timeout):
+async def run_clients(url, model, clients, duration, max_tokens, temperature, timeout, disconnect_fraction=0.0):
     import httpx
-    res = {"ok": 0, "failed": 0, "tokens": 0, "ttft": [], "tpot": [], "errors": []}
+    res = {"ok": 0, "failed": 0, "disconnected": 0, "tokens": 0, "ttft": [], "tpot": [], "errors": []}
+    leavers = set(range(clients)[::max(1, round(1 / disconnect_fraction))]) if disconnect_fraction > 0 else set()
     stop_at = time.perf_counter() + duration
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
         async def worker(i):
             rng = random.Random(i)
             while time.perf_counter() < stop_at:
+                cut = rng.randint(1, 8) if i in leavers else None
                 ok, ttft, tpot, n, err = await one_request(client, url, model, rng.choice(PROMPTS), max_tokens,
-                                                           temperature, rng.randrange(1 << 30))
-                if ok:
+                                                           temperature, rng.randrange(1 << 30), cut)
+                if ok == "disconnected":
+                    res["disconnected"] += 1
+                elif ok:
                     res["ok"] += 1
                     res["tokens"] += n
                     if ttft is not None:
@@ -144,6 +156,38 @@ async def run_clients(url, model, clients, duration, max_tokens, temperature, ti
         except Exception:  # noqa: BLE001
             res["metrics"] = ""
     return res
+
+
+async def greedy_texts(url, model, max_tokens=32) -> list[str]:
+    import httpx
+    async with httpx.AsyncClient(timeout=300) as c:
+        outs = []
+        for p in PROMPTS:
+            r = await c.post(url + "/v1/completions", json={"model": model, "prompt": p, "max_tokens": max_tokens,
+                                                            "temperature": 0, "ignore_eos": True})
+            outs.append(r.json()["choices"][0]["text"] if r.status_code == 200 else f"HTTP {r.status_code}")
+        return outs
+
+
+def server_state(url) -> dict:
+    """running / active requests from /metrics (prometheus text)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+    out = {}
+    for f in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text):
+        if f.name in ("moeyard_running", "moeyard_active_requests", "moeyard_queue_length"):
+            out[f.name[len("moeyard_"):]] = f.samples[0].value
+    return out
+
+
+def rss_mb(proc) -> float | None:
+    if proc is None:
+        return None
+    try:
+        import psutil
+        return psutil.Process(proc.pid).memory_info().rss / 2 ** 20
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def start_server(args, port):
@@ -204,6 +248,10 @@ def main(argv=None):
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--timeout", type=float, default=600.0, help="per-request timeout, seconds")
     ap.add_argument("--startup-timeout", type=float, default=300.0)
+    ap.add_argument("--disconnect-fraction", type=float, default=1 / 3,
+                    help="share of clients that drop each stream after 1-8 chunks (default a third)")
+    ap.add_argument("--warmup", type=float, default=10.0, help="seconds of the same load before measuring "
+                    "(default 10; RSS 'before' is taken after it)")
     ap.add_argument("--note", default="", help="a line recorded with the result")
     ap.add_argument("--no-record", action="store_true")
     a = ap.parse_args(argv)
@@ -217,7 +265,24 @@ def main(argv=None):
     try:
         import httpx
         model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
-        res = asyncio.run(run_clients(url, model, a.clients, a.duration, a.max_tokens, a.temperature, a.timeout))
+        if a.warmup > 0:     # the same load, not counted: the KV cache and allocator reach their working size
+            asyncio.run(run_clients(url, model, a.clients, a.warmup, a.max_tokens, a.temperature, a.timeout,
+                                    a.disconnect_fraction))
+        before = asyncio.run(greedy_texts(url, model))
+        rss0 = rss_mb(proc)
+        res = asyncio.run(run_clients(url, model, a.clients, a.duration, a.max_tokens, a.temperature, a.timeout,
+                                      a.disconnect_fraction))
+        t0 = time.time()
+        while True:                                   # aborts of the last disconnects land within a step or two
+            st = server_state(url)
+            if (st.get("running", 0) == 0 and st.get("active_requests", 0) == 0) or time.time() - t0 > 30:
+                break
+            time.sleep(0.5)
+        rss1 = rss_mb(proc)
+        after = asyncio.run(greedy_texts(url, model))
+        res["identical"] = before == after
+        res["state_after"] = st
+        res["rss"] = (rss0, rss1)
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
@@ -228,12 +293,18 @@ def main(argv=None):
     n = res["ok"] + res["failed"]
     tps = res["tokens"] / res["elapsed"]
     ms = 1000.0
-    headers = ["model", "mode", "clients", "duration s", "max_tokens", "requests", "failed", "gen tokens",
-               "tokens/s", "req/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms"]
+    headers = ["model", "mode", "clients", "duration s", "max_tokens", "requests", "failed", "disconnected",
+               "gen tokens", "tokens/s", "req/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms",
+               "running/active after", "RSS MB before -> after", "greedy identical"]
+    n += res["disconnected"]
+    st, (r0, r1) = res["state_after"], res["rss"]
+    rss = f"{r0:.0f} -> {r1:.0f}" if r0 is not None and r1 is not None else "n/a"
     row = [os.path.basename(os.path.normpath(a.model)) if not a.url else model, a.mode, a.clients,
-           f"{res['elapsed']:.1f}", a.max_tokens, n, res["failed"], res["tokens"], f"{tps:.1f}",
+           f"{res['elapsed']:.1f}", a.max_tokens, n, res["failed"], res["disconnected"], res["tokens"], f"{tps:.1f}",
            f"{res['ok'] / res['elapsed']:.2f}", f"{pct(res['ttft'], 50) * ms:.0f}", f"{pct(res['ttft'], 99) * ms:.0f}",
-           f"{pct(res['tpot'], 50) * ms:.1f}", f"{pct(res['tpot'], 99) * ms:.1f}"]
+           f"{pct(res['tpot'], 50) * ms:.1f}", f"{pct(res['tpot'], 99) * ms:.1f}",
+           f"{st.get('running', float('nan')):.0f}/{st.get('active_requests', float('nan')):.0f}", rss,
+           "yes" if res["identical"] else "NO"]
     table = "| " + " | ".join(headers) + " |\n|" + "---|" * len(headers) + "\n| " + " | ".join(map(str, row)) + " |"
     print(table)
     if res["errors"]:
@@ -249,7 +320,7 @@ def main(argv=None):
         cmd = " ".join(["python benchmarks/bench_serve.py"] + [shlex.quote(x) for x in shown])
         record(cmd, table, a.note)
         print(f"recorded in {BENCH_MD}")
-    return 1 if res["failed"] else 0
+    return 1 if res["failed"] or not res["identical"] else 0
 
 
 if __name__ == "__main__":

@@ -66,8 +66,8 @@ def build_deployment(model: str = "default", mode: str = "local", model_name: st
 
         async def check_health(self):
             llm = _replica_llm()
-            if llm is None or not llm.is_running:
-                raise RuntimeError("the engine thread is not running")
+            if llm is None or not llm.health()["live"]:      # restarting (degraded) is still alive
+                raise RuntimeError("the engine is down")
 
         def __del__(self):
             llm = _replica_llm()

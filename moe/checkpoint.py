@@ -48,6 +48,14 @@ def _read_header(path: str) -> dict:
     return header
 
 
+def _inside(fn: str) -> bool:
+    """``fn`` (a file name from the index) stays inside the model directory: relative, no ``..`` component."""
+    if not fn or os.path.isabs(fn) or "\\" in fn or "\0" in fn:
+        return False
+    norm = os.path.normpath(fn)
+    return not (norm == ".." or norm.startswith(".." + os.sep) or os.path.isabs(norm))
+
+
 class CheckpointReader:
     """Tensor names → files of one checkpoint directory; ``get(name)`` reads one tensor lazily."""
 
@@ -58,8 +66,14 @@ class CheckpointReader:
             try:
                 with open(index) as f:
                     weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError):
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
                 raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map')") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: 'weight_map' must map tensor names to file names")
+            for name, fn in weight_map.items():
+                if not _inside(fn):
+                    raise CheckpointError(f"{index}: tensor {name!r} points to {fn!r}, outside the model directory "
+                                          "(file names in the index must be relative, without '..')")
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))

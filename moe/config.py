@@ -131,6 +131,8 @@ class MoEConfig:
     # ---- parsing -----------------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: dict) -> "MoEConfig":
+        from .validate import check_config_types
+        check_config_types(d)
         mt = d.get("model_type")
         if mt not in SUPPORTED_MODEL_TYPES:
             raise ModelError(
@@ -139,6 +141,10 @@ class MoEConfig:
             return replace(_PARSERS[mt](d), quant=parse_quant(d))
         except KeyError as e:
             raise ModelError(f"config.json: missing field {e.args[0]!r} for model_type {mt!r}") from None
+        except ModelError:
+            raise
+        except (TypeError, ValueError, AttributeError) as e:
+            raise ModelError(f"config.json: a field has the wrong type or value for model_type {mt!r} ({e})") from None
 
     @classmethod
     def from_dir(cls, path: str) -> "MoEConfig":

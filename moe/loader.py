@@ -16,6 +16,7 @@ from .experts import ResidentExperts
 from .model import MoEForCausalLM
 from .quant_formats import read_tensor
 from .tokenizer import Tokenizer
+from .validate import check_finite, validate_checkpoint
 from .weights import dense_checkpoint_name
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -105,7 +106,9 @@ def build_dense(cfg: MoEConfig, reader: CheckpointReader, dtype, device, max_pos
                 and cfg.tie_word_embeddings:
             continue
         ck = dense_checkpoint_name(cfg, reader, pname)
-        t = read_tensor(reader, cfg.quant, ck, tuple(p.shape)).to(device=device, dtype=dtype)
+        t = read_tensor(reader, cfg.quant, ck, tuple(p.shape))
+        check_finite(ck, t, reader.file_of(ck) if ck in reader else "")
+        t = t.to(device=device, dtype=dtype)
         mod_name, _, attr = pname.rpartition(".")
         mod = model.get_submodule(mod_name)
         mod._parameters[attr] = nn.Parameter(t, requires_grad=False)
@@ -113,6 +116,16 @@ def build_dense(cfg: MoEConfig, reader: CheckpointReader, dtype, device, max_pos
         model.lm_head.weight = model.model.embed_tokens.weight
     model.eval()
     return model
+
+
+def check_experts_finite(cfg: MoEConfig, experts) -> None:
+    """No loaded routed expert holds NaN (named by layer and expert)."""
+    for layer in cfg.moe_layers:
+        for e in range(cfg.num_experts):
+            if (layer, e) not in experts:
+                continue
+            for part, t in zip(("gate", "up", "down", "gate_bias", "up_bias", "down_bias"), experts.get(layer, e).tensors):
+                check_finite(f"layer {layer} expert {e} {part}", t)
 
 
 def load_model(model: str, dtype=None, device=None, experts="resident", max_positions=None) -> LoadedModel:
@@ -123,6 +136,7 @@ def load_model(model: str, dtype=None, device=None, experts="resident", max_posi
     device = torch.device(device) if device is not None else default_device()
     dt = resolve_dtype(dtype, cfg, device)
     reader = CheckpointReader(path)
+    validate_checkpoint(cfg, reader)
     m = build_dense(cfg, reader, dt, device, max_positions)
     if experts == "resident":
         prog = _Progress(sum(reader.nbytes(n) for n in reader.names()), len(cfg.moe_layers))
@@ -130,6 +144,7 @@ def load_model(model: str, dtype=None, device=None, experts="resident", max_posi
             m.experts = ResidentExperts(cfg, reader, dt, device, progress=prog)
         finally:
             prog.close()
+        check_experts_finite(cfg, m.experts)
     elif callable(experts):
         m.experts = experts(cfg, reader, dt, device)
     tok = Tokenizer.from_dir(path)

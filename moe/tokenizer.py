@@ -39,8 +39,13 @@ class Tokenizer:
         cfg = {}
         tc = os.path.join(path, "tokenizer_config.json")
         if os.path.isfile(tc):
-            with open(tc) as f:
-                cfg = json.load(f)
+            try:
+                with open(tc, encoding="utf-8") as f:
+                    cfg = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ModelError(f"{tc}: not valid JSON ({e})") from None
+            if not isinstance(cfg, dict):
+                raise ModelError(f"{tc}: expected a JSON object")
         return cls(tok, cfg)
 
     @property

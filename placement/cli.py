@@ -26,7 +26,8 @@ def register(subparsers) -> None:
     p.add_argument("--workers", type=int, default=None, help="workers (required with --trace and SGLang files)")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--replicas", type=int, default=0, help="extra expert slots per worker per layer")
-    p.add_argument("--balance", type=float, default=None, help="max worker load <= (1+EPS) x mean")
+    p.add_argument("--balance", type=float, default=None, help="max worker load <= (1+EPS) x mean on the fitted tokens; the report scores "
+                   "the --holdout share, where the load may exceed the bound (--holdout 0 to score the fit)")
     p.add_argument("--time-limit", type=float, default=30.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--inter-node-cost", type=float, default=4.0)
@@ -46,9 +47,11 @@ def register(subparsers) -> None:
     s.add_argument("--nodes", type=int, default=1)
     s.add_argument("--intra-gbps", type=float, required=True, help="GB/s per worker within a node")
     s.add_argument("--inter-gbps", type=float, required=True, help="GB/s per worker across nodes")
-    s.add_argument("--hidden-size", type=int, default=4096)
-    s.add_argument("--bytes-per-elem", type=int, default=2)
-    s.add_argument("--tokens-per-step", type=int, default=256)
+    s.add_argument("--hidden-size", type=int, default=4096,
+                   help="hidden size of the traced model (default 4096, Mixtral-8x7B's: set your model's "
+                        "config.json hidden_size)")
+    s.add_argument("--bytes-per-elem", type=int, default=2, help="bytes per activation element (default 2: bf16)")
+    s.add_argument("--tokens-per-step", type=int, default=256, help="tokens per decode step (default 256)")
     s.add_argument("--local-fraction", type=float, default=None,
                    help="measured local fraction instead of one derived from trace + placement")
     s.add_argument("--num-layers", type=int, default=None)

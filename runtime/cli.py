@@ -39,6 +39,7 @@ def cmd_generate(args):
     from . import LLM, SamplingParams
     sp = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                         top_k=args.top_k, seed=args.seed, stop=args.stop or None)
+    _ray_notice(args.mode)
     llm = LLM(args.model, mode=args.mode, dtype=args.dtype, **mode_options(args.option))
     try:
         t0 = time.perf_counter()
@@ -53,7 +54,14 @@ def cmd_generate(args):
         llm.close()
 
 
+def _ray_notice(mode: str):
+    if mode == "ray":
+        print("moeyard: starting Ray and the expert-parallel workers (each loads its experts; this takes a while)...",
+              file=sys.stderr, flush=True)
+
+
 def cmd_demo(args):
+    _ray_notice(args.mode)
     from .demo import run_demo
     run_demo(args)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import numpy as np
@@ -49,7 +50,11 @@ def run_demo(args):
         records.append((layer, ids_NK.cpu().numpy()))
 
     ex = llm.engine.executor
-    if hasattr(ex, "route_hooks"):
+    group = getattr(ex, "group", None)          # ray mode: the workers record the routing, not the driver
+    if group is not None and getattr(ex, "scheme", None) == "standard":
+        import ray
+        ray.get([a.start_recording.remote() for a in group.actors], timeout=60)
+    elif hasattr(ex, "route_hooks"):
         ex.route_hooks.append(hook)
     print(f"moeyard demo — model {os.path.basename(llm.path.rstrip('/'))} ({llm.cfg.model_type}, "
           f"{llm.cfg.num_layers} layers, {llm.cfg.num_experts} experts, top-{llm.cfg.top_k}), mode {args.mode}\n")
@@ -57,16 +62,24 @@ def run_demo(args):
     t0 = time.perf_counter()
     outs = llm.generate(list(DOMAIN_PROMPTS.values()), sp)
     dt = time.perf_counter() - t0
+    bold, plain = ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("", "")   # no ANSI codes into files/pipes
     for (dom, prompt), o in zip(DOMAIN_PROMPTS.items(), outs):
-        print(f"--- {dom} ---\n{prompt}\033[1m{o.text}\033[0m\n")
+        print(f"--- {dom} ---\n{prompt}{bold}{o.text}{plain}\n")
     ntok = sum(len(o.token_ids) for o in outs)
     print(f"{ntok} tokens in {dt:.2f}s: {ntok / dt:.1f} tokens/s (batch of {len(outs)})")
-    if records:
-        L = llm.cfg.num_layers
+    trace = None
+    if group is not None and getattr(ex, "scheme", None) == "standard":
+        import ray
+        parts = [p for p in ray.get([a.take_trace.remote() for a in group.actors], timeout=60) if p is not None]
+        trace = np.concatenate(parts) if parts else None
+    elif records:
         moe_layers = sorted({l for l, _ in records})
         per_layer = {l: np.concatenate([r for ll, r in records if ll == l]) for l in moe_layers}
         T = min(len(v) for v in per_layer.values())
         trace = np.stack([per_layer[l][:T] for l in moe_layers], axis=1)
+    if trace is not None and len(trace):
         print("\nrouting of the demo tokens:")
         print("\n".join(routing_summary(trace, llm.cfg.num_experts)))
+    else:
+        print(f"\n(no routing summary: mode {args.mode} with this scheme does not report routing to the driver)")
     llm.close()

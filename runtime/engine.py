@@ -14,7 +14,7 @@ import torch
 
 from .detok import IncrementalDetokenizer
 from .executor import RequestFailed, StepItem
-from .sampling import RequestError, SamplingParams, sample
+from .sampling import RequestError, SampleResult, SamplingParams, apply_penalties, sample
 from .scheduler import Scheduler
 from .sequence import Sequence
 
@@ -47,7 +47,7 @@ class Engine:
         params = params or SamplingParams()
         if prompt_token_ids is None:
             if prompt is None:
-                raise RequestError("a request needs a prompt or prompt_token_ids")
+                raise RequestError("a request needs a prompt or prompt_token_ids", param="prompt")
             if not isinstance(prompt, str):
                 raise RequestError(f"prompt must be a string, got {type(prompt).__name__}")
             if self.tokenizer is None:
@@ -57,10 +57,19 @@ class Engine:
         if not ids:
             raise RequestError("the prompt is empty")
         if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size for t in ids):
-            raise RequestError(f"prompt token ids must be integers in [0, {self.vocab_size})")
+            raise RequestError(f"prompt token ids must be integers in [0, {self.vocab_size})", param="prompt")
         if len(ids) >= self.max_model_len:
             raise RequestError(f"the prompt has {len(ids)} tokens but the context is {self.max_model_len} tokens "
-                               "(prompt plus at least one generated token must fit)")
+                               "(prompt plus at least one generated token must fit)", param="prompt")
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise RequestError(f"the context is {self.max_model_len} tokens, but the request asks for "
+                               f"{len(ids) + params.max_tokens} ({len(ids)} in the prompt, {params.max_tokens} in "
+                               f"max_tokens); reduce max_tokens to at most {self.max_model_len - len(ids)}",
+                               param="max_tokens")
+        if params.prompt_logprobs is not None and not getattr(self.executor, "prompt_logits", False):
+            raise RequestError("prompt logprobs (echo with logprobs) are not supported in this mode", param="echo")
+        if params.logit_bias and any(not 0 <= t < self.vocab_size for t, _ in params.logit_bias):
+            raise RequestError(f"logit_bias token ids must be in [0, {self.vocab_size})", param="logit_bias")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.seqs:
             raise RequestError(f"request id {rid!r} is already in use")
@@ -99,7 +108,8 @@ class Engine:
             seq = s.seq
             seq.last_scheduled = self._step_no
             toks = seq.all_ids[seq.num_computed:seq.num_computed + s.num_tokens]
-            items.append(StepItem(seq.slot, toks, seq.num_computed, s.completes, seq.request_id))
+            pl = seq.params.prompt_logprobs is not None and seq.num_computed < len(seq.prompt_token_ids)
+            items.append(StepItem(seq.slot, toks, seq.num_computed, s.completes, seq.request_id, all_logits=pl))
         t0 = time.perf_counter()
         try:
             logits_BV = self.executor.execute(items)
@@ -121,10 +131,41 @@ class Engine:
             if s.seq.in_prefill:
                 self.counters["prompt_tokens"] += s.num_tokens
             s.seq.num_computed += s.num_tokens
-        results = sample(logits_BV, [q.params for q in done], [q.generator for q in done])
+        if any(it.all_logits for it in items):
+            logits_BV = self._take_prompt_logprobs(sched, items, logits_BV)
+        params = [q.params for q in done]
+        logits_BV = apply_penalties(logits_BV, params, [q.output_ids for q in done])
+        results = sample(logits_BV, params, [q.generator for q in done])
         for seq, r in zip(done, results):
             self._append(seq, r)
         return done
+
+    def _take_prompt_logprobs(self, sched, items, logits_BV):
+        """Record prompt logprobs from the all-token rows of prompt chunks; return the rows to sample."""
+        rows, cur = [], 0
+        for s, it in zip(sched, items):
+            n = len(it.token_ids)
+            if it.all_logits:
+                seq, k = s.seq, s.seq.params.prompt_logprobs
+                if it.start == 0:
+                    seq.prompt_logprobs = [None]
+                prompt = seq.prompt_token_ids
+                targets = prompt[it.start + 1: it.start + n + 1]
+                if targets:
+                    lp = torch.log_softmax(logits_BV[cur:cur + len(targets)].float(), dim=-1)
+                    tgt = torch.tensor(targets, dtype=torch.long, device=lp.device)
+                    chosen = lp.gather(1, tgt[:, None])[:, 0].tolist()
+                    tops = torch.topk(lp, k, dim=-1) if k else None
+                    for j, t in enumerate(targets):
+                        top = list(zip(tops.indices[j].tolist(), tops.values[j].tolist())) if k else []
+                        seq.prompt_logprobs.append(SampleResult(t, chosen[j], top))
+                cur += n
+                if it.sample:
+                    rows.append(cur - 1)
+            elif it.sample:
+                rows.append(cur)
+                cur += 1
+        return logits_BV[rows]
 
     def _append(self, seq: Sequence, r):
         seq.output_ids.append(r.token)

@@ -103,6 +103,8 @@ class EPWorker:
         only = {l: [e for e, ws in enumerate(holders[i]) if rank in ws] for i, l in enumerate(self.moe_layers)}
         self.local_experts = only
         self.model.experts = ResidentExperts(cfg, reader, self.dtype, self.device, only=only)
+        from ..moe.loader import check_experts_finite
+        check_experts_finite(cfg, self.model.experts)
         self.tp = None
         if scheme == "tp":
             from .ep_tp import TPHeads, TPRunner, tp_kv_cache

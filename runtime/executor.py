@@ -23,6 +23,8 @@ class StepItem:
     start: int
     sample: bool           # logits wanted for the last token
     request_id: str = ""
+    all_logits: bool = False   # logits of every token of the chunk (prompt logprobs; executors with
+                               # ``prompt_logits = True`` only): rows in order, the last one sampled when ``sample``
 
 
 class RequestFailed(Exception):
@@ -41,7 +43,9 @@ def build_batch(items: list[StepItem], device, kv) -> tuple[torch.Tensor, Forwar
         pos.extend(range(it.start, it.start + n))
         chunks.append((start, n, it.start))
         start += n
-        if it.sample:
+        if it.all_logits:
+            logit_rows.extend(range(start - n, start))
+        elif it.sample:
             logit_rows.append(start - 1)
     ids_N = torch.tensor(ids, dtype=torch.long, device=device)
     batch = ForwardBatch(torch.tensor(pos, dtype=torch.long, device=device), chunks, [it.slot for it in items], kv,
@@ -50,6 +54,8 @@ def build_batch(items: list[StepItem], device, kv) -> tuple[torch.Tensor, Forwar
 
 
 class LocalExecutor:
+    prompt_logits = True       # honours StepItem.all_logits (so does offload, a subclass)
+
     def __init__(self, model: MoEForCausalLM, kv: KVCache, device):
         self.model, self.kv, self.device = model, kv, device
         self.route_hooks = []

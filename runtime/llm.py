@@ -24,6 +24,8 @@ class RequestOutput:
     finish_reason: str | None           # "stop" | "length" | "abort" | "error"
     error: str | None = None
     logprobs: list = field(default_factory=list)
+    prompt_logprobs: list = field(default_factory=list)   # with SamplingParams(prompt_logprobs=k): None, then one
+                                                          # SampleResult per later prompt token
 
 
 def context_length(cfg: MoEConfig, max_model_len: int | None) -> int:
@@ -41,6 +43,16 @@ def context_length(cfg: MoEConfig, max_model_len: int | None) -> int:
     return min(n, 4096)
 
 
+def _validate(path: str, cfg: MoEConfig):
+    from ..moe.checkpoint import CheckpointReader
+    from ..moe.validate import validate_checkpoint
+    reader = CheckpointReader(path)
+    try:
+        validate_checkpoint(cfg, reader)
+    finally:
+        reader.close()
+
+
 class LLM:
     """Generate with an MoE checkpoint in one of the modes of ``moeyard.runtime.modes.MODES``."""
 
@@ -52,6 +64,7 @@ class LLM:
         self.path = resolve_model_path(model)
         self.mode = mode
         self.cfg = MoEConfig.from_dir(self.path)
+        _validate(self.path, self.cfg)     # every mode: dtype and shape of every tensor, before building anything
         dev = torch.device(device) if device is not None else default_device()
         self._ctx = ModeContext(self.path, self.cfg, dtype, dev, max_num_seqs, context_length(self.cfg, max_model_len))
         self._builder, self._options = builder, mode_options
@@ -119,7 +132,7 @@ class LLM:
     @staticmethod
     def _output(s) -> RequestOutput:
         return RequestOutput(s.request_id, s.prompt, s.prompt_token_ids, list(s.output_ids), s.text,
-                             s.finish_reason, s.error, list(s.logprobs))
+                             s.finish_reason, s.error, list(s.logprobs), list(s.prompt_logprobs))
 
     def stats(self) -> dict:
         return self.engine.stats()

@@ -90,13 +90,14 @@ def cmd_profile(args):
 
 def register(sub):
     p = sub.add_parser("profile", help="record the routing of a text file as trace.npz, or import an engine's")
-    p.add_argument("--model", default="default")
-    p.add_argument("--text", default=None)
+    p.add_argument("--model", default="default", help="checkpoint directory, or 'default' for the embedded model")
+    p.add_argument("--text", default=None, help="UTF-8 text file whose tokens are run through the model")
     p.add_argument("--import", dest="imports", nargs="+", default=None, metavar="FILE",
                    help="routing recorded by another engine: SGLang recorder dumps (.pt) or vLLM routed experts")
     p.add_argument("--format", choices=["sglang", "vllm"], default="sglang", help="engine of the --import files")
-    p.add_argument("--tokens", type=int, default=20000)
-    p.add_argument("--chunk", type=int, default=256)
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--out", required=True)
+    p.add_argument("--tokens", type=int, default=20000, help="at most this many tokens of --text (default 20000)")
+    p.add_argument("--chunk", type=int, default=256, help="tokens per forward pass (default 256; capped by the "
+                   "model's context)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU)")
+    p.add_argument("--out", required=True, help="where to write the trace (.npz: experts [T, L_moe, k])")
     p.set_defaults(func=cmd_profile)

@@ -13,7 +13,11 @@ from ..moe.errors import MoeyardError
 
 
 class RequestError(MoeyardError):
-    """A request's parameters or prompt cannot be served."""
+    """A request's parameters or prompt cannot be served; ``param`` names the parameter when one is at fault."""
+
+    def __init__(self, message: str = "", param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
@@ -28,13 +32,21 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None    # number of top alternatives to return per token (0: only the chosen one)
     include_stop_str_in_output: bool = False
+    # OpenAI's penalties: logit -= presence * (count > 0) + frequency * count, over the tokens generated so far
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] | dict | None = None   # token id -> added to its logit, [-100, 100]
+    prompt_logprobs: int | None = None   # logprobs of the prompt's tokens too (top alternatives per position)
 
     def __post_init__(self):
         def bad(msg):
-            raise RequestError(msg)
+            raise RequestError(msg, param=msg.split(" ", 1)[0])
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 0:
             bad(f"max_tokens must be a non-negative integer, got {self.max_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+        if isinstance(self.seed, bool) or (self.seed is not None and (not isinstance(self.seed, int) or
+                                                                     not -(2 ** 63) <= self.seed < 2 ** 63)):
+            bad(f"seed must be an integer in [-2^63, 2^63), got {self.seed!r}")
+        if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool) or self.temperature < 0:
             bad(f"temperature must be >= 0, got {self.temperature!r}")
         if not isinstance(self.top_p, (int, float)) or not (0 < self.top_p <= 1):
             bad(f"top_p must be in (0, 1], got {self.top_p!r}")
@@ -42,6 +54,26 @@ class SamplingParams:
             bad(f"top_k must be a non-negative integer (0 = off), got {self.top_k!r}")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
             bad(f"logprobs must be an integer between 0 and 20, got {self.logprobs!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not -2.0 <= v <= 2.0:
+                bad(f"{name} must be a number between -2 and 2, got {v!r}")
+        lb = self.logit_bias
+        if lb is not None:
+            items = list(lb.items()) if isinstance(lb, dict) else list(lb)
+            out = []
+            for k, v in items:
+                try:
+                    tid = int(k)
+                except (TypeError, ValueError):
+                    bad(f"logit_bias keys must be token ids, got {k!r}")
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+                    bad(f"logit_bias values must be numbers between -100 and 100, got {v!r} for token {k}")
+                out.append((tid, float(v)))
+            object.__setattr__(self, "logit_bias", tuple(out) or None)
+        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int) or
+                                                 not 0 <= self.prompt_logprobs <= 20):
+            bad(f"prompt_logprobs must be an integer between 0 and 20, got {self.prompt_logprobs!r}")
         stop = self.stop
         if stop is None:
             stop = ()
@@ -55,6 +87,31 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+
+
+def apply_penalties(logits_BV: torch.Tensor, params: list[SamplingParams], outputs: list[list[int]]) -> torch.Tensor:
+    """Presence/frequency penalties over each row's generated tokens and the logit bias (OpenAI's definitions),
+    applied to the rows that ask for them; returns float32 logits (a copy when any row changes)."""
+    rows = [i for i, p in enumerate(params) if p.penalized]
+    if not rows:
+        return logits_BV
+    out = logits_BV.float().clone()
+    V = out.shape[-1]
+    for i in rows:
+        p = params[i]
+        if (p.presence_penalty or p.frequency_penalty) and outputs[i]:
+            ids = torch.tensor(outputs[i], dtype=torch.long, device=out.device)
+            counts = torch.bincount(ids, minlength=V)[:V].to(out.dtype)
+            out[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(out.dtype)
+        for tid, b in p.logit_bias or ():
+            if 0 <= tid < V:
+                out[i, tid] += b
+    return out
 
 
 @dataclass

@@ -27,6 +27,7 @@ class Sequence:
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[SampleResult] = field(default_factory=list)
+    prompt_logprobs: list = field(default_factory=list)   # per prompt position: None first, then SampleResult
     num_computed: int = 0            # tokens whose K/V are in the cache
     slot: int | None = None          # KV cache slot while running
     text: str = ""

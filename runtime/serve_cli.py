@@ -8,9 +8,14 @@ run.yaml holds any flag by its long name (dashes or underscores), e.g.::
     model: /path/to/checkpoint
     mode: offload
     options: {expert_cache_fraction: 0.25}          # or: option: ["expert_cache_fraction=0.25"]
-    host: 0.0.0.0
+    host: 127.0.0.1        # loopback only (the default); 0.0.0.0 exposes it to the network: set an API key
     port: 8000
     max_num_seqs: 32
+    request_timeout: 300
+
+The API key comes from --api-key or the MOEYARD_API_KEY environment variable (prefer the variable: command lines
+are visible to other users). The port is opened before the model loads, so a port in use fails at once.
+Limits and endpoints: docs/SERVING.md.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ import os
 
 DEFAULTS = {"model": "default", "mode": "local", "dtype": None, "option": [], "host": "127.0.0.1", "port": 8000,
             "max_num_seqs": 64, "max_model_len": None, "max_num_batched_tokens": 2048, "served_model_name": None,
-            "log_level": "info", "graceful_timeout": 30.0}
+            "log_level": "info", "graceful_timeout": 30.0, "api_key": None, "enable_docs": False,
+            "max_body_bytes": 2 << 20, "max_prompt_tokens": None, "max_choices": 64, "max_queued": 256,
+            "request_timeout": 600.0, "max_restarts": 5}
 
 
 def register(subparsers):
@@ -42,6 +49,19 @@ def register(subparsers):
     p.add_argument("--log-level", default=None)
     p.add_argument("--graceful-timeout", type=float, default=None,
                    help="seconds in-flight requests get to finish on SIGTERM (default 30)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $MOEYARD_API_KEY; none: open)")
+    p.add_argument("--enable-docs", action="store_true", default=None, help="serve /docs and /openapi.json")
+    p.add_argument("--max-body-bytes", type=int, default=None, help="largest request body (default 2 MiB; 413)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt (default: the context - 1)")
+    p.add_argument("--max-choices", type=int, default=None, help="most completions per request, prompts x n "
+                   "(default 64)")
+    p.add_argument("--max-queued", type=int, default=None, help="requests that may wait beyond --max-num-seqs "
+                   "(default 256; more get 429 with Retry-After)")
+    p.add_argument("--request-timeout", type=float, default=None,
+                   help="seconds a request may run before it ends with an error (default 600; 0: no deadline)")
+    p.add_argument("--max-restarts", type=int, default=None,
+                   help="engine rebuilds after failures before the server reports itself down (default 5)")
     p.set_defaults(func=cmd_serve)
     return p
 
@@ -83,22 +103,58 @@ def resolve_args(args) -> dict:
     return out
 
 
+def _positive(cfg: dict, key: str, kind=int, allow_none: bool = False, allow_zero: bool = False):
+    v = cfg[key]
+    if v is None and allow_none:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not isinstance(v, int)) \
+            or v < 0 or (v == 0 and not allow_zero):
+        raise ValueError(f"--{key.replace('_', '-')} must be a {'non-negative' if allow_zero else 'positive'} "
+                         f"{'integer' if kind is int else 'number'}, got {v!r}")
+    return kind(v)
+
+
 def cmd_serve(args):
     cfg = resolve_args(args)
     from .async_llm import AsyncLLM
-    from .llm import LLM
-    from .server import build_app, serve
-    llm = LLM(cfg["model"], mode=cfg["mode"], dtype=cfg["dtype"], max_num_seqs=cfg["max_num_seqs"],
-              max_model_len=cfg["max_model_len"], max_num_batched_tokens=cfg["max_num_batched_tokens"],
-              **cfg["options"])
+    from .server import ServerLimits, bind_socket, build_app, serve
+    limits = ServerLimits(max_body_bytes=_positive(cfg, "max_body_bytes"),
+                          max_prompt_tokens=_positive(cfg, "max_prompt_tokens", allow_none=True),
+                          max_choices=_positive(cfg, "max_choices"))
+    max_queued = _positive(cfg, "max_queued", allow_zero=True)
+    timeout = _positive(cfg, "request_timeout", float, allow_none=True, allow_zero=True) or None
+    max_restarts = _positive(cfg, "max_restarts", allow_zero=True)
+    port = cfg["port"]
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"--port must be an integer between 0 and 65535, got {port!r}")
+    sock = bind_socket(str(cfg["host"]), port)       # before the model loads: a port in use fails at once
+    try:
+        from .llm import LLM
+        mode = cfg["mode"]
+        if mode == "ray":
+            print("moeyard: starting Ray and the expert-parallel workers (this takes a while)...", flush=True)
+        print(f"moeyard: loading {cfg['model']!r} ({mode} mode)...", flush=True)
+        llm = LLM(cfg["model"], mode=mode, dtype=cfg["dtype"], max_num_seqs=cfg["max_num_seqs"],
+                  max_model_len=cfg["max_model_len"], max_num_batched_tokens=cfg["max_num_batched_tokens"],
+                  **cfg["options"])
+    except BaseException:
+        sock.close()
+        raise
     name = cfg["served_model_name"] or (cfg["model"] if cfg["model"] == "default"
                                         else os.path.basename(os.path.normpath(cfg["model"])))
-    async_llm = AsyncLLM(llm)
-    app = build_app(async_llm, name)
-    print(f"moeyard: serving {name!r} ({cfg['mode']} mode) on http://{cfg['host']}:{cfg['port']}/v1", flush=True)
+    async_llm = AsyncLLM(llm, max_queued=max_queued, request_timeout=timeout, max_restarts=max_restarts)
+    api_key = cfg["api_key"] or os.environ.get("MOEYARD_API_KEY") or None
+    app = build_app(async_llm, name, api_key=api_key, enable_docs=bool(cfg["enable_docs"]), limits=limits)
+    host = cfg["host"]
+    print(f"moeyard: serving {name!r} ({cfg['mode']} mode) on http://{host}:{sock.getsockname()[1]}/v1"
+          + ("" if api_key else " (no API key)"), flush=True)
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print(f"moeyard: warning: listening on {host} without an API key (--api-key or MOEYARD_API_KEY)",
+              flush=True)
     try:
-        serve(app, cfg["host"], int(cfg["port"]), log_level=cfg["log_level"],
-              graceful_timeout=float(cfg["graceful_timeout"]))
+        serve(app, host, port, log_level=cfg["log_level"], graceful_timeout=float(cfg["graceful_timeout"]),
+              sock=sock)
     finally:
         async_llm.shutdown()
+        sock.close()
     return 0

@@ -93,10 +93,16 @@ def test_context_limit_and_bad_requests(llm):
     assert len(llm.generate(prompt_token_ids=[[1, 2]], sampling_params=GREEDY)[0].token_ids) == 16
 
 
-def test_generation_stops_at_context_end(tiny_ckpt):
+def test_max_tokens_beyond_context_is_refused(tiny_ckpt):
+    """max_tokens past the context is an error naming both lengths (it used to be capped silently); a request that
+    fits exactly runs to the context end."""
     path, _ = tiny_ckpt("qwen2_moe")
     small = LLM(path, max_num_seqs=2, max_model_len=20)
-    o = small.generate(prompt_token_ids=[list(range(1, 16))], sampling_params=GREEDY)[0]
+    with pytest.raises(RequestError, match=r"context is 20 tokens.*31 \(15 in the prompt, 16 in max_tokens\)") as e:
+        small.generate(prompt_token_ids=[list(range(1, 16))], sampling_params=GREEDY)
+    assert e.value.param == "max_tokens"
+    sp = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    o = small.generate(prompt_token_ids=[list(range(1, 16))], sampling_params=sp)[0]
     assert o.finish_reason == "length" and len(o.token_ids) == 5
 
 

@@ -65,7 +65,7 @@ def test_error_reaches_only_its_request(serve_ckpt):
             await asyncio.sleep(0.05)
         assert s["running"] == 0 and not llm.engine.scheduler.running
         # shutdown while a request runs: it ends with a clear error, nothing hangs
-        agen = allm.generate([9, 9], SamplingParams(max_tokens=500, temperature=0, ignore_eos=True), "late")
+        agen = allm.generate([9, 9], SamplingParams(max_tokens=250, temperature=0, ignore_eos=True), "late")
         first = await agen.__anext__()
         await asyncio.to_thread(allm.shutdown)
         rest = [o async for o in agen]
@@ -136,7 +136,7 @@ def test_serve_process_sigterm(serve_ckpt, tmp_path):
             th.join(90)
             assert not th.is_alive()
         rc = p.wait(60)
-        assert rc in (0, -signal.SIGTERM)   # uvicorn re-raises the captured SIGTERM after a clean shutdown
+        assert rc == 0   # a clean shutdown after SIGTERM exits 0 (uvicorn would re-raise the signal)
         assert time.time() - t_term < 40
         for name, (lines, _, n) in streams.items():
             assert lines[-1] == "data: [DONE]", (name, lines[-3:])

@@ -29,7 +29,7 @@ def test_ray_serve_deployment(serve_ckpt):
         serve.run(build_deployment(serve_ckpt, model_name="tiny", max_num_seqs=4, max_model_len=256,
                                    ray_actor_options={"num_cpus": 0}), route_prefix="/")
         url = f"http://127.0.0.1:{port}"
-        assert httpx.get(url + "/health", timeout=30).json() == {"status": "ok"}
+        assert httpx.get(url + "/health", timeout=30).json()["status"] == "ready"
         c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
         r = c.completions.create(model="tiny", prompt="Hello", max_tokens=5, temperature=0,
                                  extra_body={"ignore_eos": True})
@@ -39,7 +39,7 @@ def test_ray_serve_deployment(serve_ckpt):
         assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == r.choices[0].text
         bad = httpx.post(url + "/v1/completions", json={"model": "tiny", "max_tokens": -1, "prompt": "x"})
         assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
-        assert "moeyard_tokens_generated" in httpx.get(url + "/metrics").text
+        assert "moeyard_engine_tokens_generated_total" in httpx.get(url + "/metrics").text
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -56,7 +56,8 @@ def server(serve_ckpt):
 def test_models(server):
     ids = [m.id for m in server.client.models.list().data]
     assert ids == [MODEL]
-    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    h = httpx.get(server.url + "/health")
+    assert h.status_code == 200 and h.json()["status"] == "ready" and h.json()["ready"] is True
 
 
 def _stream_completion(client, **kw):
@@ -312,8 +313,13 @@ def test_metrics(server):
         count = [s.value for s in fams[name].samples if s.name.endswith("_count")][0]
         assert count >= 1
     assert fams["moeyard_requests_finished"].type == "counter"
-    for g in ("moeyard_tokens_per_second", "moeyard_queue_length", "moeyard_running", "moeyard_tokens_generated"):
+    for g in ("moeyard_tokens_per_second", "moeyard_queue_length", "moeyard_running", "moeyard_stats_age_seconds"):
         assert fams[g].type == "gauge", g
+    # cumulative engine counts are counters, and no two families share a name (finding 10)
+    for c in ("moeyard_engine_tokens_generated", "moeyard_engine_steps", "moeyard_engine_model_seconds",
+              "moeyard_prompt_tokens", "moeyard_engine_prompt_tokens"):
+        assert fams[c].type == "counter", c
+    assert len(fams) == len([ln for ln in r.text.splitlines() if ln.startswith("# TYPE ")])
 
 
 def test_chat_without_tokenizer(serve_ckpt_no_tok):
@@ -361,8 +367,9 @@ def test_disconnect_non_streaming_frees_slot(server, slow_steps):
 
 def test_stats_gauges_flatten():
     from moeyard.runtime.metrics import ServingMetrics
-    txt = ServingMetrics().render({"cache": {"hit_rate": 0.25}, "a2a_bytes": 10, "name": "x", "ok": True})
-    assert "moeyard_cache_hit_rate 0.25" in txt and "moeyard_a2a_bytes 10" in txt and "moeyard_name" not in txt
+    txt = ServingMetrics().render({"cache": {"hit_rate": 0.25}, "a2a_bytes": 10, "name": "x", "ok": True}).decode()
+    assert "moeyard_engine_cache_hit_rate 0.25" in txt and "moeyard_engine_a2a_bytes 10.0" in txt
+    assert "moeyard_engine_name" not in txt
 
 
 def test_prompt_batch_and_chat_n_stream(server):
