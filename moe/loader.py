@@ -115,19 +115,34 @@ def build_dense(cfg: MoEConfig, reader: CheckpointReader, dtype, device, max_pos
     return model
 
 
-def load_model(model: str, dtype=None, device=None, experts="resident", max_positions=None) -> LoadedModel:
+def compute_plan(cfg: MoEConfig, dtype: torch.dtype, device: torch.device, quantization=None):
+    """The storage and kernels for this checkpoint on this machine (``moe/compute.py``)."""
+    from .compute import plan_for
+    ckpt_dtype = None if cfg.quant.method != "none" else cfg.torch_dtype
+    return plan_for(ckpt_dtype, dtype, device, quantization)
+
+
+def load_model(model: str, dtype=None, device=None, experts="resident", max_positions=None,
+               quantization=None, plan=None) -> LoadedModel:
     """Load ``model`` (a directory or "default"). ``experts``: "resident" (all in memory), None (caller sets a
-    provider later), or a callable ``(cfg, reader, dtype, device) -> provider``."""
+    provider later), or a callable ``(cfg, reader, dtype, device) -> provider``. ``quantization``: None, "int8"
+    or "int4" (weight-only, ``moe/compute.py``); ``plan``: a ``ComputePlan`` chosen by the caller."""
     path = resolve_model_path(model)
     cfg = MoEConfig.from_dir(path)
     device = torch.device(device) if device is not None else default_device()
     dt = resolve_dtype(dtype, cfg, device)
+    plan = plan or compute_plan(cfg, dt, device, quantization)
     reader = CheckpointReader(path)
     m = build_dense(cfg, reader, dt, device, max_positions)
+    if plan.packs:
+        from .compute import pack_dense
+        pack_dense(m, plan)
+    m.plan = plan
     if experts == "resident":
         prog = _Progress(sum(reader.nbytes(n) for n in reader.names()), len(cfg.moe_layers))
         try:
-            m.experts = ResidentExperts(cfg, reader, dt, device, progress=prog)
+            m.experts = ResidentExperts(cfg, reader, dt, device, progress=prog,
+                                        pack=plan.experts if plan.packs else None)
         finally:
             prog.close()
     elif callable(experts):
