@@ -36,7 +36,7 @@ inline __m512 load_i8(const int8_t* p) {
 
 // Rows n0..n0+nr of the bf16 / int8 weight against activation rows m0..m0+mt.
 template <typename W, int nr, int mt>
-void block_dense_t(const float* x, int64_t K, const W* w, int64_t n0, int64_t m0, int64_t N,
+void block_dense_t(const float* x, int64_t ldx, int64_t K, const W* w, int64_t n0, int64_t m0, int64_t N,
                    const float* scale, float* y) {
 #if defined(__AVX512F__)
   __m512 acc[nr][mt];
@@ -44,7 +44,7 @@ void block_dense_t(const float* x, int64_t K, const W* w, int64_t n0, int64_t m0
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
     __m512 xv[mt];
-    for (int i = 0; i < mt; ++i) xv[i] = _mm512_loadu_ps(x + (m0 + i) * K + k);
+    for (int i = 0; i < mt; ++i) xv[i] = _mm512_loadu_ps(x + (m0 + i) * ldx + k);
     for (int r = 0; r < nr; ++r) {
       __m512 wv;
       if constexpr (std::is_same_v<W, uint16_t>) wv = load_bf16(w + (n0 + r) * K + k);
@@ -59,14 +59,14 @@ void block_dense_t(const float* x, int64_t K, const W* w, int64_t n0, int64_t m0
         float wv;
         if constexpr (std::is_same_v<W, uint16_t>) wv = bf16_to_f32(w[(n0 + r) * K + kk]);
         else wv = float(w[(n0 + r) * K + kk]);
-        s += wv * x[(m0 + i) * K + kk];
+        s += wv * x[(m0 + i) * ldx + kk];
       }
       y[(m0 + i) * N + n0 + r] = scale ? s * scale[n0 + r] : s;
     }
 #else
   for (int r = 0; r < nr; ++r)
     for (int i = 0; i < mt; ++i) {
-      const float* xr = x + (m0 + i) * K;
+      const float* xr = x + (m0 + i) * ldx;
       const W* wr = w + (n0 + r) * K;
       float s = 0.f;
       for (int64_t kk = 0; kk < K; ++kk) {
@@ -81,7 +81,7 @@ void block_dense_t(const float* x, int64_t K, const W* w, int64_t n0, int64_t m0
 }
 
 template <int nr, int mt>
-void block_int4_t(const float* x, int64_t K, const uint8_t* w, const uint16_t* sc, int64_t G, int64_t n0,
+void block_int4_t(const float* x, int64_t ldx, int64_t K, const uint8_t* w, const uint16_t* sc, int64_t G, int64_t n0,
                   int64_t m0, int64_t N, float* y) {
   const int64_t ng = K / G, rowb = K / 2;
 #if defined(__AVX512F__)
@@ -94,8 +94,8 @@ void block_int4_t(const float* x, int64_t K, const uint8_t* w, const uint16_t* s
         const int64_t k = g * G + j;
         __m512 xl[mt], xh[mt];
         for (int i = 0; i < mt; ++i) {
-          xl[i] = _mm512_loadu_ps(x + (m0 + i) * K + k);
-          xh[i] = _mm512_loadu_ps(x + (m0 + i) * K + k + 16);
+          xl[i] = _mm512_loadu_ps(x + (m0 + i) * ldx + k);
+          xh[i] = _mm512_loadu_ps(x + (m0 + i) * ldx + k + 16);
         }
         for (int r = 0; r < nr; ++r) {
           const float s = f16_to_f32(sc[(n0 + r) * ng + g]);
@@ -119,7 +119,7 @@ void block_int4_t(const float* x, int64_t K, const uint8_t* w, const uint16_t* s
 #endif
   for (int r = 0; r < nr; ++r)
     for (int i = 0; i < mt; ++i) {
-      const float* xr = x + (m0 + i) * K;
+      const float* xr = x + (m0 + i) * ldx;
       float s = 0.f;
       for (int64_t k = 0; k < K; ++k) {
         const int64_t g = k / G, j = k % G, blk = j / 32, e = j % 32;
@@ -144,13 +144,13 @@ void block_int4_t(const float* x, int64_t K, const uint8_t* w, const uint16_t* s
     case 32 + 3: FN<4, 3>(__VA_ARGS__); break; default: FN<4, 4>(__VA_ARGS__); break;     \
   }
 
-template <int nr, int mt> void bf16_t(const float* x, int64_t K, const uint16_t* w, int64_t n0, int64_t m0,
-                                      int64_t N, const float* s, float* y) {
-  block_dense_t<uint16_t, nr, mt>(x, K, w, n0, m0, N, s, y);
+template <int nr, int mt> void bf16_t(const float* x, int64_t ldx, int64_t K, const uint16_t* w, int64_t n0,
+                                      int64_t m0, int64_t N, const float* s, float* y) {
+  block_dense_t<uint16_t, nr, mt>(x, ldx, K, w, n0, m0, N, s, y);
 }
-template <int nr, int mt> void int8_t_(const float* x, int64_t K, const int8_t* w, int64_t n0, int64_t m0,
-                                       int64_t N, const float* s, float* y) {
-  block_dense_t<int8_t, nr, mt>(x, K, w, n0, m0, N, s, y);
+template <int nr, int mt> void int8_t_(const float* x, int64_t ldx, int64_t K, const int8_t* w, int64_t n0,
+                                       int64_t m0, int64_t N, const float* s, float* y) {
+  block_dense_t<int8_t, nr, mt>(x, ldx, K, w, n0, m0, N, s, y);
 }
 
 template <typename F>
@@ -165,9 +165,19 @@ void run_blocks(int64_t M, int64_t N, F&& f) {
   });
 }
 
-torch::Tensor check_x(const torch::Tensor& x, int64_t K) {
+// Activations as float32 rows of ldx >= K floats: with M > 1 rows are padded by 16 floats, because a row stride
+// of a multiple of 4 KiB (K = 1024, 2048, ...) maps every row to the same L1 set and they evict each other.
+torch::Tensor check_x(const torch::Tensor& x, int64_t K, int64_t& ldx) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "x must be [M, ", K, "]");
-  return x.to(torch::kFloat32).contiguous();
+  auto xc = x.to(torch::kFloat32).contiguous();
+  ldx = K;
+  if (xc.size(0) > 1 && (K * 4) % 4096 == 0) {
+    ldx = K + 16;
+    auto p = torch::empty({xc.size(0), ldx}, xc.options());
+    p.narrow(1, 0, K).copy_(xc);
+    return p;
+  }
+  return xc;
 }
 
 }  // namespace
@@ -175,14 +185,15 @@ torch::Tensor check_x(const torch::Tensor& x, int64_t K) {
 torch::Tensor mm_bf16(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(w.scalar_type() == torch::kBFloat16 && w.dim() == 2 && w.is_contiguous(), "w: contiguous bf16 [N, K]");
   const int64_t N = w.size(0), K = w.size(1);
-  auto xc = check_x(x, K);
+  int64_t ldx;
+  auto xc = check_x(x, K, ldx);
   const int64_t M = xc.size(0);
   auto y = torch::empty({M, N}, xc.options());
   const float* xp = xc.data_ptr<float>();
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   float* yp = y.data_ptr<float>();
   run_blocks(M, N, [&](int64_t n0, int nr, int64_t m0, int mt) {
-    DISPATCH(bf16_t, xp, K, wp, n0, m0, N, nullptr, yp);
+    DISPATCH(bf16_t, xp, ldx, K, wp, n0, m0, N, nullptr, yp);
   });
   return y;
 }
@@ -192,7 +203,8 @@ torch::Tensor mm_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
   TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.numel() == w.size(0) && scale.is_contiguous(),
               "scale: contiguous float32 [N]");
   const int64_t N = w.size(0), K = w.size(1);
-  auto xc = check_x(x, K);
+  int64_t ldx;
+  auto xc = check_x(x, K, ldx);
   const int64_t M = xc.size(0);
   auto y = torch::empty({M, N}, xc.options());
   const float* xp = xc.data_ptr<float>();
@@ -200,7 +212,7 @@ torch::Tensor mm_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
   const float* sp = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   run_blocks(M, N, [&](int64_t n0, int nr, int64_t m0, int mt) {
-    DISPATCH(int8_t_, xp, K, wp, n0, m0, N, sp, yp);
+    DISPATCH(int8_t_, xp, ldx, K, wp, n0, m0, N, sp, yp);
   });
   return y;
 }
@@ -211,7 +223,8 @@ torch::Tensor mm_int4(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int
   TORCH_CHECK(G % 32 == 0 && K % G == 0, "K must be a multiple of the group size, a multiple of 32");
   TORCH_CHECK(scale.scalar_type() == torch::kFloat16 && scale.is_contiguous() && scale.numel() == N * (K / G),
               "scale: contiguous float16 [N, K/G]");
-  auto xc = check_x(x, K);
+  int64_t ldx;
+  auto xc = check_x(x, K, ldx);
   const int64_t M = xc.size(0);
   auto y = torch::empty({M, N}, xc.options());
   const float* xp = xc.data_ptr<float>();
@@ -219,7 +232,7 @@ torch::Tensor mm_int4(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
   float* yp = y.data_ptr<float>();
   run_blocks(M, N, [&](int64_t n0, int nr, int64_t m0, int mt) {
-    DISPATCH(block_int4_t, xp, K, wp, sp, G, n0, m0, N, yp);
+    DISPATCH(block_int4_t, xp, ldx, K, wp, sp, G, n0, m0, N, yp);
   });
   return y;
 }
