@@ -169,6 +169,9 @@ def pack(w: torch.Tensor, kind: str, name: str, bias: torch.Tensor | None = None
         return Packed(kind, w.float().contiguous(), None, (N, K), b)
     if kind == "bf16":
         return Packed(kind, w.to(torch.bfloat16).contiguous(), None, (N, K), b)
+    if N > 512:     # in row blocks, so the float32 temporaries stay small (peak RSS at load)
+        parts = [pack(w[i:i + 512], kind, name) for i in range(0, N, 512)]
+        return Packed(kind, torch.cat([q.data for q in parts]), torch.cat([q.scale for q in parts]), (N, K), b)
     wf = w.float()
     if kind == "int8":
         s = wf.abs().amax(1) / 127.0
@@ -280,25 +283,58 @@ def plan_for(ckpt_dtype: str | None, compute_dtype: torch.dtype, device: torch.d
                        "float32 weights" + ("" if native() is not None else f"; {status}"))
 
 
+class PackedEmbedding(torch.nn.Module):
+    """An embedding table stored in bf16 (exact for a bf16 checkpoint); looked-up rows are float32."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.table = weight.to(torch.bfloat16).contiguous()
+        self.num_embeddings, self.embedding_dim = self.table.shape
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.table.float()
+
+    def forward(self, ids):
+        return F.embedding(ids, self.table).float()
+
+
+def pack_module(model: torch.nn.Module, full: str, plan: ComputePlan) -> bool:
+    """Replace the loaded module ``full`` of ``model`` by its packed form when the plan packs it: an ``nn.Linear``
+    (attention projections, dense MLPs, shared experts, lm_head) in the plan's storage, the embedding in bf16.
+    Routers and tiny gates stay as they are (they choose experts)."""
+    if not plan.packs:
+        return False
+    parent_name, _, cname = full.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    child = getattr(parent, cname)
+    tied = getattr(getattr(model, "cfg", None), "tie_word_embeddings", False)
+    if any(p.device.type == "meta" for p in child.parameters(recurse=False)):
+        return False
+    if isinstance(child, torch.nn.Embedding):
+        if tied or full != "model.embed_tokens":
+            return False
+        setattr(parent, cname, PackedEmbedding(child.weight.data))
+        return True
+    if not isinstance(child, torch.nn.Linear):
+        return False
+    if cname in ("gate", "shared_expert_gate") or child.out_features < 16 or (full == "lm_head" and tied):
+        return False
+    kind = plan.lm_head if full == "lm_head" else plan.dense
+    if kind == "int4" and child.in_features % INT4_GROUP:
+        kind = "int8"      # dense layers of odd width: int8 (routed experts are checked strictly)
+    setattr(parent, cname, PackedLinear(pack(child.weight.data, kind, full + ".weight",
+                                             None if child.bias is None else child.bias.data)))
+    return True
+
+
 def pack_dense(model: torch.nn.Module, plan: ComputePlan):
-    """Replace the model's dense ``nn.Linear`` layers (attention projections, dense MLPs, shared experts, lm_head)
-    by ``PackedLinear`` in the plan's storage. Routers and tiny gates stay as they are (they choose experts)."""
+    """Pack every eligible loaded module of ``model`` (see ``pack_module``)."""
     if not plan.packs:
         return
     for name, mod in list(model.named_modules()):
-        for cname, child in list(mod.named_children()):
-            full = f"{name}.{cname}" if name else cname
-            if not isinstance(child, torch.nn.Linear) or child.weight.device.type == "meta":
-                continue
-            if cname in ("gate", "shared_expert_gate") or child.out_features < 16:
-                continue
-            kind = plan.lm_head if full == "lm_head" else plan.dense
-            if full == "lm_head" and getattr(model, "cfg", None) is not None and model.cfg.tie_word_embeddings:
-                continue
-            if kind == "int4" and child.in_features % INT4_GROUP:
-                kind = "int8"      # dense layers of odd width: int8 (routed experts are checked strictly)
-            setattr(mod, cname, PackedLinear(pack(child.weight.data, kind, full + ".weight",
-                                                  None if child.bias is None else child.bias.data)))
+        if name and isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)):
+            pack_module(model, name, plan)
 
 
 if __name__ == "__main__":     # `python -m moeyard.moe.compute --build`: the setup step of `make demo` / `make test`

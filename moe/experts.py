@@ -144,6 +144,7 @@ class ResidentExperts:
                 if pack is not None:
                     self._p[(layer, e)] = PackedExpert.of(read_expert(cfg, reader, layer, e), pack,
                                                           f"model.layers.{layer}.mlp.experts.{e}")
+                    reader.close()     # unmap what was read (it reopens lazily): file pages would count in RSS
                 else:
                     self._w[(layer, e)] = read_expert(cfg, reader, layer, e).to(device=device, dtype=dtype)
             if progress is not None:

@@ -93,8 +93,10 @@ class _Progress:
             self.bar.close()
 
 
-def build_dense(cfg: MoEConfig, reader: CheckpointReader, dtype, device, max_positions=None) -> MoEForCausalLM:
-    """The model with its dense weights loaded from ``reader`` and no expert provider yet."""
+def build_dense(cfg: MoEConfig, reader: CheckpointReader, dtype, device, max_positions=None,
+                plan=None) -> MoEForCausalLM:
+    """The model with its dense weights loaded from ``reader`` and no expert provider yet. With a ``plan`` that
+    packs (``moe/compute.py``), each linear layer is packed as soon as it is read (a small load-time peak)."""
     with torch.device("meta"):
         model = MoEForCausalLM(cfg)
     from .rope import make_rotary
@@ -109,6 +111,9 @@ def build_dense(cfg: MoEConfig, reader: CheckpointReader, dtype, device, max_pos
         mod_name, _, attr = pname.rpartition(".")
         mod = model.get_submodule(mod_name)
         mod._parameters[attr] = nn.Parameter(t, requires_grad=False)
+        if plan is not None and plan.packs:
+            from .compute import pack_module
+            pack_module(model, mod_name, plan)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.eval()
@@ -133,10 +138,7 @@ def load_model(model: str, dtype=None, device=None, experts="resident", max_posi
     dt = resolve_dtype(dtype, cfg, device)
     plan = plan or compute_plan(cfg, dt, device, quantization)
     reader = CheckpointReader(path)
-    m = build_dense(cfg, reader, dt, device, max_positions)
-    if plan.packs:
-        from .compute import pack_dense
-        pack_dense(m, plan)
+    m = build_dense(cfg, reader, dt, device, max_positions, plan=plan)
     m.plan = plan
     if experts == "resident":
         prog = _Progress(sum(reader.nbytes(n) for n in reader.names()), len(cfg.moe_layers))
