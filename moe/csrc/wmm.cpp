@@ -15,8 +15,9 @@
 
 namespace {
 
-constexpr int NR = 4;   // weight rows per block
-constexpr int MT = 4;   // activation rows per tile
+// Rows of W are read one after the other (one sequential stream the hardware prefetcher follows, plus a software
+// prefetch ahead); a tile of up to MT activation rows is multiplied by each weight row while it is in L1.
+constexpr int MT = 8;
 
 inline float bf16_to_f32(uint16_t v) {
   uint32_t u = uint32_t(v) << 16; float f; std::memcpy(&f, &u, 4); return f;
@@ -26,142 +27,156 @@ inline float f16_to_f32(uint16_t h) {
 }
 
 #if defined(__AVX512F__)
-inline __m512 load_bf16(const uint16_t* p) {
+inline __m512 load_w(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
-inline __m512 load_i8(const int8_t* p) {
+inline __m512 load_w(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
 }
 #endif
 
-// Rows n0..n0+nr of the bf16 / int8 weight against activation rows m0..m0+mt.
-template <typename W, int nr, int mt>
-void block_dense_t(const float* x, int64_t ldx, int64_t K, const W* w, int64_t n0, int64_t m0, int64_t N,
-                   const float* scale, float* y) {
-#if defined(__AVX512F__)
-  __m512 acc[nr][mt];
-  for (int r = 0; r < nr; ++r) for (int i = 0; i < mt; ++i) acc[r][i] = _mm512_setzero_ps();
+inline float wval(const uint16_t* w, int64_t k) { return bf16_to_f32(w[k]); }
+inline float wval(const int8_t* w, int64_t k) { return float(w[k]); }
+
+// y[i * N] (i < mt) = scale * sum_k W_row[k] * x[i * ldx + k]
+template <typename W, int mt>
+void row_dense(const float* x, int64_t ldx, int64_t K, const W* wr, float scale, float* y, int64_t N) {
   int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    __m512 xv[mt];
-    for (int i = 0; i < mt; ++i) xv[i] = _mm512_loadu_ps(x + (m0 + i) * ldx + k);
-    for (int r = 0; r < nr; ++r) {
-      __m512 wv;
-      if constexpr (std::is_same_v<W, uint16_t>) wv = load_bf16(w + (n0 + r) * K + k);
-      else wv = load_i8(w + (n0 + r) * K + k);
-      for (int i = 0; i < mt; ++i) acc[r][i] = _mm512_fmadd_ps(wv, xv[i], acc[r][i]);
-    }
-  }
-  for (int r = 0; r < nr; ++r)
-    for (int i = 0; i < mt; ++i) {
-      float s = _mm512_reduce_add_ps(acc[r][i]);
-      for (int64_t kk = k; kk < K; ++kk) {
-        float wv;
-        if constexpr (std::is_same_v<W, uint16_t>) wv = bf16_to_f32(w[(n0 + r) * K + kk]);
-        else wv = float(w[(n0 + r) * K + kk]);
-        s += wv * x[(m0 + i) * ldx + kk];
-      }
-      y[(m0 + i) * N + n0 + r] = scale ? s * scale[n0 + r] : s;
-    }
-#else
-  for (int r = 0; r < nr; ++r)
-    for (int i = 0; i < mt; ++i) {
-      const float* xr = x + (m0 + i) * ldx;
-      const W* wr = w + (n0 + r) * K;
-      float s = 0.f;
-      for (int64_t kk = 0; kk < K; ++kk) {
-        float wv;
-        if constexpr (std::is_same_v<W, uint16_t>) wv = bf16_to_f32(wr[kk]);
-        else wv = float(wr[kk]);
-        s += wv * xr[kk];
-      }
-      y[(m0 + i) * N + n0 + r] = scale ? s * scale[n0 + r] : s;
-    }
-#endif
-}
-
-template <int nr, int mt>
-void block_int4_t(const float* x, int64_t ldx, int64_t K, const uint8_t* w, const uint16_t* sc, int64_t G, int64_t n0,
-                  int64_t m0, int64_t N, float* y) {
-  const int64_t ng = K / G, rowb = K / 2;
+  float out[MT];
 #if defined(__AVX512F__)
-  if (G % 32 == 0) {
-    __m512 acc[nr][mt];
-    for (int r = 0; r < nr; ++r) for (int i = 0; i < mt; ++i) acc[r][i] = _mm512_setzero_ps();
-    const __m128i lo4 = _mm_set1_epi8(0x0F);
-    for (int64_t g = 0; g < ng; ++g) {
-      for (int64_t j = 0; j < G; j += 32) {
-        const int64_t k = g * G + j;
-        __m512 xl[mt], xh[mt];
-        for (int i = 0; i < mt; ++i) {
-          xl[i] = _mm512_loadu_ps(x + (m0 + i) * ldx + k);
-          xh[i] = _mm512_loadu_ps(x + (m0 + i) * ldx + k + 16);
-        }
-        for (int r = 0; r < nr; ++r) {
-          const float s = f16_to_f32(sc[(n0 + r) * ng + g]);
-          const __m512 sv = _mm512_set1_ps(s), m8 = _mm512_set1_ps(-8.f * s);
-          __m128i b = _mm_loadu_si128((const __m128i*)(w + (n0 + r) * rowb + k / 2));
-          __m512 wl = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, lo4)));
-          __m512 wh = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), lo4)));
-          wl = _mm512_fmadd_ps(wl, sv, m8);   // (q - 8) * s, rounded once
-          wh = _mm512_fmadd_ps(wh, sv, m8);
-          for (int i = 0; i < mt; ++i) {
-            acc[r][i] = _mm512_fmadd_ps(wl, xl[i], acc[r][i]);
-            acc[r][i] = _mm512_fmadd_ps(wh, xh[i], acc[r][i]);
-          }
-        }
+  constexpr int64_t PF = 1024 / sizeof(W);      // prefetch 1 KiB ahead in the weight stream
+  __m512 a0[mt], a1[mt];
+  for (int i = 0; i < mt; ++i) a0[i] = a1[i] = _mm512_setzero_ps();
+  for (; k + 32 <= K; k += 32) {
+    _mm_prefetch((const char*)(wr + k + PF), _MM_HINT_T0);
+    const __m512 w0 = load_w(wr + k), w1 = load_w(wr + k + 16);
+    for (int i = 0; i < mt; ++i) {
+      a0[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + i * ldx + k), a0[i]);
+      a1[i] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + i * ldx + k + 16), a1[i]);
+    }
+  }
+  for (; k + 16 <= K; k += 16) {
+    const __m512 w0 = load_w(wr + k);
+    for (int i = 0; i < mt; ++i) a0[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + i * ldx + k), a0[i]);
+  }
+  for (int i = 0; i < mt; ++i) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i]));
+#else
+  for (int i = 0; i < mt; ++i) out[i] = 0.f;
+#endif
+  for (int i = 0; i < mt; ++i) {
+    float s = out[i];
+    for (int64_t kk = k; kk < K; ++kk) s += wval(wr, kk) * x[i * ldx + kk];
+    y[i * N] = s * scale;
+  }
+}
+
+// int4: groups of G (a multiple of 32) along k, 16 bytes per 32 values (low nibbles: the first 16), one float16
+// scale per group; W = (q - 8) * s, computed as fma(q, s, -8 s): the same single rounding as the reference.
+template <int mt>
+void row_int4(const float* x, int64_t ldx, int64_t K, const uint8_t* wr, const uint16_t* sr, int64_t G, float* y,
+              int64_t N) {
+#if defined(__AVX512F__)
+  __m512 a0[mt], a1[mt];
+  for (int i = 0; i < mt; ++i) a0[i] = a1[i] = _mm512_setzero_ps();
+  const __m128i lo4 = _mm_set1_epi8(0x0F);
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const int64_t ng = K / G;
+  for (int64_t g = 0; g < ng; ++g) {
+    const float s = f16_to_f32(sr[g]);
+    // the group's 16 possible weights (q - 8) * s, each rounded once like the reference; looked up by q
+    const __m512 lut = _mm512_fmadd_ps(iota, _mm512_set1_ps(s), _mm512_set1_ps(-8.f * s));
+    for (int64_t j = 0; j < G; j += 32) {
+      const int64_t k = g * G + j;
+      _mm_prefetch((const char*)(wr + k / 2 + 1024), _MM_HINT_T0);
+      const __m128i b = _mm_loadu_si128((const __m128i*)(wr + k / 2));
+      const __m512 wl = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, lo4)), lut);
+      const __m512 wh = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), lo4)), lut);
+      for (int i = 0; i < mt; ++i) {
+        a0[i] = _mm512_fmadd_ps(wl, _mm512_loadu_ps(x + i * ldx + k), a0[i]);
+        a1[i] = _mm512_fmadd_ps(wh, _mm512_loadu_ps(x + i * ldx + k + 16), a1[i]);
       }
     }
-    for (int r = 0; r < nr; ++r)
-      for (int i = 0; i < mt; ++i) y[(m0 + i) * N + n0 + r] = _mm512_reduce_add_ps(acc[r][i]);
-    return;
+  }
+  for (int i = 0; i < mt; ++i) y[i * N] = _mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i]));
+#else
+  for (int i = 0; i < mt; ++i) {
+    float acc = 0.f;
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t g = k / G, e = k % 32;
+      const uint8_t byte = wr[(k - e) / 2 + (e % 16)];
+      const int q = e < 16 ? (byte & 15) : (byte >> 4);
+      const float sc = f16_to_f32(sr[g]);
+      acc += std::fma(float(q), sc, -8.f * sc) * x[i * ldx + k];
+    }
+    y[i * N] = acc;
   }
 #endif
-  for (int r = 0; r < nr; ++r)
-    for (int i = 0; i < mt; ++i) {
-      const float* xr = x + (m0 + i) * ldx;
-      float s = 0.f;
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t g = k / G, j = k % G, blk = j / 32, e = j % 32;
-        const uint8_t byte = w[(n0 + r) * rowb + (g * G + blk * 32) / 2 + (e % 16)];
-        const int q = e < 16 ? (byte & 15) : (byte >> 4);
-        const float sc_ = f16_to_f32(sc[(n0 + r) * ng + g]);
-        s += std::fma(float(q), sc_, -8.f * sc_) * xr[k];
-      }
-      y[(m0 + i) * N + n0 + r] = s;
-    }
 }
 
-#define DISPATCH(FN, ...)                                                                    \
-  switch (nr * 8 + mt) {                                                                   \
-    case 8 + 1: FN<1, 1>(__VA_ARGS__); break; case 8 + 2: FN<1, 2>(__VA_ARGS__); break;    \
-    case 8 + 3: FN<1, 3>(__VA_ARGS__); break; case 8 + 4: FN<1, 4>(__VA_ARGS__); break;    \
-    case 16 + 1: FN<2, 1>(__VA_ARGS__); break; case 16 + 2: FN<2, 2>(__VA_ARGS__); break;  \
-    case 16 + 3: FN<2, 3>(__VA_ARGS__); break; case 16 + 4: FN<2, 4>(__VA_ARGS__); break;  \
-    case 24 + 1: FN<3, 1>(__VA_ARGS__); break; case 24 + 2: FN<3, 2>(__VA_ARGS__); break;  \
-    case 24 + 3: FN<3, 3>(__VA_ARGS__); break; case 24 + 4: FN<3, 4>(__VA_ARGS__); break;  \
-    case 32 + 1: FN<4, 1>(__VA_ARGS__); break; case 32 + 2: FN<4, 2>(__VA_ARGS__); break;  \
-    case 32 + 3: FN<4, 3>(__VA_ARGS__); break; default: FN<4, 4>(__VA_ARGS__); break;     \
+#define DISPATCH_MT(FN, mt, ...)                                                  \
+  switch (mt) {                                                                   \
+    case 1: FN<1>(__VA_ARGS__); break; case 2: FN<2>(__VA_ARGS__); break;         \
+    case 3: FN<3>(__VA_ARGS__); break; case 4: FN<4>(__VA_ARGS__); break;         \
+    case 5: FN<5>(__VA_ARGS__); break; case 6: FN<6>(__VA_ARGS__); break;         \
+    case 7: FN<7>(__VA_ARGS__); break; default: FN<8>(__VA_ARGS__); break;        \
   }
 
-template <int nr, int mt> void bf16_t(const float* x, int64_t ldx, int64_t K, const uint16_t* w, int64_t n0,
-                                      int64_t m0, int64_t N, const float* s, float* y) {
-  block_dense_t<uint16_t, nr, mt>(x, ldx, K, w, n0, m0, N, s, y);
+// bf16 rows read 32 values (64 bytes) at a time as 16 32-bit lanes: lane j holds w[2j] in its low half and
+// w[2j + 1] in its high half, so "<< 16" gives the even values and "& 0xFFFF0000" the odd ones as float32 (both
+// exact). The activations were permuted to match (``even_odd``): in every full block of 32, the 16 even-indexed
+// values, then the 16 odd-indexed ones.
+template <int mt> void row_bf16(const float* x, int64_t ldx, int64_t K, const uint16_t* wr, float, float* y,
+                                int64_t N) {
+  int64_t k = 0;
+  float out[MT];
+#if defined(__AVX512F__)
+  __m512 a0[mt], a1[mt];
+  for (int i = 0; i < mt; ++i) a0[i] = a1[i] = _mm512_setzero_ps();
+  const __m512i hi = _mm512_set1_epi32(int32_t(0xFFFF0000u));
+  for (; k + 32 <= K; k += 32) {
+    _mm_prefetch((const char*)(wr + k + 512), _MM_HINT_T0);
+    const __m512i v = _mm512_loadu_si512((const void*)(wr + k));
+    const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    const __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
+    for (int i = 0; i < mt; ++i) {
+      a0[i] = _mm512_fmadd_ps(we, _mm512_loadu_ps(x + i * ldx + k), a0[i]);
+      a1[i] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(x + i * ldx + k + 16), a1[i]);
+    }
+  }
+  for (int i = 0; i < mt; ++i) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i]));
+#else
+  for (int i = 0; i < mt; ++i) out[i] = 0.f;
+  for (; k + 32 <= K; k += 32)
+    for (int i = 0; i < mt; ++i)
+      for (int j = 0; j < 16; ++j)
+        out[i] += bf16_to_f32(wr[k + 2 * j]) * x[i * ldx + k + j] + bf16_to_f32(wr[k + 2 * j + 1]) * x[i * ldx + k + 16 + j];
+#endif
+  for (int i = 0; i < mt; ++i) {
+    float s = out[i];
+    for (int64_t kk = k; kk < K; ++kk) s += bf16_to_f32(wr[kk]) * x[i * ldx + kk];
+    y[i * N] = s;
+  }
 }
-template <int nr, int mt> void int8_t_(const float* x, int64_t ldx, int64_t K, const int8_t* w, int64_t n0,
-                                       int64_t m0, int64_t N, const float* s, float* y) {
-  block_dense_t<int8_t, nr, mt>(x, ldx, K, w, n0, m0, N, s, y);
+
+// x [M, K] -> [M, ldx] with each full block of 32 as (even-indexed values, odd-indexed values); the tail as is.
+torch::Tensor even_odd(const torch::Tensor& xc, int64_t K, int64_t& ldx) {
+  const int64_t M = xc.size(0), K32 = K / 32 * 32;
+  ldx = (M > 1 && (K * 4) % 4096 == 0) ? K + 16 : K;
+  auto p = torch::empty({M, ldx}, xc.options());
+  if (K32)
+    p.narrow(1, 0, K32).view({M, K32 / 32, 2, 16}).copy_(
+        xc.narrow(1, 0, K32).reshape({M, K32 / 32, 16, 2}).transpose(2, 3));
+  if (K > K32) p.narrow(1, K32, K - K32).copy_(xc.narrow(1, K32, K - K32));
+  return p;
 }
+template <int mt> void row_int8(const float* x, int64_t ldx, int64_t K, const int8_t* w, float s, float* y,
+                                int64_t N) { row_dense<int8_t, mt>(x, ldx, K, w, s, y, N); }
 
 template <typename F>
-void run_blocks(int64_t M, int64_t N, F&& f) {
-  const int64_t nb = (N + NR - 1) / NR;
-  at::parallel_for(0, nb, 8, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n0 = b * NR;
-      const int nr = int(std::min<int64_t>(NR, N - n0));
-      for (int64_t m0 = 0; m0 < M; m0 += MT) f(n0, nr, m0, int(std::min<int64_t>(MT, M - m0)));
-    }
+void run_rows(int64_t M, int64_t N, F&& f) {
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m0 = 0; m0 < M; m0 += MT) f(n, m0, int(std::min<int64_t>(MT, M - m0)));
   });
 }
 
@@ -185,15 +200,16 @@ torch::Tensor check_x(const torch::Tensor& x, int64_t K, int64_t& ldx) {
 torch::Tensor mm_bf16(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(w.scalar_type() == torch::kBFloat16 && w.dim() == 2 && w.is_contiguous(), "w: contiguous bf16 [N, K]");
   const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "x must be [M, ", K, "]");
   int64_t ldx;
-  auto xc = check_x(x, K, ldx);
+  auto xc = even_odd(x.to(torch::kFloat32).contiguous(), K, ldx);
   const int64_t M = xc.size(0);
   auto y = torch::empty({M, N}, xc.options());
   const float* xp = xc.data_ptr<float>();
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   float* yp = y.data_ptr<float>();
-  run_blocks(M, N, [&](int64_t n0, int nr, int64_t m0, int mt) {
-    DISPATCH(bf16_t, xp, ldx, K, wp, n0, m0, N, nullptr, yp);
+  run_rows(M, N, [&](int64_t n, int64_t m0, int mt) {
+    DISPATCH_MT(row_bf16, mt, xp + m0 * ldx, ldx, K, wp + n * K, 1.f, yp + m0 * N + n, N);
   });
   return y;
 }
@@ -211,8 +227,8 @@ torch::Tensor mm_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
   const int8_t* wp = w.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  run_blocks(M, N, [&](int64_t n0, int nr, int64_t m0, int mt) {
-    DISPATCH(int8_t_, xp, ldx, K, wp, n0, m0, N, sp, yp);
+  run_rows(M, N, [&](int64_t n, int64_t m0, int mt) {
+    DISPATCH_MT(row_int8, mt, xp + m0 * ldx, ldx, K, wp + n * K, sp[n], yp + m0 * N + n, N);
   });
   return y;
 }
@@ -231,8 +247,8 @@ torch::Tensor mm_int4(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
   float* yp = y.data_ptr<float>();
-  run_blocks(M, N, [&](int64_t n0, int nr, int64_t m0, int mt) {
-    DISPATCH(block_int4_t, xp, ldx, K, wp, sp, G, n0, m0, N, yp);
+  run_rows(M, N, [&](int64_t n, int64_t m0, int mt) {
+    DISPATCH_MT(row_int4, mt, xp + m0 * ldx, ldx, K, wp + n * (K / 2), sp + n * (K / G), G, yp + m0 * N + n, N);
   });
   return y;
 }
