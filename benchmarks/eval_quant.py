@@ -75,13 +75,13 @@ def main():
             llm.close()
             if q is None:
                 ref, ppl0 = outs, ppl
-                rows.append([name, f"unquantized ({plan})", ppl, "—", "—", "—"])
+                rows.append([name, f"unquantized ({plan})", f"{ppl:.3f}", "—", "—", "—"])
                 continue
             pos = sum(x == y for o, r in zip(outs, ref) for x, y in zip(o, r)) / sum(len(r) for r in ref)
             prefix = np.mean([next((i for i, (x, y) in enumerate(zip(o, r)) if x != y), len(r))
                               for o, r in zip(outs, ref)])
             seqs = sum(o == r for o, r in zip(outs, ref)) / len(ref)
-            rows.append([name, q, ppl, f"{100 * (ppl / ppl0 - 1):+.2f}%", f"{100 * pos:.1f}% ({prefix:.1f} tok)",
+            rows.append([name, q, f"{ppl:.3f}", f"{100 * (ppl / ppl0 - 1):+.2f}%", f"{100 * pos:.1f}% ({prefix:.1f} tok)",
                          f"{100 * seqs:.0f}%"])
             print(rows[-1], flush=True)
     body = (f"Perplexity: validation split of the shared corpus (`tools/corpus.py`, last 5% of each of "
