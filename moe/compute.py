@@ -299,6 +299,20 @@ class PackedEmbedding(torch.nn.Module):
         return F.embedding(ids, self.table).float()
 
 
+def fixed_mmap_threshold(nbytes: int = 256 << 10):
+    """Have glibc serve allocations of ``nbytes`` or more by mmap, and give them back on free, for the rest of the
+    process. Packing at load frees many expert-sized float temporaries; by default glibc raises its mmap threshold
+    after such frees and serves the next ones from a heap it cannot shrink (measured: 58 MB kept after packing 8
+    experts of 11 MB, 16 MB with this)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, int(nbytes))        # M_MMAP_THRESHOLD (a fixed value also stops its dynamic growth)
+        libc.mallopt(-1, 1 << 20)            # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def pack_module(model: torch.nn.Module, full: str, plan: ComputePlan) -> bool:
     """Replace the loaded module ``full`` of ``model`` by its packed form when the plan packs it: an ``nn.Linear``
     (attention projections, dense MLPs, shared experts, lm_head) in the plan's storage, the embedding in bf16.

@@ -137,6 +137,9 @@ def load_model(model: str, dtype=None, device=None, experts="resident", max_posi
     device = torch.device(device) if device is not None else default_device()
     dt = resolve_dtype(dtype, cfg, device)
     plan = plan or compute_plan(cfg, dt, device, quantization)
+    if plan.packs:
+        from .compute import fixed_mmap_threshold
+        fixed_mmap_threshold()
     reader = CheckpointReader(path)
     m = build_dense(cfg, reader, dt, device, max_positions, plan=plan)
     m.plan = plan
