@@ -140,3 +140,20 @@ def test_thread_choice(monkeypatch, tmp_path):
     (tmp_path / "cpu.max").write_text("max 100000\n")
     assert T.cgroup_quota(str(tmp_path)) is None
     assert T.worker_threads(2, 4) == 1 and T.worker_threads(16, 4) == 4
+
+
+def test_offload_refuses_quantization_at_load():
+    from moeyard.runtime import LLM
+    with pytest.raises(ModelError, match=r"quantization='int4' is not supported in offload mode"):
+        LLM("default", mode="offload", quantization="int4")
+
+
+def test_plan_choice_rules():
+    cpu = torch.device("cpu")
+    assert C.plan_for("float32", torch.float32, cpu).experts == "float32"
+    p = C.plan_for("bfloat16", torch.bfloat16, cpu)
+    assert p.experts == "bfloat16" and not p.packs            # dtype asked for: torch's own kernels
+    with pytest.raises(ModelError, match="needs float32 activations"):
+        C.plan_for("bfloat16", torch.bfloat16, cpu, "int8")
+    q = C.plan_for("bfloat16", torch.float32, cpu, "int4")
+    assert (q.experts, q.dense, q.lm_head) == ("int4", "int4", "int8") and "int4" in q.describe()
