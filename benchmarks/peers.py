@@ -79,8 +79,13 @@ def ensure_peer_packages(*pkgs: str):
 _CONVERT = """
 import runpy, sys
 sys.path.insert(0, {d!r})
+sys.path.insert(0, {d!r} + "/gguf-py")      # the tree's own gguf package
 import conversion.base as base
 base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"   # byte-level BPE, GPT-2 pre-tokenizer
+def _no_spm(self, *a, **k):   # our tokenizer.json is BPE: go straight to the GPT-2 path (no sentencepiece needed)
+    raise FileNotFoundError("no sentencepiece model")
+base.TextModel._set_vocab_sentencepiece = _no_spm
+base.TextModel._set_vocab_llama_hf = _no_spm
 sys.argv = ["convert_hf_to_gguf.py"] + {args!r}
 runpy.run_path({script!r}, run_name="__main__")
 """
@@ -90,10 +95,9 @@ def to_gguf(model_dir: str, out: str, outtype: str = "bf16") -> str:
     if os.path.isfile(out):
         return out
     d = llama_cpp_dir()
-    ensure_peer_packages("gguf", "sentencepiece")
     code = _CONVERT.format(d=d, args=[model_dir, "--outfile", out + ".tmp", "--outtype", outtype],
                            script=os.path.join(d, "convert_hf_to_gguf.py"))
-    r = subprocess.run([peer_python(), "-c", code], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError(f"convert_hf_to_gguf failed: {r.stderr[-2000:]}")
     os.replace(out + ".tmp", out)
@@ -171,7 +175,7 @@ def llama_bench(gguf: str, n_gen: int, threads: int, limit_bytes: int | None, ba
     drop_page_cache([gguf])
     if batch == 1:
         cmd = [f"{d}/build/bin/llama-bench", "-m", gguf, "-p", "0", "-n", str(n_gen), "-t", str(threads),
-               "-r", str(reps), "-mmp", "1", "-o", "json"]
+               "-r", str(reps), "-o", "json"]
     else:
         cmd = [f"{d}/build/bin/llama-batched-bench", "-m", gguf, "-npp", "16", "-ntg", str(n_gen), "-npl",
                str(batch), "-t", str(threads), "-c", str(batch * (16 + n_gen) + 64), "--output-format", "jsonl"]

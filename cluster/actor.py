@@ -16,9 +16,11 @@ class EPWorkerActor:
     def _worker(self):
         if self._w is None:
             import torch
-            torch.set_num_threads(int(os.environ.get("MOEYARD_WORKER_THREADS", "1")))
+            kw = dict(self._kw)
+            threads = kw.pop("threads", None)     # the driver's share for each worker of this machine
+            torch.set_num_threads(int(os.environ.get("MOEYARD_WORKER_THREADS", threads or 1)))
             from ..runtime.ep_worker import EPWorker
-            self._w = EPWorker(**self._kw)
+            self._w = EPWorker(**kw)
         return self._w
 
     def load(self) -> dict:

@@ -65,6 +65,7 @@ def build_ray(ctx, num_workers: int = 2, placement: str = "round_robin", ep_sche
         holders = layout.load_placement_file(placement, cfg, num_workers)
     tokenizer = Tokenizer.from_dir(ctx.path)
 
+    from ..runtime.threads import worker_threads
     from .executor import RayEPExecutor
     from .group import WorkerGroup, ensure_ray
     started = ensure_ray(ray_address, num_workers)
@@ -79,7 +80,9 @@ def build_ray(ctx, num_workers: int = 2, placement: str = "round_robin", ep_sche
         extra = dict(shuffle=True, shuffle_options=shuffle_options) if worker_shuffle and scheme == "tp" else {}
         kws = [dict(path=ctx.path, rank=g, world=num_workers, holders=h, scheme=scheme,
                     dtype=ctx.dtype, device=str(ctx.device), max_num_seqs=ctx.max_num_seqs,
-                    max_model_len=ctx.max_model_len, **extra) for g in range(num_workers)]
+                    max_model_len=ctx.max_model_len, quantization=getattr(ctx, "quantization", None),
+                    threads=worker_threads(getattr(ctx, "threads", 1), num_workers), **extra)
+               for g in range(num_workers)]
         return WorkerGroup(kws, num_cpus_per_worker, resources_per_worker, collective_timeout=collective_timeout)
 
     try:
@@ -154,6 +157,7 @@ def _calibrate(ctx, tokenizer, num_workers, start):
         seqs = [rng.integers(0, cfg.vocab_size, n).tolist() for _ in range(8)]
     seqs = seqs[:ctx.max_num_seqs] if len(seqs) > ctx.max_num_seqs else seqs
     group = start(layout.static_holders("round_robin", cfg, num_workers), "standard")
+    from ..runtime.threads import worker_threads
     from .executor import RayEPExecutor
     ex = RayEPExecutor(group, "standard", 120.0)
     try:

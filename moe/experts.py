@@ -85,30 +85,92 @@ def read_expert(cfg: MoEConfig, reader: CheckpointReader, layer: int, expert: in
     return ExpertWeights(rd(refs.gate, (F, D)), rd(refs.up, (F, D)), rd(refs.down, (D, F)))
 
 
+@dataclass(frozen=True)
+class PackedExpert:
+    """One expert in a compute plan's storage (``moe/compute.py``): gate and up fused into one [2F, D] matrix."""
+    gate_up: object       # compute.Packed
+    down: object
+    act: str = "swiglu"
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    @classmethod
+    def of(cls, w: ExpertWeights, kind: str, name: str) -> "PackedExpert":
+        from .compute import pack
+        gu_bias = None if w.gate_bias is None else torch.cat([w.gate_bias, w.up_bias])
+        return cls(pack(torch.cat([w.gate, w.up]), kind, f"{name}.gate_up", gu_bias),
+                   pack(w.down, kind, f"{name}.down", w.down_bias), w.act, w.alpha, w.limit)
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate_up.nbytes + self.down.nbytes
+
+    def weights(self) -> ExpertWeights:
+        """Dequantized float32 weights (readers that want matrices, not products)."""
+        gu, F = self.gate_up.dequantize(), self.gate_up.shape[0] // 2
+        b = self.gate_up.bias
+        return ExpertWeights(gu[:F], gu[F:], self.down.dequantize(), None if b is None else b[:F],
+                             None if b is None else b[F:], self.down.bias, self.act, self.alpha, self.limit)
+
+    def __call__(self, x_MD: torch.Tensor) -> torch.Tensor:
+        from .compute import matmul
+        h = matmul(x_MD, self.gate_up)
+        F = h.shape[-1] // 2
+        gate, up = h[:, :F], h[:, F:]
+        if self.act == "swiglu_oss":
+            gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
+            h = (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+        else:
+            h = F_.silu(gate) * up
+        return matmul(h, self.down).to(x_MD.dtype)
+
+
 class ResidentExperts:
-    """Every routed expert of the checkpoint held in memory (local mode), or only ``experts[l]`` of each layer."""
+    """Every routed expert of the checkpoint held in memory (local mode), or only ``experts[l]`` of each layer.
+
+    ``pack``: a storage kind of ``moe/compute.py`` (bf16 | int8 | int4); experts are then kept packed and multiplied
+    by the weight-only kernels (``compute``), and ``get`` returns their dequantized float32 weights."""
 
     def __init__(self, cfg: MoEConfig, reader: CheckpointReader, dtype: torch.dtype, device: torch.device,
-                 only: dict[int, list[int]] | None = None, progress=None):
+                 only: dict[int, list[int]] | None = None, progress=None, pack: str | None = None):
         self.cfg = cfg
+        self.pack = pack
         self._w: dict[tuple[int, int], ExpertWeights] = {}
+        self._p: dict[tuple[int, int], PackedExpert] = {}
         for layer in cfg.moe_layers:
             check_fused_shapes(cfg, reader, layer)
             ids = range(cfg.num_experts) if only is None else only.get(layer, [])
             for e in ids:
-                self._w[(layer, e)] = read_expert(cfg, reader, layer, e).to(device=device, dtype=dtype)
+                if pack is not None:
+                    self._p[(layer, e)] = PackedExpert.of(read_expert(cfg, reader, layer, e), pack,
+                                                          f"model.layers.{layer}.mlp.experts.{e}")
+                    reader.close()     # unmap what was read (it reopens lazily): file pages would count in RSS
+                else:
+                    self._w[(layer, e)] = read_expert(cfg, reader, layer, e).to(device=device, dtype=dtype)
             if progress is not None:
                 progress(layer)
 
     def get(self, layer: int, expert: int) -> ExpertWeights:
+        if self.pack is not None:
+            return self._p[(layer, expert)].weights()
         return self._w[(layer, expert)]
 
+    def compute(self, layer: int, x_MD: torch.Tensor, expert_ids: list[int], counts: list[int]) -> torch.Tensor:
+        outs, start = [], 0
+        for e, c in zip(expert_ids, counts):
+            if c:
+                outs.append(self._p[(layer, e)](x_MD[start:start + c]))
+                start += c
+        if not outs:
+            return x_MD.new_zeros((0, x_MD.shape[-1]))
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
     def __contains__(self, key: tuple[int, int]) -> bool:
-        return key in self._w
+        return key in self._w or key in self._p
 
     @property
     def nbytes(self) -> int:
-        return sum(w.nbytes for w in self._w.values())
+        return sum(w.nbytes for w in self._w.values()) + sum(p.nbytes for p in self._p.values())
 
 
 @dataclass(frozen=True)
@@ -172,7 +234,11 @@ def expert_mlp(x_MD: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
 def run_experts(layer: int, x_MD: torch.Tensor, expert_ids: list[int], counts: list[int],
                 provider: ExpertProvider) -> torch.Tensor:
     """Rows of ``x_MD`` are grouped by expert: ``counts[i]`` rows for ``expert_ids[i]``. A provider with stacked
-    weights (``stacked(layer)``) gets one grouped matmul set per layer, any other one matmul set per expert."""
+    weights (``stacked(layer)``) gets one grouped matmul set per layer, one holding packed experts (``compute``:
+    bf16 / int8 / int4 storage, weight-only kernels) multiplies them itself, any other one matmul set per expert."""
+    packed = getattr(provider, "pack", None)
+    if packed is not None:
+        return provider.compute(layer, x_MD, expert_ids, counts)
     stacked = getattr(provider, "stacked", None)
     if stacked is not None and expert_ids:
         return grouped_mlp(x_MD, expert_ids, counts, stacked(layer))

@@ -94,8 +94,10 @@ class _Progress:
             self.bar.close()
 
 
-def build_dense(cfg: MoEConfig, reader: CheckpointReader, dtype, device, max_positions=None) -> MoEForCausalLM:
-    """The model with its dense weights loaded from ``reader`` and no expert provider yet."""
+def build_dense(cfg: MoEConfig, reader: CheckpointReader, dtype, device, max_positions=None,
+                plan=None) -> MoEForCausalLM:
+    """The model with its dense weights loaded from ``reader`` and no expert provider yet. With a ``plan`` that
+    packs (``moe/compute.py``), each linear layer is packed as soon as it is read (a small load-time peak)."""
     with torch.device("meta"):
         model = MoEForCausalLM(cfg)
     from .rope import make_rotary
@@ -112,6 +114,9 @@ def build_dense(cfg: MoEConfig, reader: CheckpointReader, dtype, device, max_pos
         mod_name, _, attr = pname.rpartition(".")
         mod = model.get_submodule(mod_name)
         mod._parameters[attr] = nn.Parameter(t, requires_grad=False)
+        if plan is not None and plan.packs:
+            from .compute import pack_module
+            pack_module(model, mod_name, plan)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.eval()
@@ -128,20 +133,35 @@ def check_experts_finite(cfg: MoEConfig, experts) -> None:
                 check_finite(f"layer {layer} expert {e} {part}", t)
 
 
-def load_model(model: str, dtype=None, device=None, experts="resident", max_positions=None) -> LoadedModel:
+def compute_plan(cfg: MoEConfig, dtype: torch.dtype, device: torch.device, quantization=None):
+    """The storage and kernels for this checkpoint on this machine (``moe/compute.py``)."""
+    from .compute import plan_for
+    ckpt_dtype = None if cfg.quant.method != "none" else cfg.torch_dtype
+    return plan_for(ckpt_dtype, dtype, device, quantization)
+
+
+def load_model(model: str, dtype=None, device=None, experts="resident", max_positions=None,
+               quantization=None, plan=None) -> LoadedModel:
     """Load ``model`` (a directory or "default"). ``experts``: "resident" (all in memory), None (caller sets a
-    provider later), or a callable ``(cfg, reader, dtype, device) -> provider``."""
+    provider later), or a callable ``(cfg, reader, dtype, device) -> provider``. ``quantization``: None, "int8"
+    or "int4" (weight-only, ``moe/compute.py``); ``plan``: a ``ComputePlan`` chosen by the caller."""
     path = resolve_model_path(model)
     cfg = MoEConfig.from_dir(path)
     device = torch.device(device) if device is not None else default_device()
     dt = resolve_dtype(dtype, cfg, device)
+    plan = plan or compute_plan(cfg, dt, device, quantization)
+    if plan.packs:
+        from .compute import fixed_mmap_threshold
+        fixed_mmap_threshold()
     reader = CheckpointReader(path)
     validate_checkpoint(cfg, reader)
-    m = build_dense(cfg, reader, dt, device, max_positions)
+    m = build_dense(cfg, reader, dt, device, max_positions, plan=plan)
+    m.plan = plan
     if experts == "resident":
         prog = _Progress(sum(reader.nbytes(n) for n in reader.names()), len(cfg.moe_layers))
         try:
-            m.experts = ResidentExperts(cfg, reader, dt, device, progress=prog)
+            m.experts = ResidentExperts(cfg, reader, dt, device, progress=prog,
+                                        pack=plan.experts if plan.packs else None)
         finally:
             prog.close()
         check_experts_finite(cfg, m.experts)

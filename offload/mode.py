@@ -126,6 +126,9 @@ def build_offload(ctx: ModeContext, expert_cache_fraction: float = 0.25, expert_
     for name, v, lo, hi in (("min_p", min_p, 0.0, 1.0), ("budget_layers", budget_layers, 0.0, 1e6)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
             raise OffloadConfigError(f"{name} must be a number in [{lo:g}, {hi:g}], got {v!r}")
+    if ctx.quantization is not None:
+        from ..moe.errors import ModelError
+        raise ModelError(f"quantization={ctx.quantization!r} is not supported in offload mode yet")
     cfg, device = ctx.cfg, ctx.device        # device chosen by the runtime (GPU when present)
     dtype = resolve_dtype(ctx.dtype, cfg, device)
     reader = CheckpointReader(ctx.path)

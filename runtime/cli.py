@@ -18,6 +18,9 @@ def _common_model_args(p):
                    help="checkpoint directory, or an embedded model: 'default' (Mixtral-shaped) or 'deepseek-mini'")
     p.add_argument("--mode", default="local", help="local | offload | ray")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU)")
+    p.add_argument("--quantization", default=None, help="int8 | int4: weight-only quantized weights (CPU)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="compute threads (default: the cores available to this process)")
     p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                    help="a mode option, e.g. -o expert_cache_fraction=0.25 (repeatable; JSON values)")
 
@@ -40,7 +43,8 @@ def cmd_generate(args):
     sp = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                         top_k=args.top_k, seed=args.seed, stop=args.stop or None)
     _ray_notice(args.mode)
-    llm = LLM(args.model, mode=args.mode, dtype=args.dtype, **mode_options(args.option))
+    llm = LLM(args.model, mode=args.mode, dtype=args.dtype, quantization=args.quantization, threads=args.threads,
+              **mode_options(args.option))
     try:
         t0 = time.perf_counter()
         out = llm.generate([args.prompt], sp)[0]

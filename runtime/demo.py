@@ -43,7 +43,8 @@ def routing_summary(experts_TLK: np.ndarray, num_experts: int, top: int = 3) -> 
 def run_demo(args):
     from . import LLM, SamplingParams
     from .cli import mode_options
-    llm = LLM(args.model, mode=args.mode, dtype=args.dtype, **mode_options(args.option))
+    llm = LLM(args.model, mode=args.mode, dtype=args.dtype, quantization=args.quantization, threads=args.threads,
+              **mode_options(args.option))
     records = []
 
     def hook(layer, x, ids_NK, w_NK):

@@ -30,8 +30,9 @@ import torch
 from ..comm.a2a import A2ADispatcher, Exchanger, dest_table, make_group
 from ..moe.checkpoint import CheckpointReader
 from ..moe.config import MoEConfig
+from ..moe.compute import pack_dense
 from ..moe.experts import ResidentExperts, run_experts
-from ..moe.loader import build_dense, resolve_dtype
+from ..moe.loader import build_dense, compute_plan, resolve_dtype
 from .executor import StepItem, build_batch
 from .modes import new_kv_cache
 
@@ -88,7 +89,8 @@ class WorkItem:
 class EPWorker:
     def __init__(self, path: str, rank: int, world: int, holders: list[list[tuple[int, ...]]],
                  scheme: str = "standard", dtype=None, device="cpu", max_num_seqs: int = 64,
-                 max_model_len: int = 2048, shuffle: bool = False, shuffle_options: dict | None = None):
+                 max_model_len: int = 2048, shuffle: bool = False, shuffle_options: dict | None = None,
+                 quantization: str | None = None):
         self.rank, self.world, self.scheme, self.holders = rank, world, scheme, holders
         self.device = torch.device(device)
         self.cfg = cfg = MoEConfig.from_dir(path)
@@ -100,9 +102,15 @@ class EPWorker:
         self.dtype = resolve_dtype(dtype, cfg, self.device)
         reader = CheckpointReader(path)
         self.model = build_dense(cfg, reader, self.dtype, self.device, max_model_len)
+        # weight-only quantization (moe/compute.py): routed experts always; dense layers unless heads are split
+        # across workers (ep_scheme="tp" slices the projection matrices)
+        self.plan = compute_plan(cfg, self.dtype, self.device, quantization) if quantization else None
+        if self.plan is not None and scheme != "tp":
+            pack_dense(self.model, self.plan)
         only = {l: [e for e, ws in enumerate(holders[i]) if rank in ws] for i, l in enumerate(self.moe_layers)}
         self.local_experts = only
-        self.model.experts = ResidentExperts(cfg, reader, self.dtype, self.device, only=only)
+        self.model.experts = ResidentExperts(cfg, reader, self.dtype, self.device, only=only,
+                                             pack=self.plan.experts if self.plan is not None else None)
         from ..moe.loader import check_experts_finite
         check_experts_finite(cfg, self.model.experts)
         self.tp = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -12,6 +13,8 @@ from ..moe.tokenizer import Tokenizer
 from .engine import Engine
 from .modes import ModeContext, check_options, get_builder
 from .sampling import RequestError, SamplingParams
+
+log = logging.getLogger("moeyard")
 
 
 @dataclass
@@ -58,15 +61,20 @@ class LLM:
 
     def __init__(self, model: str = "default", mode: str = "local", dtype=None, device=None,
                  max_num_seqs: int = 64, max_model_len: int | None = None, max_num_batched_tokens: int = 2048,
-                 **mode_options):
+                 quantization: str | None = None, threads: int | None = None, **mode_options):
+        from ..moe.compute import check_quantization
+        from .threads import apply_threads
         builder = get_builder(mode)
         check_options(builder, mode, mode_options)
+        quantization = check_quantization(quantization)
+        self.threads, self.threads_reason = apply_threads(threads)
         self.path = resolve_model_path(model)
         self.mode = mode
         self.cfg = MoEConfig.from_dir(self.path)
         _validate(self.path, self.cfg)     # every mode: dtype and shape of every tensor, before building anything
         dev = torch.device(device) if device is not None else default_device()
-        self._ctx = ModeContext(self.path, self.cfg, dtype, dev, max_num_seqs, context_length(self.cfg, max_model_len))
+        self._ctx = ModeContext(self.path, self.cfg, dtype, dev, max_num_seqs, context_length(self.cfg, max_model_len),
+                                quantization, self.threads)
         self._builder, self._options = builder, mode_options
         self._max_batched = max_num_batched_tokens
         self._start()
@@ -79,6 +87,9 @@ class LLM:
             eos = eos + (tokenizer.eos_token_id,)
         self.engine = Engine(executor, tokenizer, eos, self.cfg.vocab_size, self._ctx.max_model_len,
                              self._ctx.max_num_seqs, self._max_batched)
+        plan = getattr(getattr(executor, "model", None), "plan", None)
+        log.info("moeyard %s mode: %d threads (%s)%s", self.mode, self.threads, self.threads_reason,
+                 f"; {plan.describe()}" if plan is not None else "")
         for attr in ("max_decode_batch", "batch_policy"):   # optional executor hooks (offload token scheduling)
             if getattr(executor, attr, None) is not None:
                 setattr(self.engine.scheduler, attr, getattr(executor, attr))
@@ -135,7 +146,14 @@ class LLM:
                              s.finish_reason, s.error, list(s.logprobs), list(s.prompt_logprobs))
 
     def stats(self) -> dict:
-        return self.engine.stats()
+        d = self.engine.stats()
+        d.setdefault("threads", self.threads)
+        d.setdefault("threads_reason", self.threads_reason)
+        plan = getattr(getattr(self.engine.executor, "model", None), "plan", None)
+        if plan is not None:
+            for k, v in plan.stats().items():
+                d.setdefault(k, v)
+        return d
 
     def close(self):
         self.engine.executor.close()

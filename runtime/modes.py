@@ -31,6 +31,8 @@ class ModeContext:
     device: torch.device
     max_num_seqs: int
     max_model_len: int
+    quantization: str | None = None    # None | "int8" | "int4" (moe/compute.py)
+    threads: int = 1                   # compute threads of this process (runtime/threads.py)
 
 
 def get_builder(mode: str):
@@ -52,7 +54,8 @@ def check_options(builder, mode: str, options: dict):
 def build_local(ctx: ModeContext):
     from ..moe.loader import load_model
     from .executor import LocalExecutor
-    lm = load_model(ctx.path, dtype=ctx.dtype, device=ctx.device, max_positions=ctx.max_model_len)
+    lm = load_model(ctx.path, dtype=ctx.dtype, device=ctx.device, max_positions=ctx.max_model_len,
+                    quantization=ctx.quantization)
     kv = new_kv_cache(lm.cfg, ctx.max_num_seqs, ctx.max_model_len, lm.dtype, lm.device)
     return LocalExecutor(lm.model, kv, lm.device), lm.tokenizer
 

@@ -65,3 +65,18 @@ def test_worker_death_fails_requests_then_restart(llm2, tiny_ckpt):
     llm2.restart()
     got = [o.token_ids for o in llm2.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)]
     assert got == local_tokens(path)
+
+
+def test_int8_experts_in_ray_mode_match_local(ray_cluster, tiny_ckpt):
+    """Weight-only int8 (moe/compute.py) on the workers: the same tokens as local mode's int8."""
+    path, _ = tiny_ckpt("mixtral")
+    local = LLM(path, max_num_seqs=4, max_num_batched_tokens=32, quantization="int8")
+    want = [o.token_ids for o in local.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)]
+    local.close()
+    llm = LLM(path, mode="ray", num_workers=2, placement="round_robin", max_num_seqs=4, max_num_batched_tokens=32,
+              quantization="int8")
+    try:
+        got = [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)]
+        assert got == want
+    finally:
+        llm.close()

@@ -1,0 +1,356 @@
+"""The compute plan: how weights are stored and multiplied on this machine, and the weight-only kernels.
+
+Decode is memory-bound: a step reads every active weight once, so the fastest plan stores weights in the fewest
+bytes the CPU multiplies at full speed. At load (``plan_for``) we choose, per checkpoint dtype, CPU ISA and
+``quantization``:
+
+- ``float32`` (torch's own matmuls): no native kernel, an fp32 checkpoint, or a GPU (bf16 and the device's own
+  kernels there, as before);
+- ``bf16`` storage, float32 compute (``moe/csrc/wmm.cpp``): a bf16 checkpoint on a CPU with the native kernel
+  (AVX-512: a bf16 -> fp32 conversion is one shift, exact). Half the bytes of float32 and the same values;
+- ``int8`` (per output channel) and ``int4`` (groups of 32 along the input, float16 scales, like llama.cpp's
+  Q4_0): weight-only quantization, ``LLM(quantization=...)``.
+
+Activations stay float32 in every plan; a kernel computes what "dequantize to float32, then matmul" computes, up to
+the order of the additions (tests/test_compute.py checks each kernel against that reference). Without the native
+build (no compiler) the same packed weights are multiplied by that reference in torch, slower.
+
+Candidates we measured before writing the kernel (docs/BENCHMARKS.md, "Engine speed"): torch's fp32 and bf16
+``linear``, aten's ``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu`` (what torchao's CPU int8/int4
+weight-only layouts call) — fast at batch 1 only in bf16 activations and 10-100x slower at batch 16.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ModelError
+
+log = logging.getLogger("moeyard")
+
+QUANTIZATIONS = ("int8", "int4")
+INT4_GROUP = 32
+# Rows of activations above which a packed weight is dequantized and multiplied by torch (prefill): the kernels
+# stream the weight once per call and are built for the few rows of a decode step.
+KERNEL_MAX_ROWS = 16
+
+
+def check_quantization(q) -> str | None:
+    if q is None or q in ("none", "None", ""):
+        return None
+    if q not in QUANTIZATIONS:
+        raise ModelError(f"unknown quantization {q!r}; valid: {', '.join(QUANTIZATIONS)} (or None)")
+    return q
+
+
+# -- the native kernel ------------------------------------------------------------------------------------------
+
+_lock = threading.Lock()
+_native = None
+_native_error: str | None = None
+_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "wmm.cpp")
+
+
+def build_dir() -> str:
+    return os.environ.get("MOEYARD_KERNEL_DIR", os.path.join(os.path.expanduser("~"), ".cache", "moeyard", "wmm"))
+
+
+def native(build: bool = True):
+    """The compiled kernel module, built on first use (torch.utils.cpp_extension, -O3 -march=native) into
+    ``build_dir()``; None when it cannot be built (then the torch fallback runs) or ``MOEYARD_KERNEL=torch``."""
+    global _native, _native_error
+    if os.environ.get("MOEYARD_KERNEL", "") == "torch":
+        return None
+    if _native is not None or _native_error is not None:
+        return _native
+    with _lock:
+        if _native is not None or _native_error is not None:
+            return _native
+        d = build_dir()
+        so = os.path.join(d, "moeyard_wmm.so")
+        if not build and not os.path.isfile(so):
+            return None
+        try:
+            from torch.utils.cpp_extension import load
+            os.makedirs(d, exist_ok=True)
+            if not os.path.isfile(so):
+                log.warning("building the native weight-only kernel (moe/csrc/wmm.cpp) once, into %s", d)
+            _native = load("moeyard_wmm", [_SRC], build_directory=d, verbose=False,
+                           extra_cflags=["-O3", "-march=native", "-std=c++17"], extra_ldflags=[])
+        except Exception as e:  # noqa: BLE001 — no compiler, headers, ninja: fall back to torch
+            _native_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            log.warning("native kernel unavailable (%s); using the torch fallback", _native_error)
+        return _native
+
+
+def native_status() -> str:
+    m = native()
+    return f"native ({m.isa()})" if m is not None else f"torch fallback ({_native_error or 'disabled'})"
+
+
+# -- CPU features -----------------------------------------------------------------------------------------------
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def isa_summary(flags: set[str] | None = None) -> str:
+    flags = cpu_flags() if flags is None else flags
+    keep = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "avx_vnni",
+            "amx_bf16", "amx_int8")
+    return " ".join(f for f in keep if f in flags) or "none of avx2/avx512"
+
+
+# -- packed weights ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Packed:
+    """One weight matrix [N, K] as stored by a plan: ``kind`` bf16 | int8 | int4 | float32."""
+    kind: str
+    data: torch.Tensor               # bf16 [N, K] | int8 [N, K] | uint8 [N, K/2] | float32 [N, K]
+    scale: torch.Tensor | None       # int8: float32 [N]; int4: float16 [N, K/G]
+    shape: tuple[int, int]
+    bias: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.bias) if t is not None)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 matrix this packed weight stands for (the reference the kernels are tested against)."""
+        N, K = self.shape
+        if self.kind in ("float32", "bf16"):
+            return self.data.float()
+        if self.kind == "int8":
+            return self.data.float() * self.scale[:, None]
+        q = unpack_int4(self.data, K)
+        s = self.scale.float()
+        G = K // s.shape[1]
+        return torch.addcmul(-8.0 * s.repeat_interleave(G, 1), q.float(), s.repeat_interleave(G, 1))
+
+
+def unpack_int4(data: torch.Tensor, K: int) -> torch.Tensor:
+    N = data.shape[0]
+    b = data.view(N, K // 32, 16)
+    return torch.cat([b & 15, b >> 4], dim=-1).reshape(N, K)
+
+
+def pack(w: torch.Tensor, kind: str, name: str, bias: torch.Tensor | None = None) -> Packed:
+    """Pack a float matrix [N, K]; a shape the kind cannot hold fails naming ``name`` (at load)."""
+    if w.dim() != 2:
+        raise ModelError(f"{name}: weight-only {kind} needs a 2-D weight, got shape {list(w.shape)}")
+    N, K = (int(s) for s in w.shape)
+    b = None if bias is None else bias.float().contiguous()
+    if kind == "float32":
+        return Packed(kind, w.float().contiguous(), None, (N, K), b)
+    if kind == "bf16":
+        return Packed(kind, w.to(torch.bfloat16).contiguous(), None, (N, K), b)
+    if N > 512:     # in row blocks, so the float32 temporaries stay small (peak RSS at load)
+        parts = [pack(w[i:i + 512], kind, name) for i in range(0, N, 512)]
+        return Packed(kind, torch.cat([q.data for q in parts]), torch.cat([q.scale for q in parts]), (N, K), b)
+    wf = w.float()
+    if kind == "int8":
+        s = wf.abs().amax(1) / 127.0
+        q = torch.where(s[:, None] > 0, torch.round(wf / torch.where(s > 0, s, 1.0)[:, None]), 0.0)
+        return Packed(kind, q.clamp(-127, 127).to(torch.int8).contiguous(), s.contiguous(), (N, K), b)
+    if kind == "int4":
+        G = INT4_GROUP
+        if K % G:
+            raise ModelError(f"{name}: int4 needs the input size to be a multiple of the group size {G}, got "
+                             f"shape {[N, K]}; use quantization='int8' for this model")
+        g = wf.view(N, K // G, G)
+        idx = g.abs().argmax(-1, keepdim=True)
+        d = (g.gather(-1, idx) / -8.0).squeeze(-1).to(torch.float16)    # Q4_0: the signed max maps to -8
+        df = d.float()
+        inv = torch.where(df != 0, 1.0 / torch.where(df != 0, df, 1.0), 0.0)
+        q = (torch.round(g * inv[..., None]) + 8).clamp(0, 15).to(torch.uint8).view(N, K // 32, 32)
+        data = (q[..., :16] | (q[..., 16:] << 4)).reshape(N, K // 2).contiguous()
+        return Packed(kind, data, d.contiguous(), (N, K), b)
+    raise ModelError(f"unknown weight kind {kind!r}")
+
+
+def matmul(x: torch.Tensor, p: Packed) -> torch.Tensor:
+    """x [..., K] (float32) times the packed [N, K] weight transposed: [..., N] float32."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    m = native() if p.kind != "float32" else None
+    if m is not None and x2.shape[0] <= KERNEL_MAX_ROWS and x2.device.type == "cpu":
+        if p.kind == "bf16":
+            y = m.mm_bf16(x2, p.data)
+        elif p.kind == "int8":
+            y = m.mm_int8(x2, p.data, p.scale)
+        else:
+            y = m.mm_int4(x2, p.data, p.scale, INT4_GROUP)
+        if p.bias is not None:
+            y = y + p.bias
+    elif p.kind == "float32":
+        y = F.linear(x2.float(), p.data, p.bias)
+    else:
+        y = F.linear(x2.float(), p.dequantize(), p.bias)
+    return y.reshape(*lead, p.shape[0])
+
+
+class PackedLinear(torch.nn.Module):
+    """Drop-in for an ``nn.Linear`` whose weight is packed (dense layers: attention projections, lm_head)."""
+
+    def __init__(self, p: Packed):
+        super().__init__()
+        self.p = p
+        self.in_features, self.out_features = p.shape[1], p.shape[0]
+
+    @property
+    def weight(self) -> torch.Tensor:   # readers that want the matrix (e.g. tensor-parallel slicing) get float32
+        return self.p.dequantize()
+
+    @property
+    def bias(self):
+        return self.p.bias
+
+    def forward(self, x):
+        return matmul(x, self.p).to(x.dtype)
+
+
+# -- the plan ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ComputePlan:
+    experts: str          # storage of routed experts: float32 | bf16 | int8 | int4 (| the model dtype on GPU)
+    dense: str            # storage of attention projections and dense MLPs
+    lm_head: str
+    kernel: str           # "native (avx512)" | "torch fallback (...)" | "torch"
+    isa: str
+    reason: str
+
+    @property
+    def packs(self) -> bool:
+        return self.experts in ("bf16", "int8", "int4") and self.kernel != "torch"
+
+    def stats(self) -> dict:
+        return {"compute_experts": self.experts, "compute_dense": self.dense, "compute_lm_head": self.lm_head,
+                "compute_kernel": self.kernel, "compute_isa": self.isa}
+
+    def describe(self) -> str:
+        return (f"compute plan: experts {self.experts}, dense {self.dense}, lm_head {self.lm_head}; kernel "
+                f"{self.kernel}; CPU {self.isa} ({self.reason})")
+
+
+def plan_for(ckpt_dtype: str | None, compute_dtype: torch.dtype, device: torch.device,
+             quantization: str | None = None) -> ComputePlan:
+    q = check_quantization(quantization)
+    if device.type != "cpu":
+        if q is not None:
+            raise ModelError(f"quantization={q!r} runs on CPU only in this version; the device is {device.type}")
+        name = str(compute_dtype).replace("torch.", "")
+        return ComputePlan(name, name, name, "torch", device.type, "the device's own kernels")
+    isa = isa_summary()
+    if compute_dtype != torch.float32:
+        if q is not None:
+            raise ModelError(f"quantization={q!r} needs float32 activations (dtype=None or 'float32'), got "
+                             f"{compute_dtype}")
+        name = str(compute_dtype).replace("torch.", "")
+        return ComputePlan(name, name, name, "torch", isa, f"dtype {name} asked for")
+    status = native_status()
+    if q is not None:
+        return ComputePlan(q, q, "int8", status, isa, f"quantization={q}")
+    if ckpt_dtype in ("bfloat16", "bf16") and native() is not None and "avx512f" in cpu_flags():
+        return ComputePlan("bf16", "bf16", "bf16", status, isa,
+                           "bf16 checkpoint: stored as bf16, float32 arithmetic (exact conversion)")
+    return ComputePlan("float32", "float32", "float32", "torch", isa,
+                       "float32 weights" + ("" if native() is not None else f"; {status}"))
+
+
+class PackedEmbedding(torch.nn.Module):
+    """An embedding table stored in bf16 (exact for a bf16 checkpoint); looked-up rows are float32."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.table = weight.to(torch.bfloat16).contiguous()
+        self.num_embeddings, self.embedding_dim = self.table.shape
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.table.float()
+
+    def forward(self, ids):
+        return F.embedding(ids, self.table).float()
+
+
+def fixed_mmap_threshold(nbytes: int = 256 << 10):
+    """Have glibc serve allocations of ``nbytes`` or more by mmap, and give them back on free, for the rest of the
+    process. Packing at load frees many expert-sized float temporaries; by default glibc raises its mmap threshold
+    after such frees and serves the next ones from a heap it cannot shrink (measured: 58 MB kept after packing 8
+    experts of 11 MB, 16 MB with this)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, int(nbytes))        # M_MMAP_THRESHOLD (a fixed value also stops its dynamic growth)
+        libc.mallopt(-1, 1 << 20)            # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def pack_module(model: torch.nn.Module, full: str, plan: ComputePlan) -> bool:
+    """Replace the loaded module ``full`` of ``model`` by its packed form when the plan packs it: an ``nn.Linear``
+    (attention projections, dense MLPs, shared experts, lm_head) in the plan's storage, the embedding in bf16.
+    Routers and tiny gates stay as they are (they choose experts)."""
+    if not plan.packs:
+        return False
+    parent_name, _, cname = full.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    child = getattr(parent, cname)
+    tied = getattr(getattr(model, "cfg", None), "tie_word_embeddings", False)
+    if any(p.device.type == "meta" for p in child.parameters(recurse=False)):
+        return False
+    if isinstance(child, torch.nn.Embedding):
+        if tied or full != "model.embed_tokens":
+            return False
+        setattr(parent, cname, PackedEmbedding(child.weight.data))
+        return True
+    if not isinstance(child, torch.nn.Linear):
+        return False
+    if cname in ("gate", "shared_expert_gate") or child.out_features < 16 or (full == "lm_head" and tied):
+        return False
+    kind = plan.lm_head if full == "lm_head" else plan.dense
+    if kind == "int4" and child.in_features % INT4_GROUP:
+        kind = "int8"      # dense layers of odd width: int8 (routed experts are checked strictly)
+    setattr(parent, cname, PackedLinear(pack(child.weight.data, kind, full + ".weight",
+                                             None if child.bias is None else child.bias.data)))
+    return True
+
+
+def pack_dense(model: torch.nn.Module, plan: ComputePlan):
+    """Pack every eligible loaded module of ``model`` (see ``pack_module``)."""
+    if not plan.packs:
+        return
+    for name, mod in list(model.named_modules()):
+        if name and isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)):
+            pack_module(model, name, plan)
+
+
+if __name__ == "__main__":     # `python -m moeyard.moe.compute --build`: the setup step of `make demo` / `make test`
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    print(f"weight-only kernel: {native_status()}; CPU: {cpu_model()} ({isa_summary()})")

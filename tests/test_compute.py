@@ -1,0 +1,159 @@
+"""Weight-only kernels and the compute plan (moe/compute.py), thread choice (runtime/threads.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moeyard.moe import compute as C
+from moeyard.moe.errors import ModelError, MoeyardError
+from moeyard.runtime import threads as T
+
+
+def _ref(x, p):
+    y = x.float() @ p.dequantize().T
+    return y if p.bias is None else y + p.bias
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("N,K", [(37, 64), (130, 1024), (8, 96)])
+def test_kernel_matches_dequantize_then_matmul(kind, N, K):
+    g = torch.Generator().manual_seed(N * K)
+    w = torch.randn(N, K, generator=g) * 0.05
+    b = torch.randn(N, generator=g)
+    p = C.pack(w, kind, "w", b)
+    assert C.native() is not None, C.native_status()
+    for M in (1, 3, 4, 7, 16, 40):       # 40 rows: the prefill path (dequantize + torch)
+        x = torch.randn(M, K, generator=g)
+        y, r = C.matmul(x, p), _ref(x, p)
+        assert y.shape == (M, N) and y.dtype == torch.float32
+        torch.testing.assert_close(y, r, rtol=2e-5, atol=2e-5 * float(r.abs().max()))
+
+
+def test_kernel_tail_columns_bf16_int8():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(9, 1000, generator=g)         # K not a multiple of 16: the scalar tail
+    for kind in ("bf16", "int8"):
+        p = C.pack(w, kind, "w")
+        x = torch.randn(2, 1000, generator=g)
+        torch.testing.assert_close(C.matmul(x, p), _ref(x, p), rtol=2e-5, atol=1e-3)
+
+
+def test_packing_error_and_accuracy():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(64, 256, generator=g)
+    assert torch.equal(C.pack(w, "bf16", "w").dequantize(), w.bfloat16().float())
+    e8 = (C.pack(w, "int8", "w").dequantize() - w).norm() / w.norm()
+    e4 = (C.pack(w, "int4", "w").dequantize() - w).norm() / w.norm()
+    assert e8 < 0.01 and e4 < 0.12 and e8 < e4
+    q = C.unpack_int4(C.pack(w, "int4", "w").data, 256)
+    assert int(q.min()) >= 0 and int(q.max()) <= 15
+    with pytest.raises(ModelError, match=r"model\.layers\.3\.mlp\.experts\.1\.down.*multiple of the group size 32"):
+        C.pack(torch.randn(8, 48), "int4", "model.layers.3.mlp.experts.1.down")
+
+
+def test_torch_fallback_equals_reference(monkeypatch):
+    monkeypatch.setenv("MOEYARD_KERNEL", "torch")
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 64, generator=g)
+    for kind in ("bf16", "int8", "int4"):
+        p = C.pack(w, kind, "w")
+        x = torch.randn(2, 64, generator=g)
+        torch.testing.assert_close(C.matmul(x, p), _ref(x, p), rtol=1e-6, atol=1e-6)
+
+
+def test_unknown_quantization_names_the_valid_ones():
+    from moeyard.runtime import LLM
+    with pytest.raises(ModelError, match=r"unknown quantization 'int3'; valid: int8, int4"):
+        LLM("default", quantization="int3")
+    r = subprocess.run([sys.executable, "-m", "moeyard.runtime.cli", "generate", "--prompt", "x", "--quantization",
+                        "fp4"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: unknown quantization 'fp4'")
+    assert "Traceback" not in r.stderr
+
+
+def test_int4_refuses_an_expert_shape_at_load(tiny_ckpt):
+    from moeyard.runtime import LLM
+    path, _ = tiny_ckpt("qwen2_moe")                  # moe_intermediate_size 48: down has 48 inputs
+    with pytest.raises(ModelError, match=r"model\.layers\.0\.mlp\.experts\.0\.down.*int4.*group size 32"):
+        LLM(path, quantization="int4", max_model_len=64)
+    llm = LLM(path, quantization="int8", max_model_len=64)      # int8 holds any shape
+    try:
+        out = llm.generate(prompt_token_ids=[[1, 2, 3]], sampling_params=None)[0]
+        assert out.finish_reason in ("stop", "length") and out.token_ids
+    finally:
+        llm.close()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return [[(11 * i + 7 * j) % 4000 + 5 for j in range(12)] for i in range(6)]
+
+
+def _gen(prompts, **kw):
+    from moeyard.runtime import LLM, SamplingParams
+    llm = LLM("default", max_num_seqs=8, max_model_len=128, **kw)
+    try:
+        outs = llm.generate(prompt_token_ids=prompts,
+                            sampling_params=SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
+        return [o.token_ids for o in outs], llm.stats()
+    finally:
+        llm.close()
+
+
+def test_plans_on_the_default_model(prompts, monkeypatch):
+    """bf16 storage with float32 arithmetic gives the float32 plan's greedy tokens; int8 and int4 stay close; the
+    plan is reported in stats()."""
+    base, st0 = _gen(prompts, threads=1)
+    monkeypatch.setenv("MOEYARD_KERNEL", "torch")
+    ref, st_ref = _gen(prompts, threads=1)
+    monkeypatch.delenv("MOEYARD_KERNEL")
+    assert st_ref["compute_experts"] == "float32" and st_ref["compute_kernel"] == "torch"
+    assert st0["compute_experts"] == "bf16" and st0["compute_kernel"].startswith("native")
+    assert st0["threads"] == 1 and st0["threads_reason"] == "asked for"
+    assert base == ref
+    for q, min_agree in (("int8", 0.6), ("int4", 0.3)):
+        toks, st = _gen(prompts, threads=1, quantization=q)
+        assert st["compute_experts"] == q and st["compute_dense"] == q
+        agree = sum(a == b for x, y in zip(toks, ref) for a, b in zip(x, y)) / sum(len(x) for x in ref)
+        first = sum(x[0] == y[0] for x, y in zip(toks, ref)) / len(ref)
+        assert agree >= min_agree and first >= 0.5, (q, agree, first)
+
+
+def test_thread_choice(monkeypatch, tmp_path):
+    assert T.choose_threads(3) == (3, "asked for")
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(MoeyardError, match="threads must be a positive integer"):
+            T.choose_threads(bad)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert T.choose_threads() == (1, "OMP_NUM_THREADS")
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    n, why = T.available_cores()
+    assert 1 <= n <= len(T.affinity_cpus()) and "affinity" in why
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    monkeypatch.setattr(T, "_read", lambda p: open(p).read().strip() if p.startswith(str(tmp_path)) and
+                        __import__("os").path.exists(p) else None)
+    assert T.cgroup_quota(str(tmp_path)) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert T.cgroup_quota(str(tmp_path)) is None
+    assert T.worker_threads(2, 4) == 1 and T.worker_threads(16, 4) == 4
+
+
+def test_offload_refuses_quantization_at_load():
+    from moeyard.runtime import LLM
+    with pytest.raises(ModelError, match=r"quantization='int4' is not supported in offload mode"):
+        LLM("default", mode="offload", quantization="int4")
+
+
+def test_plan_choice_rules():
+    cpu = torch.device("cpu")
+    assert C.plan_for("float32", torch.float32, cpu).experts == "float32"
+    p = C.plan_for("bfloat16", torch.bfloat16, cpu)
+    assert p.experts == "bfloat16" and not p.packs            # dtype asked for: torch's own kernels
+    with pytest.raises(ModelError, match="needs float32 activations"):
+        C.plan_for("bfloat16", torch.bfloat16, cpu, "int8")
+    q = C.plan_for("bfloat16", torch.float32, cpu, "int4")
+    assert (q.experts, q.dense, q.lm_head) == ("int4", "int4", "int8") and "int4" in q.describe()
