@@ -353,6 +353,9 @@ def build_app(async_llm, model_name: str = "moeyard", api_key: str | None = None
         else:
             param = ".".join(loc) or None
             m = e.get("msg", "invalid value")
+            if loc and loc[0] == "prompt" and len(errs) > 1:    # every member of the union failed
+                param = "prompt"
+                m = "must be a string, a list of strings, a list of token ids or a list of token-id lists"
             if e.get("type") in ("union_tag_invalid", "literal_error") or m.startswith("Input should be"):
                 m = m.replace("Input should be", "must be")
             msg = f"{param}: {m}" if param else m
