@@ -310,12 +310,18 @@ def build_app(async_llm, model_name: str = "moeyard", api_key: str | None = None
     def get_llm() -> AsyncLLM:
         return async_llm if isinstance(async_llm, AsyncLLM) or not callable(async_llm) else async_llm()
 
-    tok_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="moeyard-tokenize")
+    pools: list = []       # the tokenizer threads, made on first use (the app must pickle for Ray Serve)
+
+    def tok_pool():
+        if not pools:
+            pools.append(concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="moeyard-tokenize"))
+        return pools[0]
 
     @asynccontextmanager
     async def lifespan(app):
         yield
-        tok_pool.shutdown(wait=False, cancel_futures=True)
+        for p in pools:
+            p.shutdown(wait=False, cancel_futures=True)
         llm = get_llm()
         if llm is not None:
             await asyncio.to_thread(llm.shutdown)
@@ -347,6 +353,9 @@ def build_app(async_llm, model_name: str = "moeyard", api_key: str | None = None
         else:
             param = ".".join(loc) or None
             m = e.get("msg", "invalid value")
+            if loc and loc[0] == "prompt" and len(errs) > 1:    # every member of the union failed
+                param = "prompt"
+                m = "must be a string, a list of strings, a list of token ids or a list of token-id lists"
             if e.get("type") in ("union_tag_invalid", "literal_error") or m.startswith("Input should be"):
                 m = m.replace("Input should be", "must be")
             msg = f"{param}: {m}" if param else m
@@ -415,7 +424,7 @@ def build_app(async_llm, model_name: str = "moeyard", api_key: str | None = None
         if len(text) > cap * per:
             raise APIError(f"the prompt has {len(text)} characters, more than {cap} tokens can hold (the most a "
                            f"prompt may have: {_cap_name(llm, limits)})", param=param, code="prompt_too_long")
-        return await asyncio.get_running_loop().run_in_executor(tok_pool, llm.tokenizer.encode, text)
+        return await asyncio.get_running_loop().run_in_executor(tok_pool(), llm.tokenizer.encode, text)
 
     async def prompt_ids(llm, p, param: str) -> list[int]:
         ids = await tokenize(llm, p, param) if isinstance(p, str) else list(p)
@@ -465,7 +474,7 @@ def build_app(async_llm, model_name: str = "moeyard", api_key: str | None = None
             msgs.append({"role": m.role, "content": c or ""})
         try:
             prompt = await asyncio.get_running_loop().run_in_executor(
-                tok_pool, llm.tokenizer.apply_chat_template, msgs, True)
+                tok_pool(), llm.tokenizer.apply_chat_template, msgs, True)
         except Exception:  # noqa: BLE001 — a template error is the request's problem
             raise APIError("cannot render the chat template for these messages", param="messages") from None
         ids = await prompt_ids(llm, prompt, "messages")

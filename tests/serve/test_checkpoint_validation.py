@@ -29,6 +29,9 @@ def base(tmp_path_factory):
     cfg = MoEConfig.from_dict(d)
     torch.manual_seed(0)
     model = MoEForCausalLM(cfg)
+    with torch.no_grad():                    # parameters start uninitialised: real values, never NaN garbage
+        for p in model.parameters():
+            p.normal_(0, 0.2) if p.dim() > 1 else p.fill_(1.0)
     save_mixtral(model.state_dict(), ParamExperts(cfg, init_std=0.2), cfg, d, path, dtype=torch.float32)
     return path
 

@@ -72,7 +72,9 @@ def test_offload_reader_sigstop_with_scrape(serve_ckpt):
 @pytest.mark.skipif(os.environ.get("MOEYARD_SKIP_RAY_SERVE") == "1", reason="MOEYARD_SKIP_RAY_SERVE=1 is set")
 def test_ray_worker_sigkill_under_serve(serve_ckpt):
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         llm = LLM(serve_ckpt, mode="ray", num_workers=2, max_num_seqs=2, max_model_len=1024)
         allm = AsyncLLM(llm, restart_backoff=0.2)
@@ -101,4 +103,5 @@ def test_ray_worker_sigkill_under_serve(serve_ckpt):
         finally:
             allm.shutdown()
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
