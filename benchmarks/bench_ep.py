@@ -149,9 +149,9 @@ def main():
     write_json(a, path, results, same, simulation=sim)
 
 
-# -- speculative shuffling (runtime/spec_shuffle.py) ---------------------------------------------------------------
+# -- speculative shuffling (cluster/planner.py) ---------------------------------------------------------------
 SPEC_RUNS = [  # name, ep_scheme, placement, speculative_shuffle, shuffle_options
-    # form 1: data-parallel attention, request placement (runtime/spec_shuffle.py)
+    # form 1: data-parallel attention, request placement (cluster/planner.py)
     ("round_robin (baseline)", "standard", "round_robin", False, None),
     ("affinity (placement alone)", "standard", "affinity", False, None),
     ("round_robin + shuffle (shuffling alone)", "standard", "round_robin", True, {}),
@@ -160,7 +160,7 @@ SPEC_RUNS = [  # name, ep_scheme, placement, speculative_shuffle, shuffle_option
     ("affinity + shuffle, eager KV moves (horizon 1e6)", "standard", "affinity", True,
      {"horizon": 1e6, "max_moves": 8}),
     ("affinity + shuffle, no balance bound (slack 8)", "standard", "affinity", True, {"slack": 8}),
-    # form 2: tensor-parallel attention, token shuffling (runtime/ep_tp.py)
+    # form 2: tensor-parallel attention, token shuffling (comm/tp.py)
     ("TP round_robin (form-2 baseline)", "tp", "round_robin", False, None),
     ("TP coactivation (grouping alone)", "tp", "coactivation", False, None),
     ("TP round_robin + shuffle (shuffling alone)", "tp", "round_robin", True, {}),
