@@ -27,6 +27,20 @@ def calibration_sequences(tokenizer, vocab_size: int, tokens: int, max_model_len
     return [ids[i:i + n] for i in range(0, len(ids), n) if len(ids[i:i + n]) > 1]
 
 
+def plan_routing(plans, routing, num_layers: int, top_k: int):
+    """(token ids [T], (slot, worker) per token, routing [T, L_moe, K]) of a step's plans, in plan order."""
+    tok, slot_worker, rt = [], [], []
+    for g, (plan, r) in enumerate(zip(plans, routing)):
+        if r is None or not plan:
+            continue
+        rt.append(torch.as_tensor(r).long())
+        for it in plan:
+            tok.extend(it.token_ids)
+            slot_worker.extend([(it.slot, g)] * len(it.token_ids))
+    rt = torch.cat(rt) if rt else torch.empty((0, num_layers, top_k), dtype=torch.long)
+    return torch.tensor(tok, dtype=torch.long), slot_worker, rt
+
+
 def record_routing(step_plans, world: int, seqs: list[list[int]], batch: int, num_layers: int, top_k: int
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prefill ``seqs`` ``batch`` at a time through ``step_plans(plans, max_len, moves, capture)`` (which returns
@@ -35,11 +49,7 @@ def record_routing(step_plans, world: int, seqs: list[list[int]], batch: int, nu
     for i in range(0, len(seqs), max(1, batch)):
         items = [StepItem(j, s, 0, True) for j, s in enumerate(seqs[i:i + max(1, batch)])]
         plans, _, max_len = partition(items, world)
-        _, routing = step_plans(plans, max_len, None, True)
-        for plan, r in zip(plans, routing):
-            for it in plan:
-                toks.extend(it.token_ids)
-            if plan:
-                routes.append(torch.as_tensor(r).long())
-    rt = torch.cat(routes) if routes else torch.empty((0, num_layers, top_k), dtype=torch.long)
-    return torch.tensor(toks, dtype=torch.long), rt
+        tok, _, rt = plan_routing(plans, step_plans(plans, max_len, None, True)[1], num_layers, top_k)
+        toks.append(tok)
+        routes.append(rt)
+    return torch.cat(toks), torch.cat(routes)

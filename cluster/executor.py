@@ -147,6 +147,16 @@ class EPExecutor:
                                      f"workers)") from exc
         return merge_logits(outs, where)
 
+    def enable_spec(self, cfg, placement, dtype, trace, tokenizer, max_num_seqs: int, max_model_len: int,
+                    options: dict | None):
+        """Speculative shuffling form 1: the planner, its token-identity table seeded from ``trace`` (or rebuilt
+        by a calibration prefill on the workers, with a warning)."""
+        from .planner import SpecShuffler
+        self.spec = SpecShuffler(cfg, placement, self.world, dtype, replicated_kv=self.scheme.replicated_kv,
+                                 **(options or {}))
+        self.spec.load_table(trace, self.step_plans, tokenizer, max_num_seqs, max_model_len)
+        self.placement_info["token_table"] = self.spec.table_source
+
     def free(self, slot: int):
         if self.spec is not None:
             self.spec.free(slot)
@@ -172,7 +182,7 @@ def thread_executor(path: str, placement, world: int, scheme: str = "standard", 
                     trace: dict | None = None, tokenizer=None, shuffle_options: dict | None = None) -> EPExecutor:
     """Workers in threads of this process over a gloo FileStore group (tests, debugging; no Ray)."""
     from ..moe.config import MoEConfig
-    from .planner import SpecShuffler, check_spec
+    from .planner import check_spec
     from .worker import EPWorker
     cfg = MoEConfig.from_dir(path)
     form = get_scheme(scheme, cfg, world).spec_form
@@ -185,7 +195,6 @@ def thread_executor(path: str, placement, world: int, scheme: str = "standard", 
     ex = EPExecutor(ThreadTransport(workers, timeout_s), scheme, world)
     ex.workers = workers
     if speculative_shuffle and not worker_shuffle:
-        ex.spec = SpecShuffler(cfg, placement, world, workers[0].dtype, replicated_kv=ex.scheme.replicated_kv,
-                               **(shuffle_options or {}))
-        ex.spec.load_table(trace, ex.step_plans, tokenizer, max_num_seqs, max_model_len)
+        ex.enable_spec(cfg, placement, workers[0].dtype, trace, tokenizer, max_num_seqs, max_model_len,
+                       shuffle_options)
     return ex

@@ -102,34 +102,27 @@ def build_ray(ctx, num_workers: int = 2, placement: str = "round_robin", ep_sche
     ex.placement_info, ex._on_close = info, shutdown
     if speculative_shuffle and not worker_shuffle:
         try:
-            _start_spec(ex, ctx, pl, num_workers, tokenizer, shuffle_options)
+            _start_spec(ex, ctx, pl, tokenizer, shuffle_options)
         except BaseException:
             ex.close()
             raise
     return ex, tokenizer
 
 
-def _start_spec(ex, ctx, placement, num_workers, tokenizer, shuffle_options):
-    """Speculative shuffling form 1: the driver-side planner, its token-identity table seeded from the model's
-    ``trace.npz`` (or rebuilt by a calibration prefill on the workers, with a warning)."""
+def _start_spec(ex, ctx, placement, tokenizer, shuffle_options):
     from ..moe.loader import resolve_dtype
     from ..moe.predictors import load_trace
-    from .planner import SpecShuffler
-    try:
-        spec = SpecShuffler(ctx.cfg, placement, num_workers, resolve_dtype(ctx.dtype, ctx.cfg, ctx.device),
-                            replicated_kv=ex.scheme.replicated_kv, **(shuffle_options or {}))
-    except TypeError as exc:
-        raise MoeyardError(f"shuffle_options: {exc}") from None
-    f = os.path.join(ctx.path, "trace.npz")
-    trace = None
+    f, trace = os.path.join(ctx.path, "trace.npz"), None
     if os.path.isfile(f):
         try:
             trace = load_trace(f)
         except (OSError, ValueError) as exc:
             log.warning("speculative shuffling: cannot read %s: %s", f, exc)
-    spec.load_table(trace, ex.step_plans, tokenizer, ctx.max_num_seqs, ctx.max_model_len)
-    ex.spec = spec
-    ex.placement_info["token_table"] = spec.table_source
+    try:
+        ex.enable_spec(ctx.cfg, placement, resolve_dtype(ctx.dtype, ctx.cfg, ctx.device), trace, tokenizer,
+                       ctx.max_num_seqs, ctx.max_model_len, shuffle_options)
+    except TypeError as exc:
+        raise MoeyardError(f"shuffle_options: {exc}") from None
 
 
 def _calibrate(ctx, tokenizer, num_workers, start, tokens: int = 512):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..comm.schemes import tp_spec_stats
+from ..comm.tp import spec_stats
 from ..runtime.executor import StepItem
 from .worker import WorkItem
 
@@ -66,5 +66,6 @@ def sum_stats(per_worker: list[dict]) -> dict:
     loc = d.pop("local_assignments", 0)
     d["local_fraction"] = loc / tot if tot else 0.0
     d["routed_assignments"] = tot
-    d.update(tp_spec_stats(d))
+    tp = {k[3:]: d.pop(k) for k in [k for k, v in d.items() if k.startswith("tp_") and isinstance(v, list)]}
+    d.update(spec_stats(tp) if tp else {})
     return d

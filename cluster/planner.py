@@ -37,7 +37,7 @@ import torch
 
 from ..moe.predictors import TokenTablePredictor, token_table_problem, trace_tokens
 from ..runtime.executor import StepItem
-from .calibrate import calibration_sequences, record_routing
+from .calibrate import calibration_sequences, plan_routing, record_routing
 from .partition import home_of, merge_logits, partition
 
 log = logging.getLogger(__name__)
@@ -195,24 +195,8 @@ class SpecShuffler:
         return {it.slot: self.where[it.slot] for it in items}, moves
 
     # -- feedback -------------------------------------------------------------------------------------------------
-    def _gather(self, plans, routing):
-        tok, slot_worker, rt = [], [], []
-        for g, (plan, r) in enumerate(zip(plans, routing)):
-            if r is None or not plan:
-                continue
-            r = torch.as_tensor(r).long()
-            i = 0
-            for it in plan:
-                n = len(it.token_ids)
-                tok.extend(it.token_ids)
-                slot_worker.extend([(it.slot, g)] * n)
-                rt.append(r[i:i + n])
-                i += n
-        rt = torch.cat(rt) if rt else torch.empty((0, self.L, self.K), dtype=torch.long)
-        return torch.tensor(tok, dtype=torch.long), slot_worker, rt
-
     def feed(self, plans, routing):
-        tok, sw, rt = self._gather(plans, routing)
+        tok, sw, rt = plan_routing(plans, routing, self.L, self.K)
         N = len(tok)
         if not N:
             return

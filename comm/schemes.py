@@ -22,7 +22,7 @@ import torch
 from ..moe.experts import run_experts
 from .coherent import apply_coherent, coherent_hidden
 from .dispatch import A2ADispatcher
-from .tp import apply_tp, head_range, spec_stats
+from .tp import apply_tp, head_range
 
 
 def _hybrid(cfg) -> bool:
@@ -132,9 +132,3 @@ def get_scheme(name: str, cfg=None, world: int | None = None) -> Scheme:
 
 def check_scheme(name: str, cfg, world: int = 1):
     get_scheme(name, cfg, world)
-
-
-def tp_spec_stats(summed: dict) -> dict:
-    """Form-2 accuracy from counters summed over workers (``tp_*`` lists)."""
-    c = {k[3:]: summed.pop(k) for k in [k for k in summed if k.startswith("tp_") and isinstance(summed[k], list)]}
-    return spec_stats(c) if c else {}

@@ -197,14 +197,12 @@ def apply_tp(model, ex, placement, layer_index: dict[int, int], shuffle: bool = 
 
 
 def spec_stats(c: dict) -> dict:
-    """Form-2 prediction accuracy from the summed per-layer counters (lists)."""
+    """Form-2 prediction accuracy (overall and ``*_per_layer``) from the summed per-layer counters (lists)."""
     t = {k: torch.tensor(v, dtype=torch.float64) for k, v in c.items()}
     out = {}
     if float(t["tokens"].sum()):
-        out["spec_expert_precision_per_layer"] = (t["pred_hits"] / t["pairs"].clamp(min=1)).tolist()
-        out["spec_worker_accuracy_per_layer"] = (t["worker_hits"] / t["tokens"].clamp(min=1)).tolist()
-        out["spec_local_fraction_per_layer"] = (t["local_pairs"] / t["pairs"].clamp(min=1)).tolist()
-        out["spec_expert_precision"] = float(t["pred_hits"].sum() / t["pairs"].sum())
-        out["spec_worker_accuracy"] = float(t["worker_hits"].sum() / t["tokens"].sum())
-        out["spec_local_fraction"] = float(t["local_pairs"].sum() / t["pairs"].sum())
+        for name, hits, of in (("expert_precision", "pred_hits", "pairs"), ("worker_accuracy", "worker_hits", "tokens"),
+                               ("local_fraction", "local_pairs", "pairs")):
+            out[f"spec_{name}_per_layer"] = (t[hits] / t[of].clamp(min=1)).tolist()
+            out[f"spec_{name}"] = float(t[hits].sum() / t[of].sum())
     return out
