@@ -15,17 +15,12 @@ calibration run when ``affinity`` / ``coactivation`` has no ``trace.npz`` to sol
 
 from __future__ import annotations
 
-import logging
-import os
-
 from ..comm.schemes import SCHEMES, get_scheme
 from ..moe.errors import MoeyardError
 from ..moe.tokenizer import Tokenizer
 from . import layout
 from .calibrate import calibration_sequences, record_routing
 from .planner import check_spec
-
-log = logging.getLogger(__name__)
 
 
 def build_ray(ctx, num_workers: int = 2, placement: str = "round_robin", ep_scheme: str = "standard",
@@ -56,9 +51,11 @@ def build_ray(ctx, num_workers: int = 2, placement: str = "round_robin", ep_sche
         pl = layout.static_placement(placement, cfg, num_workers)
     elif placement in ("affinity", "coactivation"):
         layout.check_workers(cfg, num_workers)
-        trace = layout.trace_of_model(ctx.path)
     else:
         pl = layout.load_placement_file(placement, cfg, num_workers)
+    if pl is None or (speculative_shuffle and not worker_shuffle):
+        trace = layout.trace_of_model(ctx.path)        # the one trace loader (placement.load_trace), validated
+    model_trace = trace
     tokenizer = Tokenizer.from_dir(ctx.path)
 
     from .executor import EPExecutor, RayTransport
@@ -102,24 +99,18 @@ def build_ray(ctx, num_workers: int = 2, placement: str = "round_robin", ep_sche
     ex.placement_info, ex._on_close = info, shutdown
     if speculative_shuffle and not worker_shuffle:
         try:
-            _start_spec(ex, ctx, pl, tokenizer, shuffle_options)
+            _start_spec(ex, ctx, pl, model_trace, tokenizer, shuffle_options)
         except BaseException:
             ex.close()
             raise
     return ex, tokenizer
 
 
-def _start_spec(ex, ctx, placement, tokenizer, shuffle_options):
+def _start_spec(ex, ctx, placement, trace, tokenizer, shuffle_options):
     from ..moe.loader import resolve_dtype
-    from ..moe.predictors import load_trace
-    f, trace = os.path.join(ctx.path, "trace.npz"), None
-    if os.path.isfile(f):
-        try:
-            trace = load_trace(f)
-        except (OSError, ValueError) as exc:
-            log.warning("speculative shuffling: cannot read %s: %s", f, exc)
+    table = None if trace is None else {"experts": trace.experts_TLk, "token_ids": trace.token_ids_T}
     try:
-        ex.enable_spec(ctx.cfg, placement, resolve_dtype(ctx.dtype, ctx.cfg, ctx.device), trace, tokenizer,
+        ex.enable_spec(ctx.cfg, placement, resolve_dtype(ctx.dtype, ctx.cfg, ctx.device), table, tokenizer,
                        ctx.max_num_seqs, ctx.max_model_len, shuffle_options)
     except TypeError as exc:
         raise MoeyardError(f"shuffle_options: {exc}") from None

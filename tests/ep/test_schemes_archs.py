@@ -1,6 +1,7 @@
 """Every scheme serves every architecture's attention: deepseek_v3 (MLA: the compressed latent is what is
-replicated, moved and split) and gpt_oss (sinks, sliding window) token-identical to local mode at 2 and 4 workers,
-with and without speculative shuffling. Workers in threads over gloo; Ray in test_spec_ray.py."""
+replicated, moved and split), gpt_oss (sinks, sliding window), glm4_moe (partial RoPE, q/k/v bias, per-head q/k
+norm) and minimax_m2 (q/k norm over the full projection: heads picked after it) token-identical to local mode at 2
+and 4 workers, with and without speculative shuffling. Workers in threads over gloo; Ray in test_spec_ray.py."""
 
 import warnings
 
@@ -14,12 +15,13 @@ GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 # the 31-token prompt runs past gpt_oss's sliding window (8) and is prefilled in chunks
 PROMPTS = [[5, 6, 7], list(range(30, 61)), [100], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11, 12]]
 EAGER = dict(max_moves=4, horizon=1e6, calibration_tokens=256)
+ARCHS = ("deepseek_v3", "gpt_oss", "glm4_moe", "minimax_m2")
 
 
 @pytest.fixture(scope="module")
 def local_runs(tiny_ckpt):
     out = {}
-    for arch in ("deepseek_v3", "gpt_oss"):
+    for arch in ARCHS:
         path, _ = tiny_ckpt(arch)
         llm = LLM(path, max_num_seqs=4, max_num_batched_tokens=16)
         out[arch] = (path, llm, [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS,
@@ -35,7 +37,7 @@ def run(llm, ex):
         llm.engine.executor = old
 
 
-@pytest.mark.parametrize("arch", ["deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("scheme", ["standard", "coherent", "tp"])
 @pytest.mark.parametrize("spec", [False, True], ids=["plain", "shuffle"])
