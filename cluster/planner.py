@@ -22,8 +22,8 @@ Counters (``stats``): ``shuffle_moves``, ``shuffle_moved_positions``, ``shuffle_
 the busiest worker's tokens / the average worker's; 1 = balanced); ``spec_expert_precision`` (share of the
 table's top-k predicted experts that were routed to), ``spec_worker_accuracy`` (the predicted worker holds the
 token's first-choice expert), ``spec_local_fraction`` (share of (token, expert) pairs served where the token
-ran), each also ``*_per_layer`` (a list over MoE layers). KV bytes moved are counted by the workers as ``shuffle_bytes``, included in
-``a2a_bytes``.
+ran), each also ``*_per_layer`` (a list over MoE layers). KV bytes moved are counted by the workers as
+``shuffle_bytes``, included in ``a2a_bytes``.
 """
 
 from __future__ import annotations

@@ -88,41 +88,23 @@ class EPWorker:
     @torch.inference_mode()
     def step(self, items: list[WorkItem], max_len: int, moves: list | None = None, capture: bool = False):
         """Run one step for this worker's items (maybe none); returns (logits [B_sample, V] of the sampled items
-        it answers for, its cumulative counters, with ``capture`` its tokens' routing: int16 [N, L_moe, K] (standard
-        scheme), per MoE layer (keys, ids [R, K]) of the tokens routed here (coherent), else None). ``moves`` (speculative
-        shuffling; the same list on every worker): sequences ``(slot, src, dst, T)`` whose first T cache entries
-        move from worker src to dst before the step."""
+        it answers for, its cumulative counters, with ``capture`` its tokens' routing — int16 [N, L_moe, K]
+        (standard), per MoE layer (keys, ids [R, K]) of the tokens routed here (coherent) — else None).
+        ``moves`` (speculative shuffling; the same list on every worker): sequences ``(slot, src, dst, T)`` whose
+        first T cache entries move from worker src to dst before the step."""
         if self.ex is None:
             raise RuntimeError("EPWorker.step before connect()")
         self.kv.ensure(max_len)
         self.steps += 1
         if moves and not self.scheme.replicated_kv:
             move_sequences(self.ex, self.kv, moves)
-        ids_N, tab = flatten(items, self.rank)
-        batch = None
-        if items and self.scheme.name != "coherent":
-            _, batch = build_batch([StepItem(it.slot, list(it.token_ids), it.start, it.sample) for it in items],
-                                   self.device, self.kv)
-        cap = {}
-        if self.scheme.name == "coherent":       # tokens move: routing is logged by key wherever they are
-            logits = self.scheme.run(self, ids_N, _Hooks([]), tab, cap if capture else None)
-            routing = [cap[l] for l in self.moe_layers] if capture else None
-            return logits, self.stats(), routing
-        capture = capture and self.scheme.name == "standard"
-        if batch is not None and capture:
-            batch.route_hooks = [lambda layer, x, ids, w: cap.__setitem__(layer, ids.cpu())]
-        logits = self.scheme.run(self, ids_N, batch, tab)
-        routing = None
-        if capture:
-            L, K = len(self.moe_layers), self.cfg.top_k
-            routing = (torch.stack([cap[l] for l in self.moe_layers], 1).to(torch.int16) if len(ids_N)
-                       else torch.empty((0, L, K), dtype=torch.int16))
+        logits, routing = self.scheme.run(self, items, *flatten(items, self.rank), capture)
         return logits, self.stats(), routing
 
-
-class _Hooks:
-    def __init__(self, hooks):
-        self.route_hooks = hooks
+    def batch(self, items: list[WorkItem]):
+        """The model's ForwardBatch over ``items`` (this worker's cache)."""
+        return build_batch([StepItem(it.slot, list(it.token_ids), it.start, it.sample) for it in items],
+                           self.device, self.kv)[1]
 
 
 def flatten(items: list[WorkItem], rank: int) -> tuple[torch.Tensor, torch.Tensor]:

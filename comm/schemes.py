@@ -3,7 +3,7 @@
 A scheme is applied to a worker's built model (gpt-fast's ``apply_tp``, torchtitan's ``parallelize``): it swaps
 in its dispatcher and wrappers around the model's own attention and MoE blocks, so the model in ``moe/`` stays
 the only forward pass. Per step the worker hands it the step's tokens; it returns the logits of the sampled rows
-this worker answers for.
+this worker answers for (and, when asked, the routing the speculative planner learns from).
 
   standard  the model's forward with the all-to-all dispatcher (``dispatch.A2ADispatcher``): token rows visit
             their experts' workers and come back at every MoE layer. Data-parallel attention: a sequence runs on
@@ -31,8 +31,9 @@ def _hybrid(cfg) -> bool:
 
 class Scheme:
     """``check(cfg, world)`` raises ValueError naming the scheme and the model it cannot serve; ``apply`` wraps
-    the model; ``run`` is one step. ``all_tokens``: every worker runs every token (the driver sends each worker
-    the whole step); ``spec_form``: the speculative-shuffling form it supports."""
+    the model; ``run(worker, items, ids_N, tab, capture) -> (logits, routing)`` is one step. ``all_tokens``:
+    every worker runs every token (the driver sends each worker the whole step); ``spec_form``: the
+    speculative-shuffling form it supports; ``replicated_kv``: every worker holds every cache."""
     name = ""
     all_tokens = False
     spec_form = 1
@@ -54,20 +55,27 @@ class Scheme:
 class Standard(Scheme):
     name = "standard"
 
-    def run(self, worker, ids_N, batch, tab):
-        if not len(ids_N):                  # no tokens here: still meet the others at every MoE layer
-            m, cfg = worker.model, worker.cfg
+    def run(self, worker, items, ids_N, tab, capture: bool = False):
+        m, cfg = worker.model, worker.cfg
+        L, K = len(worker.moe_layers), cfg.top_k
+        if not items:                       # no tokens here: still meet the others at every MoE layer
             x = torch.empty((0, cfg.hidden_size), dtype=worker.dtype, device=worker.device)
-            ids = torch.empty((0, cfg.top_k), dtype=torch.long, device=worker.device)
+            ids = torch.empty((0, K), dtype=torch.long, device=worker.device)
             for l in worker.moe_layers:
-                r = m.dispatcher.dispatch(l, x, ids, x.new_empty((0, cfg.top_k)))
+                r = m.dispatcher.dispatch(l, x, ids, x.new_empty((0, K)))
                 m.dispatcher.combine(run_experts(l, r.x_MD, r.expert_ids, r.counts, m.experts), r.meta)
-            return torch.empty((0, cfg.vocab_size))
-        return worker.model(ids_N.to(worker.device), batch).cpu()
+            return torch.empty((0, cfg.vocab_size)), torch.empty((0, L, K), dtype=torch.int16) if capture else None
+        batch, cap = worker.batch(items), {}
+        if capture:
+            batch.route_hooks = [lambda layer, x, ids, w: cap.__setitem__(layer, ids.cpu())]
+        logits = m(ids_N.to(worker.device), batch).cpu()
+        routing = torch.stack([cap[l] for l in worker.moe_layers], 1).to(torch.int16) if capture else None
+        return logits, routing
 
 
 class Coherent(Scheme):
     name = "coherent"
+    replicated_kv = True       # every worker holds every sequence's cache: moving a sequence moves no bytes
 
     def check(self, cfg, world: int):
         if _hybrid(cfg):
@@ -78,11 +86,11 @@ class Coherent(Scheme):
         super().apply(worker, shuffle, options)
         apply_coherent(worker.model, worker.ex, worker.placement, worker.layer_index)
 
-    replicated_kv = True       # every worker holds every sequence's cache: moving a sequence moves no bytes
-
-    def run(self, worker, ids_N, batch, tab, routing_log=None):
-        h = coherent_hidden(worker.model, ids_N, tab, worker.kv, worker.ex, batch.route_hooks, routing_log)
-        return worker.model.lm_head(h).float().cpu()
+    def run(self, worker, items, ids_N, tab, capture: bool = False):
+        """Routing (``capture``) is logged by key wherever the tokens are: per MoE layer (keys, ids [R, K])."""
+        log = {} if capture else None
+        h = coherent_hidden(worker.model, ids_N, tab, worker.kv, worker.ex, routing_log=log)
+        return worker.model.lm_head(h).float().cpu(), [log[l] for l in worker.moe_layers] if capture else None
 
 
 class TensorParallel(Scheme):
@@ -107,11 +115,12 @@ class TensorParallel(Scheme):
     def kv_shape(self, worker) -> tuple:
         return self.heads.kv_shape()
 
-    def run(self, worker, ids_N, batch, tab):
+    def run(self, worker, items, ids_N, tab, capture: bool = False):
         """Every worker runs every item; sampled row i's logits come from worker i % G."""
+        batch = worker.batch(items)
         h = worker.model.hidden(ids_N.to(worker.device), batch)
         rows = batch.logits_idx[worker.rank::worker.world]
-        return worker.model.lm_head(h[rows]).float().cpu()
+        return worker.model.lm_head(h[rows]).float().cpu(), None
 
     def stats(self) -> dict:
         return {f"tp_{k}": list(v) for k, v in self.counters.items()}

@@ -2,8 +2,8 @@
 
 A sink is an extra logit per head in the softmax's denominator with no value (transformers' eager
 ``eager_attention_forward`` concatenates it to the scores and drops its probability). Scaled-dot-product kernels
-have no such term, so ``core`` computes attention explicitly (projection and cache are ``layers.Attention``'s). A sliding layer lets query position p see keys
-``p - sliding_window < k <= p``; the cache keeps every position (positions are never evicted), the window is a
+have no such term, so ``core`` computes attention explicitly (projection and cache are ``layers.Attention``'s).
+A sliding layer lets query position p see keys ``p - sliding_window < k <= p``; the cache keeps every position (positions are never evicted), the window is a
 mask, so windowed and full layers share one cache layout.
 """
 
