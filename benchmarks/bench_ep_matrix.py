@@ -70,6 +70,18 @@ def ceilings(experts_TLK, seq_T, holders):
     return float(by_seq.max(1).sum() / pairs), float(per.max(2).sum() / pairs), float(per.sum() / G / pairs)
 
 
+def imbalance(s0, s1, spec, scheme):
+    """Busiest worker's tokens / the mean over the measured run only (the warm-up excluded): form 1 per step
+    (the planner's running mean times steps), form 2 per MoE layer and step (summed counts)."""
+    if not spec:
+        return None
+    if scheme == "tp":
+        b = s1["shuffle_busiest_tokens"] - s0.get("shuffle_busiest_tokens", 0)
+        return b / max(1e-9, s1["shuffle_even_tokens"] - s0.get("shuffle_even_tokens", 0))
+    n0, n1 = s0.get("ep_steps", 0), s1["ep_steps"]
+    return (s1["shuffle_imbalance"] * n1 - s0.get("shuffle_imbalance", 1.0) * n0) / max(1, n1 - n0)
+
+
 def matrix_main(a):
     import ray
 
@@ -113,7 +125,7 @@ def matrix_main(a):
                      "breakdown_per_generated_token": {k: v / gen for k, v in d.items() if k != "a2a_bytes"},
                      "local_fraction": loc / routed if routed else 0.0, "form": form,
                      "ceiling": ceil[placement][form - 1], "average_worker": ceil[placement][2],
-                     "imbalance": s1.get("shuffle_imbalance"), "moves": s1.get("shuffle_moves"),
+                     "imbalance": imbalance(s0, s1, spec, scheme), "moves": s1.get("shuffle_moves"),
                      "tokens_per_s": gen / wall, "errors": sum(o.finish_reason == "error" for o in outs),
                      "tokens": [o.token_ids for o in outs]}
                 results.append(r)
@@ -131,9 +143,10 @@ def matrix_main(a):
         rows.append([r["scheme"], r["placement"], "on" if r["speculative_shuffle"] else "off",
                      f"{r['bytes_per_generated_token']:,.0f}", f"{100 * (r['bytes_per_generated_token'] / base - 1):+.0f}%",
                      f"{b['moe_bytes']:,.0f}", f"{b['kv_bytes']:,.0f}", f"{b['hidden_bytes']:,.0f}",
-                     f"{b['tp_bytes'] + b['shuffle_bytes']:,.0f}", f"{r['local_fraction']:.3f}",
-                     f"{r['ceiling']:.3f} (form {r['form']})",
-                     "-" if not r["speculative_shuffle"] or r["ceiling"] <= r["average_worker"] else
+                     f"{b['tp_bytes'] + b['shuffle_bytes']:,.0f}", f"{b['meta_bytes']:,.0f}",
+                     f"{r['local_fraction']:.3f}", f"{r['ceiling']:.3f} (form {r['form']})",
+                     "-" if not r["speculative_shuffle"] or r["scheme"] == "coherent"
+                     or r["ceiling"] <= r["average_worker"] else
                      f"{(r['local_fraction'] - r['average_worker']) / (r['ceiling'] - r['average_worker']):.0%}",
                      "-" if r["imbalance"] is None else f"{r['imbalance']:.2f}", f"{r['tokens_per_s']:.1f}"])
     name = os.path.basename(os.path.normpath(path))
@@ -146,10 +159,12 @@ def matrix_main(a):
             f"fraction of the run's form on this workload's routing (form 1: each sequence on its best worker; "
             f"form 2: each token at each layer on its best worker; no balance bound); 'of ceiling' = (local - "
             f"average worker) / (ceiling - average worker), average worker = {ceil['round_robin'][2]:.3f} for "
-            f"round robin. Busiest worker / mean: form 1 tokens per step. Greedy tokens identical in all runs: "
+            f"round robin (coherent: '-', its locality follows its own rule, form 1 only picks where a step starts). "
+            f"Busiest / mean (shuffling, measured run only): form 1 tokens per worker per step, form 2 tokens per "
+            f"destination per MoE layer. Greedy tokens identical in all runs: "
             f"**{same}**. Raw: `{a.out}`.", "",
             table(["scheme", "placement", "shuffle", "net bytes / gen. token", "vs standard rr", "MoE rows",
-                   "cache entries", "residual moves", "TP / shuffle collectives", "local fraction",
+                   "cache entries", "residual moves", "TP / shuffle collectives", "meta", "local fraction",
                    "ceiling", "of ceiling", "busiest / mean", "tokens/s"], rows)]
     record(f"Expert parallelism: every scheme ({name})",
            "RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 .venv/bin/python " + " ".join(sys.argv), "\n".join(body))

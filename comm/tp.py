@@ -34,7 +34,7 @@ from ..moe.attention import attend
 from ..moe.experts import run_experts
 from .dispatch import hold_table
 
-COUNTERS = ("tokens", "pred_hits", "worker_hits", "pairs", "local_pairs")
+COUNTERS = ("tokens", "pred_hits", "worker_hits", "pairs", "local_pairs", "busiest", "even")
 
 
 def head_range(H: int, rank: int, world: int) -> tuple[int, int]:
@@ -146,6 +146,8 @@ class TPLayer(nn.Module):
             pred_NK = pred_NK.cpu()
             score = (pw_NK.cpu().float().unsqueeze(-1) * self.hold_EG.float()[pred_NK]).sum(1)   # [N, G]
             dest_N = balanced_destinations(score, self.slack)
+            self.c["busiest"][self.row] += int(torch.bincount(dest_N, minlength=G).max()) if N else 0
+            self.c["even"][self.row] += N / G
         else:
             dest_N = torch.arange(N) % G
         # each token's heads go only to its destination (replaces the all-reduce)
@@ -205,4 +207,7 @@ def spec_stats(c: dict) -> dict:
                                ("local_fraction", "local_pairs", "pairs")):
             out[f"spec_{name}_per_layer"] = (t[hits] / t[of].clamp(min=1)).tolist()
             out[f"spec_{name}"] = float(t[hits].sum() / t[of].sum())
+        # busiest destination's tokens / the even share, over MoE layers and steps (1 = balanced)
+        out["shuffle_busiest_tokens"], out["shuffle_even_tokens"] = float(t["busiest"].sum()), float(t["even"].sum())
+        out["shuffle_imbalance"] = out["shuffle_busiest_tokens"] / max(out["shuffle_even_tokens"], 1e-9)
     return out

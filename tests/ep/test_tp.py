@@ -61,6 +61,7 @@ def test_tp_lossless_with_and_without_shuffling(local_runs, arch, world, placeme
     for k in ("spec_expert_precision_per_layer", "spec_worker_accuracy_per_layer"):
         assert len(spec[k]) == len(llm.cfg.moe_layers) and all(0 <= v <= 1 for v in spec[k])
     assert "spec_expert_precision" not in base
+    assert spec["shuffle_imbalance"] >= 1.0 and spec["shuffle_busiest_tokens"] > 0
 
 
 @pytest.mark.parametrize("spec", [False, True])
