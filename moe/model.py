@@ -69,9 +69,6 @@ class ForwardBatch:
                 start += n
         return cls(positions_N, chunks, slots, kv, route_hooks=list(route_hooks or []), sparse=True)
 
-    def slot_tensor(self, i: int, n: int) -> torch.Tensor:
-        return torch.full((n,), self.slots[i], dtype=torch.long, device=self.positions_N.device)
-
     def read_len(self, i: int) -> int:
         """Cached positions chunk i reads."""
         start, n, ctx = self.chunks[i]
