@@ -4,6 +4,10 @@ two-tier links (``moeyard.placement.simulate``).
 
     RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 .venv/bin/python benchmarks/bench_ep.py [--model default]
 
+``--matrix``: every scheme x placement x shuffling on/off in one run, with the hindsight ceiling of each run's
+form beside it (``bench_ep_matrix.py``); ``--model tiny-deepseek`` builds a tiny random DeepSeek-V3 (MLA)
+checkpoint for it. ``--spec``: the speculative shuffling ablation.
+
 Without the default model (``moe/default_model``) pass ``--random`` to benchmark a random Mixtral of the same
 shape (routing of a random model has no structure, so affinity has little to find there).
 """
@@ -70,7 +74,14 @@ def main():
     ap.add_argument("--no-record", action="store_true", help="with --spec: do not write docs/BENCHMARKS.md")
     ap.add_argument("--form", type=int, choices=(1, 2), default=None,
                     help="with --spec: only form 1 (data-parallel) or form 2 (tensor-parallel) runs")
+    ap.add_argument("--matrix", action="store_true",
+                    help="{standard, coherent, tp} x {round_robin, affinity, coactivation} x shuffling on/off with "
+                         "ceilings; records docs/BENCHMARKS.md '## Expert parallelism: every scheme (<model>)'")
     a = ap.parse_args()
+    if a.matrix:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from bench_ep_matrix import matrix_main
+        return matrix_main(a)
     if a.spec:
         return spec_main(a)
 
@@ -149,9 +160,9 @@ def main():
     write_json(a, path, results, same, simulation=sim)
 
 
-# -- speculative shuffling (runtime/spec_shuffle.py) ---------------------------------------------------------------
+# -- speculative shuffling (cluster/planner.py) ---------------------------------------------------------------
 SPEC_RUNS = [  # name, ep_scheme, placement, speculative_shuffle, shuffle_options
-    # form 1: data-parallel attention, request placement (runtime/spec_shuffle.py)
+    # form 1: data-parallel attention, request placement (cluster/planner.py)
     ("round_robin (baseline)", "standard", "round_robin", False, None),
     ("affinity (placement alone)", "standard", "affinity", False, None),
     ("round_robin + shuffle (shuffling alone)", "standard", "round_robin", True, {}),
@@ -160,7 +171,7 @@ SPEC_RUNS = [  # name, ep_scheme, placement, speculative_shuffle, shuffle_option
     ("affinity + shuffle, eager KV moves (horizon 1e6)", "standard", "affinity", True,
      {"horizon": 1e6, "max_moves": 8}),
     ("affinity + shuffle, no balance bound (slack 8)", "standard", "affinity", True, {"slack": 8}),
-    # form 2: tensor-parallel attention, token shuffling (runtime/ep_tp.py)
+    # form 2: tensor-parallel attention, token shuffling (comm/tp.py)
     ("TP round_robin (form-2 baseline)", "tp", "round_robin", False, None),
     ("TP coactivation (grouping alone)", "tp", "coactivation", False, None),
     ("TP round_robin + shuffle (shuffling alone)", "tp", "round_robin", True, {}),
@@ -316,7 +327,7 @@ def spec_main(a):
         both = next((r for r in results if r["name"] == both_name), None)
         if both is None:
             continue
-        L = len([k for k in both if k.startswith("spec_expert_precision_l")])
+        L = len(both["spec_expert_precision_per_layer"])
         what = ("the token table's top-k" if both["scheme"] == "standard" else
                 "layer l's router on the pre-attention residual: its top-k")
         body += ["", f"Prediction accuracy per MoE layer ({both_name}"
@@ -325,7 +336,7 @@ def spec_main(a):
                      "chosen worker holds the token's first-choice expert; local = share of (token, expert) pairs "
                      "served where the token was.", "",
                  table(["layer"] + [str(i) for i in range(L)] + ["mean"],
-                       [[m] + [f"{both[f'{k}_l{i}']:.2f}" for i in range(L)] + [f"{both[k]:.2f}"]
+                       [[m] + [f"{both[f'{k}_per_layer'][i]:.2f}" for i in range(L)] + [f"{both[k]:.2f}"]
                         for m, k in (("expert precision", "spec_expert_precision"),
                                      ("worker accuracy", "spec_worker_accuracy"),
                                      ("local fraction", "spec_local_fraction"))])]

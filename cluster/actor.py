@@ -7,7 +7,7 @@ import socket
 
 
 class EPWorkerActor:
-    """Decorated with ``ray.remote`` by the worker group; holds one ``moeyard.runtime.ep_worker.EPWorker``."""
+    """Decorated with ``ray.remote`` by the worker group; holds one ``moeyard.cluster.worker.EPWorker``."""
 
     def __init__(self, **worker_kwargs):
         self._kw = worker_kwargs
@@ -19,7 +19,7 @@ class EPWorkerActor:
             kw = dict(self._kw)
             threads = kw.pop("threads", None)     # the driver's share for each worker of this machine
             torch.set_num_threads(int(os.environ.get("MOEYARD_WORKER_THREADS", threads or 1)))
-            from ..runtime.ep_worker import EPWorker
+            from .worker import EPWorker
             self._w = EPWorker(**kw)
         return self._w
 
@@ -41,26 +41,11 @@ class EPWorkerActor:
     def connect(self, init_method: str, backend: str | None, timeout_s: float) -> bool:
         return self._worker().connect(init_method, backend, timeout_s)
 
-    def step(self, items, max_len: int):
-        w = self._worker()
-        logits = w.step(items, max_len)
-        return logits, w.stats()
-
-    def step_spec(self, items, max_len: int, moves):
-        """A step with speculative shuffling: KV moves first, and this worker's routing returned."""
-        w = self._worker()
-        w.capture_routing = True
-        logits = w.step(items, max_len, moves)
-        return logits, w.stats(), w.last_routing
+    def step(self, items, max_len: int, moves=None, capture: bool = False):
+        return self._worker().step(items, max_len, moves, capture)
 
     def stats(self) -> dict:
         return self._worker().stats()
-
-    def start_recording(self):
-        self._worker().start_recording()
-
-    def take_trace(self):
-        return self._worker().take_trace()
 
     def pid(self) -> int:
         return os.getpid()

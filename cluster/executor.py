@@ -1,38 +1,74 @@
-"""The driver side of Ray mode: one Ray call per worker per step, logits merged in the engine's item order."""
+"""The expert-parallel driver: one executor over a transport that calls every worker once per step.
+
+Transports: ``RayTransport`` (the worker group's actors; a worker that dies or does not answer within
+``step_timeout`` fails the step) and ``ThreadTransport`` (plain ``EPWorker`` objects in threads of this process,
+for tests and debugging). ``EPExecutor`` splits the engine's items between workers by the scheme (a home worker
+per sequence, or every item to every worker for tensor-parallel attention), runs speculative shuffling form 1 when
+enabled, merges logits in the engine's item order and sums the workers' counters.
+"""
 
 from __future__ import annotations
 
+import os
+import tempfile
+import threading
 import time
 
 import torch
 
-from ..runtime.ep_worker import merge_logits, partition, partition_tp, sum_stats
+from ..comm.schemes import get_scheme
 from ..runtime.executor import RequestFailed, StepItem
-from .group import WorkerGroup
+from .partition import merge_logits, partition, partition_all, sum_stats
 
 
 class WorkerLost(RuntimeError):
     pass
 
 
-class RayEPExecutor:
-    def __init__(self, group: WorkerGroup, scheme: str, step_timeout: float = 60.0, started_ray: bool = False,
-                 placement_info: dict | None = None):
-        self.group, self.scheme, self.step_timeout = group, scheme, step_timeout
-        self.world = len(group.actors)
-        self.route_hooks = []          # not supported across workers; kept for the executor contract
-        self.broken: str | None = None
-        self._stats = [{} for _ in range(self.world)]
-        self._started_ray = started_ray
-        self.steps = 0
-        self.ray_calls = 0
-        self.placement_info = placement_info or {}
-        self.spec = None               # runtime.spec_shuffle.SpecShuffler when speculative_shuffle=True
+def run_in_threads(fns, timeout: float | None = None) -> list:
+    """Call every ``fns[i]()`` in its own thread (ranks of one process group); results in order, first error
+    raised."""
+    res, errs = [None] * len(fns), []
 
-    def _call_all(self, method: str, args_per_worker: list[tuple], what: str) -> list:
+    def run(i):
+        try:
+            res[i] = fns[i]()
+        except Exception as e:  # noqa: BLE001 — re-raised below in the caller's thread
+            errs.append(e)
+    ts = [threading.Thread(target=run, args=(i,)) for i in range(len(fns))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout)
+    if errs:
+        raise errs[0]
+    return res
+
+
+class ThreadTransport:
+    def __init__(self, workers, timeout_s: float = 30.0):
+        self.workers = workers
+        fd, f = tempfile.mkstemp(prefix="moeyard_ep_")
+        os.close(fd)
+        os.unlink(f)
+        run_in_threads([lambda w=w: w.connect(f"file://{f}", "gloo", timeout_s) for w in workers])
+
+    def call_all(self, method: str, args_per_worker: list[tuple], what: str) -> list:
+        return run_in_threads([lambda w=w, a=a: getattr(w, method)(*a) for w, a in zip(self.workers, args_per_worker)])
+
+    def close(self):
+        pass
+
+
+class RayTransport:
+    def __init__(self, group, step_timeout: float = 60.0):
+        self.group, self.step_timeout = group, step_timeout
+        self.calls = 0
+
+    def call_all(self, method: str, args_per_worker: list[tuple], what: str) -> list:
         import ray
         refs = [getattr(a, method).remote(*args) for a, args in zip(self.group.actors, args_per_worker)]
-        self.ray_calls += len(refs)
+        self.calls += len(refs)
         index = {r: i for i, r in enumerate(refs)}
         out = [None] * len(refs)
         pending, deadline = list(refs), time.monotonic() + self.step_timeout
@@ -50,6 +86,50 @@ class RayEPExecutor:
                                  f"{str(exc).strip().splitlines()[0][:300]}") from exc
         return out
 
+    def close(self):
+        self.group.close()
+
+
+def by_key(plans, logs) -> list[torch.Tensor]:
+    """Coherent scheme: per-layer (keys, ids) logs of every worker -> each worker's items' routing in plan order."""
+    L = len(logs[0])
+    keys = [torch.cat([lg[l][0] for lg in logs]) for l in range(L)]
+    ids = [torch.cat([lg[l][1] for lg in logs]) for l in range(L)]
+    full = torch.stack([i[torch.argsort(k)] for k, i in zip(keys, ids)], 1)        # [N_step, L, K] by key
+    out = []
+    for plan in plans:
+        rows = [torch.arange(it.key, it.key + len(it.token_ids)) for it in plan]
+        out.append(full[torch.cat(rows)] if rows else full[:0])
+    return out
+
+
+class EPExecutor:
+    """``execute(items) -> logits``, ``free(slot)``, ``stats()``, ``close()`` over ``transport``."""
+
+    def __init__(self, transport, scheme: str, world: int, placement_info: dict | None = None,
+                 on_close=None):
+        self.transport, self.scheme, self.world = transport, get_scheme(scheme), world
+        self.route_hooks = []          # not supported across workers; kept for the executor contract
+        self.broken: str | None = None
+        self._stats = [{} for _ in range(world)]
+        self.steps = 0
+        self.placement_info = placement_info or {}
+        self.spec = None               # planner.SpecShuffler when speculative_shuffle=True (form 1)
+        self._on_close = on_close
+
+    @property
+    def group(self):                   # Ray transport: the worker group (tests kill its actors)
+        return self.transport.group
+
+    def step_plans(self, plans, max_len: int, moves=None, capture: bool = False):
+        """One step of every worker; returns (logits, routing [N_g, L_moe, K] of each worker's items) per worker."""
+        res = self.transport.call_all("step", [(p, max_len, moves, capture) for p in plans], "model step")
+        self._stats = [s for _, s, _ in res]
+        routing = [r for _, _, r in res]
+        if capture and routing and isinstance(routing[0], list):
+            routing = by_key(plans, routing)
+        return [l for l, _, _ in res], routing
+
     def execute(self, items: list[StepItem]) -> torch.Tensor:
         ids = [it.request_id for it in items]
         if self.broken:
@@ -58,30 +138,24 @@ class RayEPExecutor:
         self.steps += 1
         try:
             if self.spec is not None:
-                return self.spec.execute(items, self._spec_step)
-            plans, where, max_len = (partition_tp if self.scheme == "tp" else partition)(items, self.world)
-            res = self._call_all("step", [(p, max_len) for p in plans], "model step")
+                return self.spec.execute(items, self.step_plans)
+            plans, where, max_len = (partition_all if self.scheme.all_tokens else partition)(items, self.world)
+            outs, _ = self.step_plans(plans, max_len)
         except WorkerLost as exc:
             self.broken = str(exc)
             raise RequestFailed(ids, f"{exc}; the request cannot continue (call llm.restart() to rebuild the "
                                      f"workers)") from exc
-        self._stats = [s for _, s in res]
-        return merge_logits([l for l, _ in res], where)
+        return merge_logits(outs, where)
 
-    def _spec_step(self, plans, max_len, moves):
-        res = self._call_all("step_spec", [(p, max_len, moves) for p in plans], "model step")
-        self._stats = [s for _, s, _ in res]
-        return [l for l, _, _ in res], [r for _, _, r in res]
-
-    def calibrate(self, token_lists: list[list[int]], batch: int = 4):
-        """Routing trace [T, L_moe, K] of a prefill of ``token_lists`` (standard scheme only)."""
-        import numpy as np
-        import ray
-        ray.get([a.start_recording.remote() for a in self.group.actors], timeout=30)
-        for i in range(0, len(token_lists), batch):
-            self.execute([StepItem(j, toks, 0, True) for j, toks in enumerate(token_lists[i:i + batch])])
-        parts = ray.get([a.take_trace.remote() for a in self.group.actors], timeout=30)
-        return np.concatenate([p for p in parts if p is not None])
+    def enable_spec(self, cfg, placement, dtype, trace, tokenizer, max_num_seqs: int, max_model_len: int,
+                    options: dict | None):
+        """Speculative shuffling form 1: the planner, its token-identity table seeded from ``trace`` (or rebuilt
+        by a calibration prefill on the workers, with a warning)."""
+        from .planner import SpecShuffler
+        self.spec = SpecShuffler(cfg, placement, self.world, dtype, replicated_kv=self.scheme.replicated_kv,
+                                 **(options or {}))
+        self.spec.load_table(trace, self.step_plans, tokenizer, max_num_seqs, max_model_len)
+        self.placement_info["token_table"] = self.spec.table_source
 
     def free(self, slot: int):
         if self.spec is not None:
@@ -91,12 +165,36 @@ class RayEPExecutor:
         d = sum_stats(self._stats)
         if self.spec is not None:
             d.update(self.spec.stats())
-        d.update(num_workers=self.world, ep_scheme=self.scheme, ep_steps=self.steps,
-                 ray_calls_per_step=self.ray_calls / self.steps if self.steps else 0.0)
+        d.update(num_workers=self.world, ep_scheme=self.scheme.name, ep_steps=self.steps)
+        calls = getattr(self.transport, "calls", None)
+        if calls is not None:
+            d["ray_calls_per_step"] = calls / self.steps if self.steps else 0.0
         return d
 
     def close(self):
-        self.group.close()
-        if self._started_ray:
-            import ray
-            ray.shutdown()
+        self.transport.close()
+        if self._on_close is not None:
+            self._on_close()
+
+
+def thread_executor(path: str, placement, world: int, scheme: str = "standard", max_num_seqs: int = 8,
+                    max_model_len: int = 256, dtype=None, timeout_s: float = 30.0, speculative_shuffle: bool = False,
+                    trace: dict | None = None, tokenizer=None, shuffle_options: dict | None = None) -> EPExecutor:
+    """Workers in threads of this process over a gloo FileStore group (tests, debugging; no Ray)."""
+    from ..moe.config import MoEConfig
+    from .planner import check_spec
+    from .worker import EPWorker
+    cfg = MoEConfig.from_dir(path)
+    form = get_scheme(scheme, cfg, world).spec_form
+    if speculative_shuffle:
+        check_spec(scheme, world, cfg)
+    worker_shuffle = speculative_shuffle and form == 2
+    workers = [EPWorker(path, g, world, placement, scheme, dtype, "cpu", max_num_seqs, max_model_len,
+                        shuffle=worker_shuffle, shuffle_options=shuffle_options if worker_shuffle else None)
+               for g in range(world)]
+    ex = EPExecutor(ThreadTransport(workers, timeout_s), scheme, world)
+    ex.workers = workers
+    if speculative_shuffle and not worker_shuffle:
+        ex.enable_spec(cfg, placement, workers[0].dtype, trace, tokenizer, max_num_seqs, max_model_len,
+                       shuffle_options)
+    return ex

@@ -1,7 +1,7 @@
 """Which worker holds which expert: the ``placement=`` option of Ray mode, resolved before anything starts.
 
-``holders[i][e]``: tuple of worker ids holding expert ``e`` of the i-th MoE layer (``cfg.moe_layers[i]``).
-A placement.json (see ``moeyard.placement.placement``) has one row per MoE layer.
+Every function returns the frozen ``moeyard.placement.Placement`` (row i: the i-th MoE layer,
+``cfg.moe_layers[i]``), checked against the model and the worker count. A placement.json has one row per MoE layer.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import numpy as np
 
 from ..moe.config import MoEConfig
 from ..moe.errors import MoeyardError
+from ..placement.placement import Placement
+from ..placement.policies import static_worker_E
 
 BUILTIN = ("round_robin", "contiguous", "affinity", "coactivation")
 
@@ -21,14 +23,10 @@ class PlacementMismatch(MoeyardError):
     """A placement that cannot serve this model on this many workers."""
 
 
-def static_holders(kind: str, cfg: MoEConfig, num_workers: int) -> list[list[tuple[int, ...]]]:
-    E, G = cfg.num_experts, num_workers
-    check_workers(cfg, G)
-    if kind == "round_robin":
-        row = [(e % G,) for e in range(E)]
-    else:  # contiguous: balanced blocks of consecutive experts
-        row = [((e * G) // E,) for e in range(E)]
-    return [list(row) for _ in cfg.moe_layers]
+def static_placement(kind: str, cfg: MoEConfig, num_workers: int) -> Placement:
+    check_workers(cfg, num_workers)
+    row = static_worker_E(kind, cfg.num_experts, num_workers)
+    return Placement.from_array(np.tile(row, (len(cfg.moe_layers), 1)), num_workers, solver={"policy": kind})
 
 
 def check_workers(cfg: MoEConfig, num_workers: int, replicated: bool = False):
@@ -40,8 +38,8 @@ def check_workers(cfg: MoEConfig, num_workers: int, replicated: bool = False):
                                 f"workers, or a placement file that replicates experts")
 
 
-def holders_from_assignment(assignment, num_workers_file: int, cfg: MoEConfig, num_workers: int,
-                            where: str) -> list[list[tuple[int, ...]]]:
+def placement_from_assignment(assignment, num_workers_file: int, cfg: MoEConfig, num_workers: int,
+                              where: str, **info) -> Placement:
     L, E = len(cfg.moe_layers), cfg.num_experts
     if num_workers_file != num_workers:
         raise PlacementMismatch(f"{where}: made for {num_workers_file} workers, but num_workers={num_workers}")
@@ -61,7 +59,7 @@ def holders_from_assignment(assignment, num_workers_file: int, cfg: MoEConfig, n
         out.append(cells)
     replicated = any(len(ws) > 1 for row in out for ws in row)
     check_workers(cfg, num_workers, replicated)
-    return out
+    return Placement(tuple(tuple(row) for row in out), num_workers, **info)
 
 
 def load_placement_file(path: str, cfg: MoEConfig, num_workers: int):
@@ -74,10 +72,10 @@ def load_placement_file(path: str, cfg: MoEConfig, num_workers: int):
         assignment, g = d["assignment"], int(d["num_workers"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise PlacementMismatch(f"{path}: not a valid placement.json ({exc!r})") from exc
-    return holders_from_assignment(assignment, g, cfg, num_workers, path)
+    return placement_from_assignment(assignment, g, cfg, num_workers, path)
 
 
-def affinity_holders(trace, cfg: MoEConfig, num_workers: int, time_limit: float = 20.0):
+def affinity_placement(trace, cfg: MoEConfig, num_workers: int, time_limit: float = 20.0):
     """Solve for an affinity placement on a routing trace (``moeyard.placement.solve``)."""
     check_workers(cfg, num_workers)
     try:
@@ -88,18 +86,18 @@ def affinity_holders(trace, cfg: MoEConfig, num_workers: int, time_limit: float 
                                 f"placement.json") from exc
     res = solve(trace, num_workers, time_limit=time_limit)
     p = res.placement
-    return holders_from_assignment([list(r) for r in p.assignment], p.num_workers, cfg, num_workers,
-                                   "affinity placement"), res
+    return placement_from_assignment([list(r) for r in p.assignment], p.num_workers, cfg, num_workers,
+                                     "affinity placement", objective=p.objective, bound=p.bound), res
 
 
-def coactivation_holders(trace, cfg: MoEConfig, num_workers: int, time_limit: float = 20.0):
+def coactivation_placement(trace, cfg: MoEConfig, num_workers: int, time_limit: float = 20.0):
     """Group experts chosen together in a layer on one worker (``moeyard.placement.coactivation``): the
     speculative expert grouping for tensor-parallel attention with token shuffling."""
     check_workers(cfg, num_workers)
     from ..placement.coactivation import solve_coactivation
     res = solve_coactivation(trace, num_workers, time_limit=min(time_limit, 10.0))
-    return holders_from_assignment(res.worker_LE.tolist(), num_workers, cfg, num_workers,
-                                   "co-activation placement"), res
+    return placement_from_assignment(res.worker_LE.tolist(), num_workers, cfg, num_workers,
+                                     "co-activation placement"), res
 
 
 def trace_of_model(path: str):

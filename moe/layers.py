@@ -1,16 +1,17 @@
-"""Dense building blocks: RMSNorm, rotary embedding, attention over a KV cache, the SwiGLU MLP.
+"""Dense building blocks: RMSNorm, rotary embedding, GQA attention (run by ``attention.py``), the SwiGLU MLP.
 
 Shapes: N tokens of a flattened batch, D hidden, H / Hkv heads, Dh head dim, T keys of one sequence.
-Attention reads the batch layout from a ``ForwardBatch`` (see ``model.py``): one sequence at a time for prefill
-chunks, all sequences at once for single-token decode.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import attention
 from .config import MoEConfig
 
 
@@ -70,6 +71,8 @@ class Rotary(nn.Module):
 
 
 class Attention(nn.Module):
+    """GQA attention (the ``moe.attention`` protocol: ``project``, ``core``, ``o_proj``; ``select_heads``)."""
+
     def __init__(self, cfg: MoEConfig, layer: int):
         super().__init__()
         self.layer = layer
@@ -86,62 +89,78 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = RMSNorm(H * Dh, cfg.rms_norm_eps), RMSNorm(Hkv * Dh, cfg.rms_norm_eps)
         self.clip = cfg.clip_qkv
         self.scale = Dh ** -0.5
+        self.pick = None      # (q heads, kv heads) taken after a full-width q/k norm (a head subset, see select_heads)
 
-    def qkv(self, x_ND: torch.Tensor, pos_N: torch.Tensor, rotary: Rotary):
+    def rope(self, rotary: Rotary, x_NHD, pos_N):
+        return rotary(x_NHD, pos_N)
+
+    def project(self, x_ND: torch.Tensor, pos_N: torch.Tensor, rotary: Rotary):
         N = x_ND.shape[0]
         q, k, v = self.q_proj(x_ND), self.k_proj(x_ND), self.v_proj(x_ND)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip is not None:
             q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
+        if self.pick is not None:
+            qi, ki = self.pick
+            q, k, v = q.view(N, -1, self.Dh)[:, qi], k.view(N, -1, self.Dh)[:, ki], v.view(N, -1, self.Dh)[:, ki]
         q, k, v = q.view(N, self.H, self.Dh), k.view(N, self.Hkv, self.Dh), v.view(N, self.Hkv, self.Dh)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        return rotary(q, pos_N), rotary(k, pos_N), v
+        return self.rope(rotary, q, pos_N), self.rope(rotary, k, pos_N), v
+
+    def core(self, q_BHQD, k_BTHD, v_BTHD, mask=None, causal=False, qpos_BQ=None):
+        return F.scaled_dot_product_attention(q_BHQD, k_BTHD.transpose(1, 2), v_BTHD.transpose(1, 2),
+                                              attn_mask=mask, is_causal=causal, scale=self.scale,
+                                              enable_gqa=self.H != self.Hkv)
 
     def forward(self, x_ND: torch.Tensor, batch, rotary: Rotary) -> torch.Tensor:
-        q_NHD, k_NHD, v_NHD = self.qkv(x_ND, batch.positions_N, rotary)
-        if batch.kv is None:
-            o = self._causal_blocks(q_NHD, k_NHD, v_NHD, batch)
-        elif batch.is_decode:
-            o = self._decode(q_NHD, k_NHD, v_NHD, batch)
+        return attention(self, x_ND, batch, rotary)
+
+    def kv_shape(self) -> tuple[int, int, int, int]:
+        return (self.Hkv, self.Dh, self.Hkv, self.Dh)
+
+    def select_heads(self, q0: int, q1: int) -> "Attention":
+        """This module restricted to query heads [q0, q1) and the KV heads they read (one KV head per query head
+        when the subset's query heads do not split evenly over its KV heads)."""
+        r = self.H // self.Hkv
+        kv_of = [h // r for h in range(q0, q1)]
+        kvs, h = sorted(set(kv_of)), q1 - q0
+        even = h % len(kvs) == 0 and kv_of == [kvs[0] + i // (h // len(kvs)) for i in range(h)]
+        ki = kvs if even else kv_of
+        sub = module_copy(self)
+        sub.H, sub.Hkv = h, len(ki)
+        if self.qk_norm == "full":            # the norm spans every head: project all of them, then pick
+            sub.pick = (list(range(q0, q1)), ki)
         else:
-            o = self._prefill(q_NHD, k_NHD, v_NHD, batch)
-        return self.o_proj(o.reshape(x_ND.shape[0], self.H * self.Dh))
+            sub.q_proj = linear_rows(self.q_proj, head_rows(range(q0, q1), self.Dh))
+            sub.k_proj = linear_rows(self.k_proj, head_rows(ki, self.Dh))
+            sub.v_proj = linear_rows(self.v_proj, head_rows(ki, self.Dh))
+        return sub
 
-    def _sdpa(self, q_BHQD, k_BHTD, v_BHTD, mask=None, causal=False):
-        return F.scaled_dot_product_attention(q_BHQD, k_BHTD, v_BHTD, attn_mask=mask, is_causal=causal,
-                                              scale=self.scale, enable_gqa=self.H != self.Hkv)
 
-    def _causal_blocks(self, q, k, v, batch):
-        """No cache (training, oracle runs): sequences of equal length ``batch.block_len`` stacked along N."""
-        T = batch.block_len
-        B = q.shape[0] // T
-        f = lambda t: t.view(B, T, t.shape[1], self.Dh).transpose(1, 2)
-        o = self._sdpa(f(q), f(k), f(v), causal=True)  # [B, H, T, Dh]
-        return o.transpose(1, 2).reshape(B * T, self.H, self.Dh)
+def head_rows(heads, width: int) -> list[int]:
+    """Output rows of a projection that produce ``heads`` (``width`` rows each)."""
+    return [h * width + i for h in heads for i in range(width)]
 
-    def _decode(self, q, k, v, batch):
-        kv = batch.kv
-        kv.write(self.layer, batch.slots_B, batch.positions_N, k, v)
-        K, V = kv.read(self.layer, batch.slots_B, batch.max_len)      # [B, T, Hkv, Dh]
-        o = self._sdpa(q.unsqueeze(2), K.transpose(1, 2), V.transpose(1, 2), mask=batch.decode_mask)
-        return o.squeeze(2)
 
-    def _prefill(self, q, k, v, batch):
-        kv = batch.kv
-        outs = []
-        for i, (start, n, ctx) in enumerate(batch.chunks):
-            slot = batch.slots[i]
-            pos = batch.positions_N[start:start + n]
-            kv.write(self.layer, batch.slot_tensor(i, n), pos, k[start:start + n], v[start:start + n])
-            K, V = kv.read_one(self.layer, slot, ctx + n)               # [T, Hkv, Dh]
-            qq = q[start:start + n].transpose(0, 1).unsqueeze(0)          # [1, H, n, Dh]
-            mask = batch.prefill_mask(i)
-            o = self._sdpa(qq, K.transpose(0, 1).unsqueeze(0), V.transpose(0, 1).unsqueeze(0), mask=mask,
-                           causal=mask is None)
-            outs.append(o[0].transpose(0, 1))
-        return torch.cat(outs) if len(outs) > 1 else outs[0]
+def linear_rows(lin: nn.Linear, rows: list[int]) -> nn.Linear:
+    """A linear layer computing only output ``rows`` of ``lin`` (weights copied)."""
+    out = nn.Linear(lin.in_features, len(rows), bias=lin.bias is not None, device=lin.weight.device,
+                    dtype=lin.weight.dtype)
+    idx = torch.tensor(rows, dtype=torch.long, device=lin.weight.device)
+    with torch.no_grad():
+        out.weight.copy_(lin.weight[idx])
+        if lin.bias is not None:
+            out.bias.copy_(lin.bias[idx])
+    return out.requires_grad_(False)
+
+
+def module_copy(m: nn.Module) -> nn.Module:
+    """A shallow copy whose submodules and parameters can be replaced without touching ``m``."""
+    c = copy.copy(m)
+    c._modules, c._parameters, c._buffers = dict(m._modules), dict(m._parameters), dict(m._buffers)
+    return c
 
 
 class MLP(nn.Module):

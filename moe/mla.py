@@ -3,7 +3,7 @@
 Per token the cache holds ``c_kv`` (``kv_lora_rank``, after ``kv_a_layernorm``) and the roped shared key ``k_pe``
 (``qk_rope_head_dim``), concatenated as the "key" of one head (see ``MoEConfig.kv_shape``; the value part is
 empty). Keys and values are expanded with ``kv_b_proj`` when attending, exactly as transformers does, so results
-agree with it; the cache is ``(kv_lora_rank + qk_rope_head_dim)`` numbers per token and layer instead of
+agree with it (``core``); the cache is ``(kv_lora_rank + qk_rope_head_dim)`` numbers per token and layer instead of
 ``H * (qk_nope + qk_rope + v_head_dim)``.
 
 Shapes: N tokens, H heads, r = kv_lora_rank, dr = qk_rope_head_dim, dn = qk_nope_head_dim, dv = v_head_dim.
@@ -16,7 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import MoEConfig
-from .layers import RMSNorm, Rotary
+from .attention import attention
+from .layers import RMSNorm, Rotary, head_rows, linear_rows, module_copy
 from .rope import apply_interleaved, rope_params, yarn_get_mscale
 
 
@@ -52,7 +53,7 @@ class MLAttention(nn.Module):
     def _rope(self, rotary: Rotary, x, pos):
         return apply_interleaved(rotary, x, pos) if self.interleave else rotary(x, pos)
 
-    def project(self, x_ND, pos_N, rotary: Rotary):
+    def project_latent(self, x_ND, pos_N, rotary: Rotary):
         """(q [N, H, dn+dr], latent [N, 1, r+dr]: normed c_kv then roped k_pe — what the cache stores)."""
         N = x_ND.shape[0]
         q = self.q_proj(x_ND) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_ND)))
@@ -73,48 +74,31 @@ class MLAttention(nn.Module):
         k = torch.cat((k_nope, k_rot.expand(*k_nope.shape[:-1], self.dr)), dim=-1)
         return k, v
 
-    # ---- attention -------------------------------------------------------------------------------------------
+    # ---- attention (driven by ``attention.attend``) ---------------------------------------------------------
+    def project(self, x_ND, pos_N, rotary: Rotary):
+        """(q [N, H, dn+dr], latent [N, 1, r+dr] as the cached key, an empty value [N, 1, 0])."""
+        q, lat = self.project_latent(x_ND, pos_N, rotary)
+        return q, lat, lat[..., :0]
+
+    def core(self, q_BHQD, lat_BT1L, v_unused=None, mask=None, causal=False, qpos_BQ=None):
+        k, v = self.expand(lat_BT1L)                                     # [B, T, H, *]
+        return F.scaled_dot_product_attention(q_BHQD, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                              is_causal=causal, scale=self.scale)
+
     def forward(self, x_ND, batch, rotary: Rotary) -> torch.Tensor:
-        q, lat = self.project(x_ND, batch.positions_N, rotary)
-        N = x_ND.shape[0]
-        if batch.kv is None:
-            o = self._blocks(q, lat, batch)
-        elif batch.is_decode:
-            o = self._decode(q, lat, batch)
+        return attention(self, x_ND, batch, rotary)
+
+    def kv_shape(self) -> tuple[int, int, int, int]:
+        return (1, self.r + self.dr, 1, 0)
+
+    def select_heads(self, q0: int, q1: int) -> "MLAttention":
+        """Query heads [q0, q1): their rows of the query and ``kv_b_proj`` up-projections; the latent (shared by
+        every head) is computed whole."""
+        sub = module_copy(self)
+        sub.H = q1 - q0
+        if self.q_lora_rank is None:
+            sub.q_proj = linear_rows(self.q_proj, head_rows(range(q0, q1), self.dq))
         else:
-            o = self._prefill(q, lat, batch)
-        return self.o_proj(o.reshape(N, self.H * self.dv))
-
-    def _sdpa(self, q, k, v, mask=None, causal=False):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale)
-
-    def _blocks(self, q, lat, batch):
-        T = batch.block_len
-        B = q.shape[0] // T
-        k, v = self.expand(lat)
-        f = lambda t: t.view(B, T, self.H, t.shape[-1]).transpose(1, 2)
-        o = self._sdpa(f(q), f(k), f(v), causal=True)
-        return o.transpose(1, 2).reshape(B * T, self.H, self.dv)
-
-    def _decode(self, q, lat, batch):
-        kv = batch.kv
-        kv.write(self.layer, batch.slots_B, batch.positions_N, lat, lat[..., :0])
-        L, _ = kv.read(self.layer, batch.slots_B, batch.max_len)        # [B, T, 1, r+dr]
-        k, v = self.expand(L)                                            # [B, T, H, *]
-        o = self._sdpa(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), mask=batch.decode_mask)
-        return o.squeeze(2)
-
-    def _prefill(self, q, lat, batch):
-        kv = batch.kv
-        outs = []
-        for i, (start, n, ctx) in enumerate(batch.chunks):
-            pos = batch.positions_N[start:start + n]
-            kv.write(self.layer, batch.slot_tensor(i, n), pos, lat[start:start + n], lat[start:start + n, :, :0])
-            L, _ = kv.read_one(self.layer, batch.slots[i], ctx + n)          # [T, 1, r+dr]
-            k, v = self.expand(L)
-            qq = q[start:start + n].transpose(0, 1).unsqueeze(0)
-            mask = batch.prefill_mask(i)
-            o = self._sdpa(qq, k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0), mask=mask,
-                           causal=mask is None)
-            outs.append(o[0].transpose(0, 1))
-        return torch.cat(outs) if len(outs) > 1 else outs[0]
+            sub.q_b_proj = linear_rows(self.q_b_proj, head_rows(range(q0, q1), self.dq))
+        sub.kv_b_proj = linear_rows(self.kv_b_proj, head_rows(range(q0, q1), self.dn + self.dv))
+        return sub

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 
 from .config import MoEConfig
 from .dispatch import LocalDispatcher
-from .experts import ExpertProvider, run_experts
+from .experts import ExpertProvider
 from .layers import MLP, Attention, RMSNorm, Rotary  # noqa: F401  (Rotary: re-exported)
+from .routers import RoutedBlock
 from .rope import make_rotary
 
 # hook(layer, x_ND, topk_ids_NK, topk_w_NK): told the routing of every MoE layer (profiler, predictors, prefetch)
@@ -30,6 +31,8 @@ class ForwardBatch:
 
     ``chunks[i] = (start, n, ctx)``: sequence i contributes tokens ``start:start+n`` of the flattened batch and has
     ``ctx`` tokens cached before them. ``kv`` is the KV cache (None: no cache, sequences of ``block_len`` tokens).
+    ``sparse``: a chunk's positions are any increasing positions of its sequence, not ``ctx..ctx+n-1`` (a worker of
+    the context-coherent scheme holds scattered tokens of a prompt); each query then sees keys up to its position.
     """
     positions_N: torch.Tensor
     chunks: list[tuple[int, int, int]]
@@ -38,24 +41,50 @@ class ForwardBatch:
     block_len: int = 0
     route_hooks: list[RouteHook] = field(default_factory=list)
     logits_idx: torch.Tensor | None = None   # which rows get logits (None: all)
+    sparse: bool = False
 
     def __post_init__(self):
         self.is_decode = self.kv is not None and all(n == 1 for _, n, _ in self.chunks)
         dev = self.positions_N.device
+        self.slots_N = (torch.tensor([s for s, (_, n, _) in zip(self.slots, self.chunks) for _ in range(n)],
+                                     dtype=torch.long, device=dev) if self.kv is not None else None)
         if self.is_decode:
-            self.slots_B = torch.tensor(self.slots, dtype=torch.long, device=dev)
+            self.slots_B = self.slots_N
             lens = self.positions_N + 1                                  # keys visible to each query
-            self.max_len = int(lens.max())
+            self.max_len = int(lens.max()) if len(lens) else 0
             self.decode_mask = (torch.arange(self.max_len, device=dev)[None, :] < lens[:, None])[:, None, None, :]
+        elif self.sparse:
+            self._pos = [self.positions_N[a:a + n].cpu() for a, n, _ in self.chunks]
 
-    def slot_tensor(self, i: int, n: int) -> torch.Tensor:
-        return torch.full((n,), self.slots[i], dtype=torch.long, device=self.positions_N.device)
+    @classmethod
+    def of_tokens(cls, slots_N: torch.Tensor, positions_N: torch.Tensor, kv, route_hooks=None) -> "ForwardBatch":
+        """A cached batch over any tokens grouped by sequence (``slots_N`` CPU, runs of one slot, increasing
+        positions within a run)."""
+        chunks, slots, start = [], [], 0
+        if len(slots_N):
+            _, counts = torch.unique_consecutive(slots_N, return_counts=True)
+            for n in counts.tolist():
+                chunks.append((start, n, 0))
+                slots.append(int(slots_N[start]))
+                start += n
+        return cls(positions_N, chunks, slots, kv, route_hooks=list(route_hooks or []), sparse=True)
+
+    def read_len(self, i: int) -> int:
+        """Cached positions chunk i reads."""
+        start, n, ctx = self.chunks[i]
+        return int(self._pos[i][-1]) + 1 if self.sparse else ctx + n
 
     def prefill_mask(self, i: int):
         start, n, ctx = self.chunks[i]
+        dev = self.positions_N.device
+        if self.sparse:
+            p = self._pos[i]
+            T = int(p[-1]) + 1
+            if n == T:
+                return None  # the whole prompt so far: plain causal
+            return (torch.arange(T)[None, :] <= p[:, None])[None, None].to(dev)
         if ctx == 0:
             return None  # plain causal
-        dev = self.positions_N.device
         q = torch.arange(n, device=dev)[:, None] + ctx
         return (torch.arange(ctx + n, device=dev)[None, :] <= q)[None, None]
 
@@ -81,7 +110,9 @@ class Router(nn.Module):
         return logits_NE, ids_NK, w_NK.to(x_ND.dtype)
 
 
-class MoEBlock(nn.Module):
+class MoEBlock(RoutedBlock):
+    """Softmax top-k router; optional shared expert with its sigmoid gate (Qwen2-MoE)."""
+
     def __init__(self, cfg: MoEConfig, layer: int):
         super().__init__()
         self.layer = layer
@@ -93,18 +124,10 @@ class MoEBlock(nn.Module):
             self.shared_expert = None
         self.last_router_logits = None   # kept only when the model is training (auxiliary loss)
 
-    def forward(self, x_ND, batch: ForwardBatch, experts: ExpertProvider, dispatcher: LocalDispatcher):
-        logits_NE, ids_NK, w_NK = self.gate(x_ND)
-        if self.training:
-            self.last_router_logits = logits_NE
-        for hook in batch.route_hooks:
-            hook(self.layer, x_ND, ids_NK, w_NK)
-        routed = dispatcher.dispatch(self.layer, x_ND, ids_NK, w_NK)
-        y_MD = run_experts(self.layer, routed.x_MD, routed.expert_ids, routed.counts, experts)
-        out_ND = dispatcher.combine(y_MD, routed.meta)
-        if self.shared_expert is not None:
-            out_ND = out_ND + torch.sigmoid(self.shared_expert_gate(x_ND)) * self.shared_expert(x_ND)
-        return out_ND
+    def shared(self, x_ND):
+        if self.shared_expert is None:
+            return None
+        return torch.sigmoid(self.shared_expert_gate(x_ND)) * self.shared_expert(x_ND)
 
 
 def make_attention(cfg: MoEConfig, layer: int) -> nn.Module:
@@ -158,8 +181,12 @@ class DecoderLayer(nn.Module):
         self.is_moe = cfg.is_moe_layer(layer)
         self.mlp = make_moe_block(cfg, layer) if self.is_moe else MLP(cfg.hidden_size, cfg.dense_intermediate_size)
 
+    def attention_block(self, x_ND, batch, rotary):
+        """The residual stream after attention (expert-parallel schemes run the rest themselves)."""
+        return x_ND + self.self_attn(self.input_layernorm(x_ND), batch, rotary)
+
     def forward(self, x_ND, batch, rotary, experts, dispatcher):
-        x_ND = x_ND + self.self_attn(self.input_layernorm(x_ND), batch, rotary)
+        x_ND = self.attention_block(x_ND, batch, rotary)
         h = self.post_attention_layernorm(x_ND)
         return x_ND + (self.mlp(h, batch, experts, dispatcher) if self.is_moe else self.mlp(h))
 

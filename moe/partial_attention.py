@@ -3,8 +3,8 @@
 Only the first ``rotary_dim`` channels of each query/key head are rotated (``partial_rotary_factor`` x head_dim;
 MiniMax-M2's release says ``rotary_dim``); the rest pass through, as transformers' ``apply_rotary_pos_emb`` with a
 shorter cos/sin table. GLM-4.5 has q/k/v biases and an optional per-head q/k RMSNorm (``use_qk_norm``);
-MiniMax-M2 normalises the whole q and k projections (``qk_norm == "full"``, like OLMoE). The cache and the
-attention paths are the plain ones of ``layers.Attention``.
+MiniMax-M2 normalises the whole q and k projections (``qk_norm == "full"``, like OLMoE). Projection, cache and
+attention are those of ``layers.Attention``; only the rotation differs.
 
 Shapes: N tokens, H / Hkv heads, Dh head dim, rd rotated channels.
 """
@@ -29,12 +29,5 @@ class PartialRopeAttention(Attention):
         super().__init__(cfg, layer)
         self.rd = cfg.rotary_dim or cfg.head_dim
 
-    def qkv(self, x_ND: torch.Tensor, pos_N: torch.Tensor, rotary: Rotary):
-        N = x_ND.shape[0]
-        q, k, v = self.q_proj(x_ND), self.k_proj(x_ND), self.v_proj(x_ND)
-        if self.qk_norm == "full":
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.view(N, self.H, self.Dh), k.view(N, self.Hkv, self.Dh), v.view(N, self.Hkv, self.Dh)
-        if self.qk_norm == "head":
-            q, k = self.q_norm(q), self.k_norm(k)
-        return rope_partial(rotary, q, pos_N, self.rd), rope_partial(rotary, k, pos_N, self.rd), v
+    def rope(self, rotary: Rotary, x_NHD, pos_N):
+        return rope_partial(rotary, x_NHD, pos_N, self.rd)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .config import MoEConfig
 from .gated_delta import causal_conv, chunk_gated_delta_rule, recurrent_gated_delta_rule
+from .attention import attend
 from .layers import Attention, RMSNorm, Rotary
 from .partial_attention import rope_partial
 
@@ -65,12 +66,7 @@ class GatedAttention(Attention):
         k = self.k_norm(self.k_proj(x_ND).view(N, self.Hkv, self.Dh))
         v = self.v_proj(x_ND).view(N, self.Hkv, self.Dh)
         q, k = rope_partial(rotary, q, batch.positions_N, self.rd), rope_partial(rotary, k, batch.positions_N, self.rd)
-        if batch.kv is None:
-            o = self._causal_blocks(q, k, v, batch)
-        elif batch.is_decode:
-            o = self._decode(q, k, v, batch)
-        else:
-            o = self._prefill(q, k, v, batch)
+        o = attend(self, q, k, v, batch)
         o = o.reshape(N, self.H * self.Dh) * torch.sigmoid(gate.reshape(N, self.H * self.Dh))
         return self.o_proj(o)
 

@@ -84,24 +84,44 @@ class SigmoidBiasRouter(nn.Module):
         return logits_NE, ids_NK, w_NK.to(x_ND.dtype)
 
 
-class _RoutedBlock(nn.Module):
+class RoutedBlock(nn.Module):
+    """The MoE block of every architecture: ``route`` (router, training capture, route hooks), routed experts
+    through the dispatcher and the provider, plus ``shared`` (the shared experts' output, or None). Expert-parallel
+    schemes call ``select`` / ``route`` / ``shared`` and run the routed experts their own way."""
     router_attr = "gate"
 
-    def _route(self, x_ND):
-        return getattr(self, self.router_attr)(x_ND)
+    def select(self, x_ND):
+        """(ids [N, K], weights [N, K]) chosen by the router; no hooks."""
+        router = getattr(self, self.router_attr)
+        if x_ND.shape[0] == 0:
+            K = router.top_k
+            return (torch.empty((0, K), dtype=torch.long, device=x_ND.device), x_ND.new_empty((0, K)))
+        return router(x_ND)[1:]
 
-    def routed(self, x_ND, batch, experts, dispatcher):
-        logits_NE, ids_NK, w_NK = self._route(x_ND)
+    def route(self, x_ND, batch):
+        router = getattr(self, self.router_attr)
+        if x_ND.shape[0] == 0:
+            return self.select(x_ND)
+        logits_NE, ids_NK, w_NK = router(x_ND)
         if self.training:   # kept for the training losses and the router-bias update
             self.last_router_logits, self.last_router_ids = logits_NE, ids_NK
         for hook in batch.route_hooks:
             hook(self.layer, x_ND, ids_NK, w_NK)
+        return ids_NK, w_NK
+
+    def shared(self, x_ND):
+        return None
+
+    def forward(self, x_ND, batch, experts, dispatcher):
+        ids_NK, w_NK = self.route(x_ND, batch)
         r = dispatcher.dispatch(self.layer, x_ND, ids_NK, w_NK)
         y_MD = run_experts(self.layer, r.x_MD, r.expert_ids, r.counts, experts)
-        return dispatcher.combine(y_MD, r.meta)
+        out = dispatcher.combine(y_MD, r.meta)
+        s = self.shared(x_ND)
+        return out if s is None else out + s
 
 
-class DeepseekMoEBlock(_RoutedBlock):
+class DeepseekMoEBlock(RoutedBlock):
     """Routed experts (provider) + ``n_shared_experts`` shared experts as one ungated dense MLP, always added."""
 
     def __init__(self, cfg: MoEConfig, layer: int):
@@ -112,14 +132,11 @@ class DeepseekMoEBlock(_RoutedBlock):
         self.shared_experts = MLP(cfg.hidden_size, F_) if F_ else None
         self.last_router_logits = None
 
-    def forward(self, x_ND, batch, experts, dispatcher):
-        out = self.routed(x_ND, batch, experts, dispatcher)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x_ND)
-        return out
+    def shared(self, x_ND):
+        return None if self.shared_experts is None else self.shared_experts(x_ND)
 
 
-class GptOssMoEBlock(_RoutedBlock):
+class GptOssMoEBlock(RoutedBlock):
     """gpt-oss: router with bias; experts (clamped SwiGLU with biases) come from the provider."""
     router_attr = "router"
 
@@ -130,14 +147,11 @@ class GptOssMoEBlock(_RoutedBlock):
         self.last_router_logits = None
 
     @property
-    def gate(self):   # the expert-parallel worker and predictors call ``block.gate(h)``
+    def gate(self):   # predictors call ``block.gate(h)``
         return self.router
 
-    def forward(self, x_ND, batch, experts, dispatcher):
-        return self.routed(x_ND, batch, experts, dispatcher)
 
-
-class MiniMaxMoEBlock(_RoutedBlock):
+class MiniMaxMoEBlock(RoutedBlock):
     """MiniMax-M2: sigmoid router with a per-block ``e_score_correction_bias``, no shared expert."""
 
     def __init__(self, cfg: MoEConfig, layer: int):
@@ -145,6 +159,3 @@ class MiniMaxMoEBlock(_RoutedBlock):
         self.layer = layer
         self.gate = SigmoidBiasRouter(cfg)
         self.last_router_logits = None
-
-    def forward(self, x_ND, batch, experts, dispatcher):
-        return self.routed(x_ND, batch, experts, dispatcher)

@@ -39,6 +39,13 @@ def get_policy(name: str) -> PolicyFn:
     return POLICIES[name]
 
 
+def static_worker_E(kind: str, num_experts: int, num_workers: int) -> np.ndarray:
+    """[E] worker of each expert for the static policies: ``contiguous`` balanced blocks of consecutive experts
+    (``e * G // E``; ``e // (E / G)`` when G divides E), ``round_robin`` ``e % G``."""
+    e = np.arange(num_experts)
+    return e % num_workers if kind == "round_robin" else (e * num_workers) // num_experts
+
+
 def _static(problem: AffinityProblem, spec: PlaceSpec, worker_E: np.ndarray, name: str) -> Placement:
     spec.check(problem)
     if problem.num_experts % spec.num_workers:
@@ -50,12 +57,13 @@ def _static(problem: AffinityProblem, spec: PlaceSpec, worker_E: np.ndarray, nam
 @register_policy("contiguous")
 def contiguous(problem: AffinityProblem, spec: PlaceSpec, **_) -> Placement:
     E, G = problem.num_experts, spec.num_workers
-    return _static(problem, spec, np.arange(E) // max(1, E // G), "contiguous")
+    return _static(problem, spec, static_worker_E("contiguous", E, G), "contiguous")
 
 
 @register_policy("round_robin")
 def round_robin(problem: AffinityProblem, spec: PlaceSpec, **_) -> Placement:
-    return _static(problem, spec, np.arange(problem.num_experts) % spec.num_workers, "round_robin")
+    return _static(problem, spec, static_worker_E("round_robin", problem.num_experts, spec.num_workers),
+                   "round_robin")
 
 
 @register_policy("eplb")

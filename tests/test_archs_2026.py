@@ -167,8 +167,8 @@ def test_ray_lossless(ray_cluster, ckpt, want, tmp_path, arch, quant):
 
 
 def test_hybrid_model_refuses_kv_moving_schemes(ckpt):
-    from moeyard.runtime.ep_worker import check_scheme
-    from moeyard.runtime.spec_shuffle import check_spec
+    from moeyard.comm.schemes import check_scheme
+    from moeyard.cluster.planner import check_spec
     cfg = MoEConfig.from_dir(ckpt("qwen3_next")[0])
     with pytest.raises(ValueError, match="speculative_shuffle=False"):
         check_spec("standard", 2, cfg)

@@ -182,9 +182,8 @@ def ray_cluster():
 
 @pytest.mark.parametrize("arch,fused", [("deepseek_v3", True), ("gpt_oss", False)], ids=["deepseek_v3", "gpt_oss"])
 def test_ray_lossless(ray_cluster, ckpt, arch, fused):
-    """Expert-parallel over 2 Ray workers (standard scheme: the model's own attention and MoE blocks with the
-    all-to-all dispatcher); the context-coherent scheme re-implements plain attention and does not cover MLA or
-    sink attention."""
+    """Expert-parallel over 2 Ray workers, standard scheme, against transformers (the coherent and tp schemes on
+    these architectures: tests/ep/test_schemes_archs.py and test_spec_ray.py)."""
     path, hf = ckpt(arch, fused)
     llm = LLM(path, mode="ray", num_workers=2, placement="round_robin", ep_scheme="standard", max_num_seqs=4)
     try:

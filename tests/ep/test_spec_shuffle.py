@@ -9,8 +9,8 @@ import torch
 from moeyard.cluster import layout
 from moeyard.moe.errors import MoeyardError
 from moeyard.runtime import LLM, SamplingParams
-from moeyard.runtime.ep_worker import ThreadEPExecutor
-from moeyard.runtime.spec_shuffle import SpecShuffler, check_spec
+from moeyard.cluster.executor import thread_executor
+from moeyard.cluster.planner import SpecShuffler, check_spec
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 PROMPTS = [[5, 6, 7], list(range(30, 61)), [100], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11, 12],
@@ -65,9 +65,9 @@ def trace_with_tokens(llm, experts):
 def test_lossless_with_moves(local_run, world, placement):
     path, llm, want, experts = local_run
     trace = trace_with_tokens(llm, experts)
-    holders = (layout.affinity_holders(layout.make_trace(experts, llm.cfg.num_experts), llm.cfg, world, 3)[0]
-               if placement == "affinity" else layout.static_holders(placement, llm.cfg, world))
-    ex = ThreadEPExecutor(path, holders, world, "standard", max_num_seqs=6, max_model_len=llm.max_model_len,
+    placement = (layout.affinity_placement(layout.make_trace(experts, llm.cfg.num_experts), llm.cfg, world, 3)[0]
+               if placement == "affinity" else layout.static_placement(placement, llm.cfg, world))
+    ex = thread_executor(path, placement, world, "standard", max_num_seqs=6, max_model_len=llm.max_model_len,
                           speculative_shuffle=True, trace=trace, shuffle_options=EAGER)
     assert ex.spec.table_source.startswith("trace.npz")
     got = run_with(llm, ex)
@@ -79,15 +79,15 @@ def test_lossless_with_moves(local_run, world, placement):
     assert st["shuffle_bytes"] == st["shuffle_moved_positions"] * ex.spec.kv_bytes_per_position
     assert 0 < st["spec_expert_precision"] <= 1 and 0 < st["spec_worker_accuracy"] <= 1
     assert abs(st["spec_local_fraction"] - st["local_fraction"]) < 1e-6
-    assert all(f"spec_expert_precision_l{i}" in st for i in range(len(llm.cfg.moe_layers)))
+    assert len(st["spec_expert_precision_per_layer"]) == len(llm.cfg.moe_layers)
 
 
 def test_trace_table_predicts_better_than_nothing(local_run):
     """Seeded from the same workload's trace, the table's top-k precision is well above chance (k/E)."""
     path, llm, want, experts = local_run
     trace = trace_with_tokens(llm, experts)
-    holders = layout.static_holders("round_robin", llm.cfg, 2)
-    ex = ThreadEPExecutor(path, holders, 2, "standard", max_num_seqs=6, max_model_len=llm.max_model_len,
+    placement = layout.static_placement("round_robin", llm.cfg, 2)
+    ex = thread_executor(path, placement, 2, "standard", max_num_seqs=6, max_model_len=llm.max_model_len,
                           speculative_shuffle=True, trace=trace)
     assert run_with(llm, ex) == want
     st = ex.stats()
@@ -96,11 +96,11 @@ def test_trace_table_predicts_better_than_nothing(local_run):
 
 def test_missing_table_rebuilt_with_warning(local_run):
     path, llm, want, experts = local_run
-    holders = layout.static_holders("round_robin", llm.cfg, 2)
+    placement = layout.static_placement("round_robin", llm.cfg, 2)
     for trace in (None, {"experts": experts.astype(np.int16)},                      # no token ids
                   {"experts": experts[:, :1].astype(np.int16), "tokens": np.zeros(len(experts), np.int32)}):
         with pytest.warns(UserWarning, match="rebuilding the token-identity table from a calibration run"):
-            ex = ThreadEPExecutor(path, holders, 2, "standard", max_num_seqs=6, max_model_len=llm.max_model_len,
+            ex = thread_executor(path, placement, 2, "standard", max_num_seqs=6, max_model_len=llm.max_model_len,
                                   speculative_shuffle=True, trace=trace, shuffle_options={"calibration_tokens": 256})
         assert ex.spec.table_source.startswith("calibration run")
         assert float(ex.spec.table.C.sum()) > 0
@@ -110,9 +110,9 @@ def test_missing_table_rebuilt_with_warning(local_run):
 
 def test_no_moves_when_kv_too_costly(local_run):
     path, llm, want, experts = local_run
-    holders = layout.static_holders("round_robin", llm.cfg, 2)
+    placement = layout.static_placement("round_robin", llm.cfg, 2)
     trace = trace_with_tokens(llm, experts)
-    ex = ThreadEPExecutor(path, holders, 2, "standard", max_num_seqs=6, max_model_len=llm.max_model_len,
+    ex = thread_executor(path, placement, 2, "standard", max_num_seqs=6, max_model_len=llm.max_model_len,
                           speculative_shuffle=True, trace=trace, shuffle_options={"horizon": 0.0})
     assert run_with(llm, ex) == want
     st = ex.stats()
@@ -123,8 +123,8 @@ def test_balance_bound():
     from types import SimpleNamespace
     cfg = SimpleNamespace(moe_layers=[0, 1], num_experts=4, top_k=1, hidden_size=8, kv_shape=(1, 4, 1, 4),
                           num_layers=2, vocab_size=16)
-    holders = [[(0,), (0,), (1,), (1,)]] * 2
-    sp = SpecShuffler(cfg, holders, 2, slack=0)
+    from moeyard.placement import Placement
+    sp = SpecShuffler(cfg, Placement([[0, 0, 1, 1]] * 2, 2), 2, slack=0)
     # token 3 always routes to expert 0 (worker 0)
     sp.table.C[3] = torch.tensor([10.0, 0, 0, 0])
     from moeyard.runtime.executor import StepItem
@@ -135,12 +135,12 @@ def test_balance_bound():
 def test_errors(tiny_ckpt):
     with pytest.raises(ValueError, match="num_workers >= 2"):
         check_spec("standard", 1)
-    with pytest.raises(ValueError, match="ep_scheme='standard'"):
-        check_spec("coherent", 2)
+    with pytest.raises(ValueError, match="ep_scheme='standard' or 'coherent'"):
+        check_spec("nope", 2)
     path, _ = tiny_ckpt("mixtral")
     with pytest.raises(MoeyardError, match="speculative_shuffle not valid for mode 'local'"):
         LLM(path, speculative_shuffle=True)
     with pytest.raises(MoeyardError, match="num_workers >= 2"):
         LLM(path, mode="ray", num_workers=1, speculative_shuffle=True)
-    with pytest.raises(MoeyardError, match="ep_scheme='standard'"):
-        LLM(path, mode="ray", num_workers=2, ep_scheme="coherent", speculative_shuffle=True)
+    with pytest.raises(MoeyardError, match="ep_scheme must be one of"):
+        LLM(path, mode="ray", num_workers=2, ep_scheme="nope", speculative_shuffle=True)

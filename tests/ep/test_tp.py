@@ -7,8 +7,8 @@ import torch
 
 from moeyard.cluster import layout
 from moeyard.runtime import LLM, SamplingParams
-from moeyard.runtime.ep_tp import balanced_destinations
-from moeyard.runtime.ep_worker import ThreadEPExecutor
+from moeyard.comm.tp import balanced_destinations
+from moeyard.cluster.executor import thread_executor
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 PROMPTS = [[5, 6, 7], list(range(30, 61)), [100], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11, 12], [200, 201, 202]]
@@ -42,11 +42,11 @@ def run(llm, ex):
 @pytest.mark.parametrize("placement", ["round_robin", "affinity"])
 def test_tp_lossless_with_and_without_shuffling(local_runs, arch, world, placement):
     path, llm, want, trace = local_runs[arch]
-    holders = (layout.affinity_holders(trace, llm.cfg, world, time_limit=3)[0] if placement == "affinity"
-               else layout.static_holders(placement, llm.cfg, world))
+    placement = (layout.affinity_placement(trace, llm.cfg, world, time_limit=3)[0] if placement == "affinity"
+               else layout.static_placement(placement, llm.cfg, world))
     res = {}
     for spec in (False, True):
-        ex = ThreadEPExecutor(path, holders, world, "tp", max_num_seqs=5, max_model_len=llm.max_model_len,
+        ex = thread_executor(path, placement, world, "tp", max_num_seqs=5, max_model_len=llm.max_model_len,
                               speculative_shuffle=spec)
         assert run(llm, ex) == want, (arch, world, placement, spec)
         res[spec] = st = ex.stats()
@@ -58,9 +58,10 @@ def test_tp_lossless_with_and_without_shuffling(local_runs, arch, world, placeme
     assert base["tp_bytes"] > 0 and base["shuffle_bytes"] == 0
     assert spec["tp_bytes"] == 0 and spec["shuffle_bytes"] > 0
     assert spec["shuffle_bytes"] < base["tp_bytes"]
-    for i in range(len(llm.cfg.moe_layers)):
-        assert 0 <= spec[f"spec_expert_precision_l{i}"] <= 1 and 0 <= spec[f"spec_worker_accuracy_l{i}"] <= 1
+    for k in ("spec_expert_precision_per_layer", "spec_worker_accuracy_per_layer"):
+        assert len(spec[k]) == len(llm.cfg.moe_layers) and all(0 <= v <= 1 for v in spec[k])
     assert "spec_expert_precision" not in base
+    assert spec["shuffle_imbalance"] >= 1.0 and spec["shuffle_busiest_tokens"] > 0
 
 
 @pytest.mark.parametrize("spec", [False, True])
@@ -68,7 +69,7 @@ def test_tp_fewer_tokens_than_workers(local_runs, spec):
     """A lone sequence decoding on 4 workers (N = 1 < G): idle owners still take part in every collective."""
     path, llm, _, _ = local_runs["mixtral"]
     want = run_one(llm, None)
-    ex = ThreadEPExecutor(path, layout.static_holders("round_robin", llm.cfg, 4), 4, "tp", max_num_seqs=5,
+    ex = thread_executor(path, layout.static_placement("round_robin", llm.cfg, 4), 4, "tp", max_num_seqs=5,
                           max_model_len=llm.max_model_len, speculative_shuffle=spec)
     assert run_one(llm, ex) == want
 
@@ -88,10 +89,10 @@ def test_tp_bytes_accounting(local_runs):
     path, llm, _, _ = local_runs["mixtral"]
     cfg = llm.cfg
     G, N, D = 2, 6, cfg.hidden_size
-    holders = layout.static_holders("round_robin", cfg, G)
+    placement = layout.static_placement("round_robin", cfg, G)
     from moeyard.runtime.executor import StepItem
     for spec in (False, True):
-        ex = ThreadEPExecutor(path, holders, G, "tp", max_num_seqs=2, max_model_len=64, speculative_shuffle=spec)
+        ex = thread_executor(path, placement, G, "tp", max_num_seqs=2, max_model_len=64, speculative_shuffle=spec)
         ex.execute([StepItem(0, list(range(10, 10 + N)), 0, True)])
         st = ex.stats()
         if not spec:
@@ -113,12 +114,13 @@ def test_balanced_destinations():
 
 
 def test_tp_worker_errors(tiny_ckpt):
-    from moeyard.runtime.ep_worker import EPWorker
+    from moeyard.cluster.worker import EPWorker
+    from moeyard.placement import Placement
     path, _ = tiny_ckpt("mixtral")             # 4 heads, 3 MoE layers of 8 experts
     with pytest.raises(ValueError, match=r"num_heads \(4\) < num_workers \(8\)"):
-        EPWorker(path, 0, 8, [[(e % 8,) for e in range(8)]] * 3, "tp")
+        EPWorker(path, 0, 8, Placement([[e % 8 for e in range(8)]] * 3, 8), "tp")
     with pytest.raises(ValueError, match="needs ep_scheme='tp'"):
-        EPWorker(path, 0, 2, [[(e % 2,) for e in range(8)]] * 3, "standard", shuffle=True)
+        EPWorker(path, 0, 2, Placement([[e % 2 for e in range(8)]] * 3, 2), "standard", shuffle=True)
 
 
 def test_tp_bad_options_fail_before_ray_starts(tiny_ckpt):
@@ -131,6 +133,8 @@ def test_tp_bad_options_fail_before_ray_starts(tiny_ckpt):
             shuffle_options={"horizon": 3})
     with pytest.raises(MoeyardError, match="num_workers >= 2"):
         LLM(path, mode="ray", num_workers=1, ep_scheme="tp", speculative_shuffle=True)
-    gpt_oss, _ = tiny_ckpt("gpt_oss")
-    with pytest.raises(MoeyardError, match="ep_scheme='tp' supports"):
-        LLM(gpt_oss, mode="ray", num_workers=2, ep_scheme="tp")
+    with pytest.raises(MoeyardError, match=r"num_heads \(4\) is not a multiple of num_workers \(3\)"):
+        LLM(path, mode="ray", num_workers=3, ep_scheme="tp")
+    hybrid, _ = tiny_ckpt("qwen3_next")
+    with pytest.raises(MoeyardError, match="ep_scheme='tp'.*qwen3_next"):
+        LLM(hybrid, mode="ray", num_workers=2, ep_scheme="tp")

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from moeyard.cluster import layout
-from moeyard.comm.a2a import Exchanger, make_group
+from moeyard.comm.exchange import Exchanger
+from moeyard.comm.group import make_group
 from moeyard.runtime import LLM, SamplingParams
-from moeyard.runtime.ep_worker import ThreadEPExecutor, run_in_threads
+from moeyard.cluster.executor import run_in_threads, thread_executor
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 PROMPTS = [[5, 6, 7], list(range(30, 61)), [100], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11, 12]]
@@ -68,16 +69,16 @@ def local_runs(tiny_ckpt):
     return out
 
 
-def holders_for(placement, cfg, world, trace, tmp_path):
+def placement_for(placement, cfg, world, trace, tmp_path):
     if placement == "affinity":
-        return layout.affinity_holders(trace, cfg, world, time_limit=3)[0]
+        return layout.affinity_placement(trace, cfg, world, time_limit=3)[0]
     if placement == "file":
         rng = np.random.default_rng(world)
         assign = [rng.permutation(np.arange(cfg.num_experts) % world).tolist() for _ in cfg.moe_layers]
         f = tmp_path / "placement.json"
         f.write_text(json.dumps({"num_workers": world, "assignment": assign}))
         return layout.load_placement_file(str(f), cfg, world)
-    return layout.static_holders(placement, cfg, world)
+    return layout.static_placement(placement, cfg, world)
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
@@ -85,9 +86,9 @@ def holders_for(placement, cfg, world, trace, tmp_path):
 @pytest.mark.parametrize("placement", ["round_robin", "contiguous", "affinity", "file"])
 def test_lossless_threads(local_runs, arch, world, placement, tmp_path):
     path, llm, want, trace = local_runs[arch]
-    holders = holders_for(placement, llm.cfg, world, trace, tmp_path)
+    placement = placement_for(placement, llm.cfg, world, trace, tmp_path)
     for scheme in ("standard", "coherent"):
-        ex = ThreadEPExecutor(path, holders, world, scheme, max_num_seqs=4, max_model_len=llm.max_model_len)
+        ex = thread_executor(path, placement, world, scheme, max_num_seqs=4, max_model_len=llm.max_model_len)
         old = llm.engine.executor
         llm.engine.executor = ex
         try:
@@ -102,8 +103,8 @@ def test_lossless_threads(local_runs, arch, world, placement, tmp_path):
 
 def test_single_worker_moves_nothing(local_runs):
     path, llm, want, _ = local_runs["mixtral"]
-    holders = layout.static_holders("round_robin", llm.cfg, 1)
-    ex = ThreadEPExecutor(path, holders, 1, "coherent", max_num_seqs=4, max_model_len=llm.max_model_len)
+    placement = layout.static_placement("round_robin", llm.cfg, 1)
+    ex = thread_executor(path, placement, 1, "coherent", max_num_seqs=4, max_model_len=llm.max_model_len)
     old, llm.engine.executor = llm.engine.executor, ex
     try:
         got = [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)]
@@ -117,8 +118,8 @@ def test_single_worker_moves_nothing(local_runs):
 def test_standard_bytes_match_routing(local_runs):
     """Standard scheme: every remote (token, expert) pair moves D floats + an int64 expert id out and D back."""
     path, llm, _, _ = local_runs["mixtral"]
-    holders = layout.static_holders("round_robin", llm.cfg, 2)
-    ex = ThreadEPExecutor(path, holders, 2, "standard", max_num_seqs=4, max_model_len=llm.max_model_len)
+    placement = layout.static_placement("round_robin", llm.cfg, 2)
+    ex = thread_executor(path, placement, 2, "standard", max_num_seqs=4, max_model_len=llm.max_model_len)
     old, llm.engine.executor = llm.engine.executor, ex
     try:
         llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)
@@ -149,11 +150,18 @@ def test_bad_placement_and_worker_count(tiny_ckpt, tmp_path):
         LLM(path, mode="ray", num_workers=2, ep_scheme="nope")
 
 
-def test_coherent_refuses_unsupported_attention():
-    from types import SimpleNamespace
-
-    from moeyard.runtime.ep_worker import check_scheme
-    check_scheme("coherent", SimpleNamespace(model_type="mixtral", attention_kind="mha"))
-    check_scheme("standard", SimpleNamespace(model_type="deepseek_v3", attention_kind="mla"))
-    with pytest.raises(ValueError, match="use ep_scheme='standard'"):
-        check_scheme("coherent", SimpleNamespace(model_type="deepseek_v3", attention_kind="mla"))
+def test_scheme_registry_and_errors(tiny_ckpt):
+    from moeyard.comm.schemes import SCHEMES, check_scheme
+    from moeyard.moe.config import MoEConfig
+    assert set(SCHEMES) == {"standard", "coherent", "tp"}
+    for arch in ("mixtral", "deepseek_v3", "gpt_oss"):
+        cfg = MoEConfig.from_dir(tiny_ckpt(arch)[0])
+        for name in SCHEMES:
+            check_scheme(name, cfg, 2)
+    cfg = MoEConfig.from_dir(tiny_ckpt("qwen3_next")[0])
+    check_scheme("standard", cfg, 2)
+    for name in ("coherent", "tp"):          # the scheme and the model are both named
+        with pytest.raises(ValueError, match=f"ep_scheme='{name}'.*qwen3_next.*use ep_scheme='standard'"):
+            check_scheme(name, cfg, 2)
+    with pytest.raises(ValueError, match="ep_scheme must be one of"):
+        check_scheme("nope", cfg)

@@ -19,11 +19,11 @@ wrong prediction costs nothing but locality: the all-to-all dispatcher serves ev
 the token is, so outputs are exactly those of local mode.
 
 Counters (``stats``): ``shuffle_moves``, ``shuffle_moved_positions``, ``shuffle_imbalance`` (mean over steps of
-the busiest worker's tokens / the average worker's; 1 = balanced); per MoE layer i ``spec_expert_precision_l{i}``
-(share of the table's top-k predicted experts that were routed to), ``spec_worker_accuracy_l{i}`` (the predicted
-worker holds the token's first-choice expert), ``spec_local_fraction_l{i}`` (share of (token, expert) pairs
-served where the token ran). KV bytes moved are counted by the workers as ``shuffle_bytes``, included in
-``a2a_bytes``.
+the busiest worker's tokens / the average worker's; 1 = balanced); ``spec_expert_precision`` (share of the
+table's top-k predicted experts that were routed to), ``spec_worker_accuracy`` (the predicted worker holds the
+token's first-choice expert), ``spec_local_fraction`` (share of (token, expert) pairs served where the token
+ran), each also ``*_per_layer`` (a list over MoE layers). KV bytes moved are counted by the workers as
+``shuffle_bytes``, included in ``a2a_bytes``.
 """
 
 from __future__ import annotations
@@ -36,18 +36,15 @@ import numpy as np
 import torch
 
 from ..moe.predictors import TokenTablePredictor, token_table_problem, trace_tokens
-from .ep_worker import home_of, merge_logits, partition
-from .executor import StepItem
+from ..runtime.executor import StepItem
+from .calibrate import calibration_sequences, plan_routing, record_routing
+from .partition import home_of, merge_logits, partition
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_TEXT = ("The quick brown fox jumps over the lazy dog. In the beginning was the word, and numbers "
-                    "like 3.14159 and 2.71828 appear in science. def main(): return sum(range(10)) # code "
-                    "Once upon a time there lived a king who had three daughters. Q: What is the capital of "
-                    "France? A: Paris. The weather today is sunny with a chance of rain in the afternoon.")
-
 
 def check_spec(scheme: str, world: int, cfg=None):
+    """Raise ValueError naming the problem if speculative shuffling cannot run on this scheme, workers and model."""
     if cfg is not None and any(cfg.is_linear_layer(l) for l in range(cfg.num_layers)):
         raise ValueError(f"speculative_shuffle=True moves sequences (their KV caches) between workers; "
                          f"{cfg.model_type}'s linear-attention layers keep a recurrent state that does not move: use "
@@ -55,27 +52,26 @@ def check_spec(scheme: str, world: int, cfg=None):
     if world < 2:
         raise ValueError(f"speculative_shuffle=True needs num_workers >= 2 (got {world}): with one worker every "
                          f"expert is already local")
-    if scheme not in ("standard", "tp"):
-        raise ValueError(f"speculative_shuffle=True works with ep_scheme='standard' (form 1: request placement) "
-                         f"or 'tp' (form 2: token shuffling in tensor-parallel attention), got {scheme!r}: the "
-                         f"coherent scheme already moves tokens to their experts inside the forward pass")
+    if scheme not in ("standard", "coherent", "tp"):
+        raise ValueError(f"speculative_shuffle=True works with ep_scheme='standard' or 'coherent' (form 1: request "
+                         f"placement) or 'tp' (form 2: token shuffling in tensor-parallel attention), got {scheme!r}")
 
 
 class SpecShuffler:
-    def __init__(self, cfg, holders, world: int, dtype=torch.float32, max_moves: int = 2, horizon: float = 16.0,
+    """The speculative request planner (form 1): ``plan`` places and moves sequences, ``feed`` learns."""
+
+    def __init__(self, cfg, placement, world: int, dtype=torch.float32, max_moves: int = 2, horizon: float = 16.0,
                  slack: int = 1, history: float = 0.5, ema: float = 0.3, place_new: bool = True,
-                 move: bool = True, calibration_tokens: int = 2048):
+                 move: bool = True, calibration_tokens: int = 2048, replicated_kv: bool = False):
         self.cfg, self.world = cfg, world
         self.L, self.E, self.K = len(cfg.moe_layers), cfg.num_experts, cfg.top_k
-        self.hold = torch.zeros(self.L, self.E, world)                   # [L, E, G] 1 = worker g holds expert e
-        for l, row in enumerate(holders):
-            for e, ws in enumerate(row):
-                self.hold[l, e, list(ws)] = 1.0
+        self.hold = torch.from_numpy(placement.membership_LEG()).float()   # [L, E, G] 1 = worker g holds e
         elem = torch.tensor([], dtype=dtype).element_size()
         # standard scheme, per remote (token, expert) pair: hidden row + int64 expert id out, hidden row back
         self.remote_bytes = 2 * cfg.hidden_size * elem + 8
         hk, dk, hv, dv = cfg.kv_shape
-        self.kv_bytes_per_position = cfg.num_layers * (hk * dk + hv * dv) * elem + 16   # + slot/pos meta row
+        # + a slot/pos meta row; nothing when every worker holds every cache (coherent scheme)
+        self.kv_bytes_per_position = 0 if replicated_kv else cfg.num_layers * (hk * dk + hv * dv) * elem + 16
         self.max_moves, self.horizon, self.slack = max_moves, horizon, slack
         self.history, self.ema_rate = history, ema
         self.place_new, self.move = place_new, move
@@ -115,32 +111,16 @@ class SpecShuffler:
                f"(predictions are weaker than from the model's routing trace)")
         warnings.warn(msg, stacklevel=3)
         log.warning(msg)
-        n = self.calibrate(step_fn, self.calibration_sequences(tokenizer, max_model_len), max_num_seqs)
+        seqs = calibration_sequences(tokenizer, self.cfg.vocab_size, self.calibration_tokens, max_model_len)
+        n = self.calibrate(step_fn, seqs, max_num_seqs)
         self.table_source = f"calibration run ({n} tokens)"
 
-    def calibration_sequences(self, tokenizer, max_model_len: int) -> list[list[int]]:
-        """Calibration text, then a random permutation of the vocabulary (so every token id gets an entry),
-        in sequences of up to 64 tokens, ``calibration_tokens`` in all."""
-        n = max(2, min(64, max_model_len))
-        ids = tokenizer.encode(CALIBRATION_TEXT) if tokenizer is not None else []
-        rng = np.random.default_rng(0)
-        ids = list(ids) + rng.permutation(self.cfg.vocab_size).tolist()
-        ids = ids[:max(self.calibration_tokens, n)]
-        return [ids[i:i + n] for i in range(0, len(ids), n) if len(ids[i:i + n]) > 1]
-
-    def calibrate(self, step_fn, seqs: list[list[int]], batch: int) -> int:
-        batch = max(1, batch)
-        total = 0
-        for i in range(0, len(seqs), batch):
-            items = [StepItem(j, toks, 0, True) for j, toks in enumerate(seqs[i:i + batch])]
-            plans, _, max_len = partition(items, self.world)
-            _, routing = step_fn(plans, max_len, None)
-            tok, _, rt = self._gather(plans, routing)
-            self._learn(tok, rt)
-            total += len(tok)
+    def calibrate(self, step_plans, seqs: list[list[int]], batch: int) -> int:
+        tok, rt = record_routing(step_plans, self.world, seqs, batch, self.L, self.K)
+        self._learn(tok, rt)
         self.where.clear()
         self.ema.clear()
-        return total
+        return len(tok)
 
     def _learn(self, tok, rt):
         if len(tok):
@@ -215,24 +195,8 @@ class SpecShuffler:
         return {it.slot: self.where[it.slot] for it in items}, moves
 
     # -- feedback -------------------------------------------------------------------------------------------------
-    def _gather(self, plans, routing):
-        tok, slot_worker, rt = [], [], []
-        for g, (plan, r) in enumerate(zip(plans, routing)):
-            if r is None or not plan:
-                continue
-            r = torch.as_tensor(r).long()
-            i = 0
-            for it in plan:
-                n = len(it.token_ids)
-                tok.extend(it.token_ids)
-                slot_worker.extend([(it.slot, g)] * n)
-                rt.append(r[i:i + n])
-                i += n
-        rt = torch.cat(rt) if rt else torch.empty((0, self.L, self.K), dtype=torch.long)
-        return torch.tensor(tok, dtype=torch.long), slot_worker, rt
-
     def feed(self, plans, routing):
-        tok, sw, rt = self._gather(plans, routing)
+        tok, sw, rt = plan_routing(plans, routing, self.L, self.K)
         N = len(tok)
         if not N:
             return
@@ -264,7 +228,7 @@ class SpecShuffler:
         if sum(n):
             self.imbalance_sum += max(n) * self.world / sum(n)
             self.imbalance_steps += 1
-        outs, routing = step_fn(plans, max_len, moves)
+        outs, routing = step_fn(plans, max_len, moves, True)
         self.feed(plans, routing)
         return merge_logits(outs, where)
 
@@ -276,6 +240,5 @@ class SpecShuffler:
         for name, v in (("spec_expert_precision", self.prec), ("spec_worker_accuracy", self.wacc),
                         ("spec_local_fraction", self.local)):
             d[name] = float(v.sum()) / (n * self.L)
-            for i in range(self.L):
-                d[f"{name}_l{i}"] = float(v[i]) / n
+            d[f"{name}_per_layer"] = (v / n).tolist()
         return d

@@ -1,10 +1,11 @@
-"""All-to-all token exchange between expert-parallel workers, and the dispatcher built on it.
+"""Row exchanges between expert-parallel workers over a process group passed in, with byte counters.
 
 Glossary
-  G workers (ranks), rank this worker, N tokens here, K top-k, M = N*K routed (token, choice) rows, D hidden.
-  exchange   send each row of some tensors to the rank named by ``dest`` (uneven splits); split sizes are
-             exchanged first (one tiny all-to-all), then one ``all_to_all_single`` per tensor.
-  reverse    send rows back along a previous exchange (split sizes known: no size exchange).
+  G workers (ranks), rank this worker, N rows here.
+  exchange    send each row of some tensors to the rank named by ``dest`` (uneven splits); split sizes are
+              exchanged first (one tiny all-to-all), then one ``all_to_all_single`` per tensor.
+  reverse     send rows back along a previous exchange (split sizes known: no size exchange).
+  all-gather  every worker's rows to every other worker (``all_gather_rows``), as uneven exchanges.
 
 Every byte handed to a collective that crosses workers is counted (a worker's rows to itself are not), by kind:
 ``moe`` (token rows and their expert ids / gate weights), ``kv`` (KV-cache replication), ``hidden`` (residual
@@ -12,9 +13,6 @@ streams and final hidden states that move with a token), ``meta`` (split sizes, 
 (KV caches of sequences moved between workers by speculative shuffling, with their slot/position rows; with
 tensor-parallel attention, the head-output scatter and residual all-gather that replace the all-reduce), ``tp``
 (tensor-parallel attention without shuffling: head-output and residual all-gathers).
-
-Works with any c10d process group object (gloo on CPU, nccl on GPU); no default process group is needed, so
-several workers can live in one process (threads) for tests.
 """
 
 from __future__ import annotations
@@ -25,35 +23,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..moe.dispatch import DispatchMeta, LocalDispatcher, Routed
+from .group import CollectiveError
 
 KINDS = ("moe", "kv", "hidden", "meta", "shuffle", "tp")
-
-
-class CollectiveError(RuntimeError):
-    """A collective failed or timed out (usually: a peer worker died)."""
-
-
-def make_group(init_method: str, rank: int, world: int, backend: str = "gloo", timeout_s: float = 30.0):
-    """A process group of ``world`` ranks met at ``init_method`` ("tcp://host:port" with rank 0 listening, or
-    "file:///path")."""
-    timeout = datetime.timedelta(seconds=timeout_s)
-    if init_method.startswith("tcp://"):
-        host, port = init_method[len("tcp://"):].rsplit(":", 1)
-        store = dist.TCPStore(host, int(port), world, is_master=rank == 0, timeout=timeout,
-                              wait_for_workers=False)
-    elif init_method.startswith("file://"):
-        store = dist.FileStore(init_method[len("file://"):], world)
-        store.set_timeout(timeout)
-    else:
-        raise ValueError(f"init_method must be tcp://host:port or file:///path, got {init_method!r}")
-    if backend == "gloo":
-        return dist.ProcessGroupGloo(store, rank, world, timeout)
-    if backend == "nccl":
-        opts = dist.ProcessGroupNCCL.Options()
-        opts._timeout = timeout
-        return dist.ProcessGroupNCCL(store, rank, world, opts)
-    raise ValueError(f"backend must be gloo or nccl, got {backend!r}")
 
 
 @dataclass(frozen=True)
@@ -71,8 +43,12 @@ class Exchanger:
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.bytes = {k: 0 for k in KINDS}
         self.calls = 0
-        self.local_assign = 0
+        self.local_assign = 0     # (token, expert) pairs served on the token's worker
         self.total_assign = 0
+
+    def count_pairs(self, local: int, total: int):
+        self.local_assign += local
+        self.total_assign += total
 
     def stats(self) -> dict:
         d = {f"{k}_bytes": v for k, v in self.bytes.items()}
@@ -128,44 +104,17 @@ class Exchanger:
             res.append(out)
         return res
 
+    def all_gather_rows(self, tensors: list[torch.Tensor], kinds: list[str]) -> tuple[list[torch.Tensor], Plan]:
+        """Every worker's rows of ``tensors`` to every other worker. Returns, per tensor, the rows of every
+        *other* worker by source rank (``plan.recv_counts`` rows each; nothing from this rank)."""
+        n = tensors[0].shape[0] if tensors else 0
+        others = [g for g in range(self.world) if g != self.rank]
+        dest = torch.tensor(others, dtype=torch.long).repeat_interleave(n)
+        return self.exchange(dest, [t.repeat(len(others), *([1] * (t.dim() - 1))) for t in tensors], kinds)
 
-def dest_table(holders: list[list[tuple[int, ...]]], rank: int, world: int) -> list[torch.Tensor]:
-    """Per placement layer, [E] rank serving each expert for tokens on ``rank``: itself if it holds a copy, else
-    the first holder."""
-    out = []
-    for row in holders:
-        out.append(torch.tensor([rank if rank in ws else ws[0] for ws in row], dtype=torch.long))
-    return out
-
-
-class A2ADispatcher(LocalDispatcher):
-    """Expert-parallel dispatcher: rows go to the worker holding their expert and come back for ``combine``.
-
-    ``layer_index`` maps a model layer to its placement row (MoE layers only, in order)."""
-
-    def __init__(self, ex: Exchanger, holders: list[list[tuple[int, ...]]], layer_index: dict[int, int]):
-        self.ex = ex
-        self.dest = dest_table(holders, ex.rank, ex.world)
-        self.layer_index = layer_index
-
-    def dispatch(self, layer: int, x_ND, topk_ids_NK, topk_w_NK) -> Routed:
-        local = super().dispatch(layer, x_ND, topk_ids_NK, topk_w_NK)
-        dev = x_ND.device
-        e_M = torch.repeat_interleave(torch.tensor(local.expert_ids, dtype=torch.long),
-                                      torch.tensor(local.counts, dtype=torch.long))
-        dest_M = self.dest[self.layer_index[layer]][e_M]
-        self.ex.local_assign += int((dest_M == self.ex.rank).sum())
-        self.ex.total_assign += int(dest_M.numel())
-        (x_R, e_R), plan = self.ex.exchange(dest_M, [local.x_MD, e_M.to(dev)], ["moe", "moe"])
-        perm = torch.argsort(e_R, stable=True)
-        ids, counts = torch.unique_consecutive(e_R[perm], return_counts=True)
-        meta = DispatchMeta(local.meta.order_M, local.meta.token_M, local.meta.weight_M, local.meta.num_tokens,
-                            extra=(plan, perm, local.meta))
-        return Routed(x_R[perm], ids.tolist(), counts.tolist(), meta)
-
-    def combine(self, y_MD, meta: DispatchMeta):
-        plan, perm, local_meta = meta.extra
-        y_R = torch.empty_like(y_MD)
-        y_R[perm] = y_MD
-        (y_M,) = self.ex.reverse(plan, [y_R], ["moe"])
-        return super().combine(y_M, local_meta)
+    def all_gather_blocks(self, rows: torch.Tensor, kind: str) -> list[torch.Tensor]:
+        """``all_gather_rows`` of one tensor as the list of blocks by rank, this worker's own block included."""
+        (got,), plan = self.all_gather_rows([rows], [kind])
+        blocks = list(torch.split(got, plan.recv_counts))
+        blocks[self.rank] = rows
+        return blocks

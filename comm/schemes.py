@@ -1,0 +1,143 @@
+"""Expert-parallel schemes: a small protocol and a registry (``SCHEMES``), checked against ``ep_scheme``.
+
+A scheme is applied to a worker's built model (gpt-fast's ``apply_tp``, torchtitan's ``parallelize``): it swaps
+in its dispatcher and wrappers around the model's own attention and MoE blocks, so the model in ``moe/`` stays
+the only forward pass. Per step the worker hands it the step's tokens; it returns the logits of the sampled rows
+this worker answers for (and, when asked, the routing the speculative planner learns from).
+
+  standard  the model's forward with the all-to-all dispatcher (``dispatch.A2ADispatcher``): token rows visit
+            their experts' workers and come back at every MoE layer. Data-parallel attention: a sequence runs on
+            its home worker. Speculative shuffling form 1 (the driver places and moves sequences).
+  coherent  ExFlow's context-coherent scheme (``coherent.py``): a token stays on its first-choice expert's
+            worker; cache entries are replicated. Speculative shuffling form 1 places a sequence's home (where its
+            step starts and its logits are taken); moves are free (the cache is everywhere).
+  tp        tensor-parallel attention (``tp.py``): every worker holds every token and a share of the heads;
+            speculative shuffling form 2 (head outputs scattered to predicted expert workers) runs inside.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..moe.experts import run_experts
+from .coherent import apply_coherent, coherent_hidden
+from .dispatch import A2ADispatcher
+from .tp import apply_tp, head_range
+
+
+def _hybrid(cfg) -> bool:
+    return any(cfg.is_linear_layer(l) for l in range(cfg.num_layers))
+
+
+class Scheme:
+    """``check(cfg, world)`` raises ValueError naming the scheme and the model it cannot serve; ``apply`` wraps
+    the model; ``run(worker, items, ids_N, tab, capture) -> (logits, routing)`` is one step. ``all_tokens``:
+    every worker runs every token (the driver sends each worker the whole step); ``spec_form``: the
+    speculative-shuffling form it supports; ``replicated_kv``: every worker holds every cache."""
+    name = ""
+    all_tokens = False
+    spec_form = 1
+    replicated_kv = False
+
+    def check(self, cfg, world: int):
+        pass
+
+    def apply(self, worker, shuffle: bool, options: dict):
+        worker.model.dispatcher = A2ADispatcher(worker.ex, worker.placement, worker.layer_index)
+
+    def kv_shape(self, worker) -> tuple:
+        return worker.cfg.kv_shape
+
+    def stats(self) -> dict:
+        return {}
+
+
+class Standard(Scheme):
+    name = "standard"
+
+    def run(self, worker, items, ids_N, tab, capture: bool = False):
+        m, cfg = worker.model, worker.cfg
+        L, K = len(worker.moe_layers), cfg.top_k
+        if not items:                       # no tokens here: still meet the others at every MoE layer
+            x = torch.empty((0, cfg.hidden_size), dtype=worker.dtype, device=worker.device)
+            ids = torch.empty((0, K), dtype=torch.long, device=worker.device)
+            for l in worker.moe_layers:
+                r = m.dispatcher.dispatch(l, x, ids, x.new_empty((0, K)))
+                m.dispatcher.combine(run_experts(l, r.x_MD, r.expert_ids, r.counts, m.experts), r.meta)
+            return torch.empty((0, cfg.vocab_size)), torch.empty((0, L, K), dtype=torch.int16) if capture else None
+        batch, cap = worker.batch(items), {}
+        if capture:
+            batch.route_hooks = [lambda layer, x, ids, w: cap.__setitem__(layer, ids.cpu())]
+        logits = m(ids_N.to(worker.device), batch).cpu()
+        routing = torch.stack([cap[l] for l in worker.moe_layers], 1).to(torch.int16) if capture else None
+        return logits, routing
+
+
+class Coherent(Scheme):
+    name = "coherent"
+    replicated_kv = True       # every worker holds every sequence's cache: moving a sequence moves no bytes
+
+    def check(self, cfg, world: int):
+        if _hybrid(cfg):
+            raise ValueError(f"ep_scheme='coherent' replicates cache entries; {cfg.model_type}'s linear-attention "
+                             f"layers keep a recurrent state instead: use ep_scheme='standard'")
+
+    def apply(self, worker, shuffle: bool, options: dict):
+        super().apply(worker, shuffle, options)
+        apply_coherent(worker.model, worker.ex, worker.placement, worker.layer_index)
+
+    def run(self, worker, items, ids_N, tab, capture: bool = False):
+        """Routing (``capture``) is logged by key wherever the tokens are: per MoE layer (keys, ids [R, K])."""
+        log = {} if capture else None
+        h = coherent_hidden(worker.model, ids_N, tab, worker.kv, worker.ex, routing_log=log)
+        return worker.model.lm_head(h).float().cpu(), [log[l] for l in worker.moe_layers] if capture else None
+
+
+class TensorParallel(Scheme):
+    name = "tp"
+    all_tokens = True
+    spec_form = 2
+
+    def check(self, cfg, world: int):
+        if _hybrid(cfg):
+            raise ValueError(f"ep_scheme='tp' splits attention heads; {cfg.model_type}'s linear-attention layers "
+                             f"are not split: use ep_scheme='standard'")
+        head_range(cfg.num_heads, 0, world)
+
+    def apply(self, worker, shuffle: bool, options: dict):
+        super().apply(worker, shuffle, options)
+        bad = set(options) - {"slack"}
+        if bad:
+            raise ValueError(f"shuffle_options: ep_scheme='tp' takes only 'slack', got {sorted(bad)}")
+        self.counters, self.heads = apply_tp(worker.model, worker.ex, worker.placement, worker.layer_index,
+                                             shuffle, **options)
+
+    def kv_shape(self, worker) -> tuple:
+        return self.heads.kv_shape()
+
+    def run(self, worker, items, ids_N, tab, capture: bool = False):
+        """Every worker runs every item; sampled row i's logits come from worker i % G."""
+        batch = worker.batch(items)
+        h = worker.model.hidden(ids_N.to(worker.device), batch)
+        rows = batch.logits_idx[worker.rank::worker.world]
+        return worker.model.lm_head(h[rows]).float().cpu(), None
+
+    def stats(self) -> dict:
+        return {f"tp_{k}": list(v) for k, v in self.counters.items()}
+
+
+SCHEMES = {s.name: s for s in (Standard, Coherent, TensorParallel)}
+
+
+def get_scheme(name: str, cfg=None, world: int | None = None) -> Scheme:
+    """A fresh scheme object, checked against the model and worker count when given."""
+    if name not in SCHEMES:
+        raise ValueError(f"ep_scheme must be one of {tuple(SCHEMES)}, got {name!r}")
+    s = SCHEMES[name]()
+    if cfg is not None:
+        s.check(cfg, world or 1)
+    return s
+
+
+def check_scheme(name: str, cfg, world: int = 1):
+    get_scheme(name, cfg, world)
