@@ -61,9 +61,10 @@ def peer_python() -> str:
         subprocess.run([sys.executable, "-m", "venv", venv], check=True)
         site = subprocess.run([py, "-c", "import site; print(site.getsitepackages()[0])"], capture_output=True,
                               text=True, check=True).stdout.strip()
-        import sysconfig
+        # every site directory this interpreter sees (a venv layered over another by a .pth sees both)
+        dirs = [d for d in sys.path if d.rstrip("/").endswith("site-packages") and os.path.isdir(d)]
         with open(os.path.join(site, "zz_moeyard_env.pth"), "w") as f:
-            f.write(sysconfig.get_paths()["purelib"] + "\n")
+            f.write("".join(d + "\n" for d in dirs))
     return py
 
 
