@@ -17,14 +17,9 @@ import pytest
 from moeyard.runtime import LLM, AsyncLLM, SamplingParams
 from moeyard.runtime.executor import RequestFailed
 from moeyard.runtime.sampling import RequestError
+from serving import free_port
 
 
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 
 import httpx
@@ -18,7 +17,8 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from moeyard.runtime import LLM, AsyncLLM  # noqa: E402
-from moeyard.runtime.server import ServerLimits, build_app, make_server  # noqa: E402
+from moeyard.runtime.server import ServerLimits  # noqa: E402
+from serving import start_server  # noqa: E402
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-2 ** 70, 2 ** 70) | st.floats(allow_nan=False) |
                     st.text(max_size=20), lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c,
@@ -50,18 +50,9 @@ def body(kind):
 def url(serve_ckpt):
     llm = LLM(serve_ckpt, max_num_seqs=4, max_model_len=128)
     allm = AsyncLLM(llm, request_timeout=30)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = make_server(build_app(allm, "tiny", limits=ServerLimits(max_body_bytes=64 << 10, max_choices=8)),
-                      "127.0.0.1", port, log_level="critical", graceful_timeout=5, timeout_keep_alive=1)
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    t0 = time.time()
-    while not srv.started:
-        assert time.time() - t0 < 30 and th.is_alive()
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
+    srv, th, base = start_server(allm, app_kw={"limits": ServerLimits(max_body_bytes=64 << 10, max_choices=8)},
+                                 log_level="critical", timeout_keep_alive=1)
+    yield base
     srv.should_exit = True
     th.join(20)
     llm.close()

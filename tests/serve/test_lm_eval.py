@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import threading
-import time
 
 import pytest
 
 lm_eval = pytest.importorskip("lm_eval")
 
 from moeyard.runtime import LLM, AsyncLLM, SamplingParams  # noqa: E402
-from moeyard.runtime.server import build_app, make_server  # noqa: E402
+from serving import start_server  # noqa: E402
 
 GEN = [{"question": "Hello, world! How are", "answer": "you"},
        {"question": "The quick brown fox", "answer": "jumps"},
@@ -74,21 +71,12 @@ def test_lm_eval_local_completions(serve_ckpt, tmp_path, monkeypatch):
     from lm_eval.tasks import TaskManager
     llm = LLM(serve_ckpt, max_num_seqs=4, max_model_len=1024)
     allm = AsyncLLM(llm)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = make_server(build_app(allm, "tiny"), "127.0.0.1", port, log_level="warning", graceful_timeout=5)
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    t0 = time.time()
-    while not srv.started:
-        assert time.time() - t0 < 30 and th.is_alive()
-        time.sleep(0.05)
+    srv, th, base = start_server(allm)
     try:
         tm = TaskManager(include_path=_tasks(str(tmp_path)), include_defaults=False)
         out = simple_evaluate(
             model="local-completions",
-            model_args=(f"model=tiny,base_url=http://127.0.0.1:{port}/v1/completions,tokenizer={serve_ckpt},"
+            model_args=(f"model=tiny,base_url={base}/v1/completions,tokenizer={serve_ckpt},"
                         "tokenizer_backend=huggingface,tokenized_requests=True,num_concurrent=1,max_retries=1,"
                         "max_length=1024"),
             tasks=["moeyard_gen", "moeyard_mc"], task_manager=tm, log_samples=True, limit=None,

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
 from types import SimpleNamespace
 
@@ -15,30 +13,18 @@ import pytest
 openai = pytest.importorskip("openai")
 
 from moeyard.runtime import LLM, AsyncLLM  # noqa: E402
-from moeyard.runtime.server import build_app, make_server  # noqa: E402
+from moeyard.runtime.server import build_app  # noqa: E402
+from serving import start_server  # noqa: E402
 
 MODEL = "tiny"
 PROMPT = "Hello, world! How are you"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_server(llm):
     """``llm`` behind a real uvicorn server on a free loopback port, in a thread: (server, thread, AsyncLLM, url)."""
     allm = AsyncLLM(llm)
-    port = free_port()
-    srv = make_server(build_app(allm, MODEL), "127.0.0.1", port, log_level="warning", graceful_timeout=5)
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    t0 = time.time()
-    while not srv.started:
-        assert time.time() - t0 < 30 and th.is_alive(), "server did not start"
-        time.sleep(0.05)
-    return srv, th, allm, f"http://127.0.0.1:{port}"
+    srv, th, url = start_server(allm, MODEL)
+    return srv, th, allm, url
 
 
 @pytest.fixture(scope="module")
