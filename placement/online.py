@@ -88,10 +88,15 @@ class OnlineRebalancer:
             return None
         seqs, self._win = self._win, []
         E = self.num_experts
-        fit_s, val_s = seqs[0::2], seqs[1::2] or seqs[0::2]
-        fit = counts_of(np.concatenate(fit_s), E) + (sum(len(s) for s in fit_s),)
-        val = counts_of(np.concatenate(val_s), E) + (sum(len(s) for s in val_s),)
-        full = tuple(a + b for a, b in zip(fit[:2], val[:2])) + (fit[2] + val[2],) if val_s is not fit_s else fit
+        def counts(part):
+            return (*counts_of(np.concatenate(part), E), sum(len(s) for s in part))
+
+        fit = counts(seqs[0::2])
+        if len(seqs) > 1:
+            val = counts(seqs[1::2])
+            full = tuple(a + b for a, b in zip(fit, val))
+        else:                           # one sequence: it is both the fit and the check
+            val = full = fit
         if self._hist is None and self.prior is not None and self.prior_windows > 0:
             t, l, n = self.prior            # weighs as prior_windows windows of the size first seen
             scale = self.prior_windows * full[2] / max(n, 1)
