@@ -34,14 +34,15 @@ SHAPE = dict(vocab_size=8000, hidden_size=1024, num_layers=4, num_heads=8, num_k
              top_k=2, intermediate_size=2816, max_position_embeddings=2048)
 
 
-def make_checkpoint(path: str):
+def make_checkpoint(path: str, dtype: str = "float32", **shape):
+    """A random Mixtral of ``SHAPE`` (overridden by ``shape``) written to ``path`` in ``dtype``, once."""
     import torch
     from moeyard.moe.config import MoEConfig
     from moeyard.moe.experts import ExpertWeights
     from moeyard.moe.save import mixtral_config_dict, save_mixtral
     if os.path.isfile(os.path.join(path, "config.json")):
         return
-    cd = mixtral_config_dict(**SHAPE, dtype="float32")
+    cd = mixtral_config_dict(**{**SHAPE, **shape}, dtype=dtype)
     cfg = MoEConfig.from_dict(cd)
     g = torch.Generator().manual_seed(0)
     D, F, V = cfg.hidden_size, cfg.expert_intermediate_size, cfg.vocab_size
@@ -61,7 +62,7 @@ def make_checkpoint(path: str):
         def get(self, l, e):
             return ExpertWeights(rnd(F, D), rnd(F, D), rnd(D, F))
 
-    save_mixtral(state, Experts(), cfg, cd, path, dtype=torch.float32, max_shard_bytes=600 << 20)
+    save_mixtral(state, Experts(), cfg, cd, path, dtype=getattr(torch, dtype), max_shard_bytes=600 << 20)
 
 
 DSV3_SHAPE = dict(vocab_size=8000, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=1024,

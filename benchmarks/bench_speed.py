@@ -32,35 +32,11 @@ sys.path.insert(0, HERE)
 
 
 def make_checkpoint(path: str, layers: int):
-    import torch
-    from bench_engine import SHAPE
-    from moeyard.moe.config import MoEConfig
-    from moeyard.moe.experts import ExpertWeights
-    from moeyard.moe.save import mixtral_config_dict, save_mixtral
+    from bench_engine import make_checkpoint as random_mixtral
     if os.path.isfile(os.path.join(path, "config.json")):
         return
-    cd = mixtral_config_dict(**{**SHAPE, "num_layers": layers, "vocab_size": 8192}, dtype="bfloat16")
-    cfg = MoEConfig.from_dict(cd)
-    g = torch.Generator().manual_seed(0)
-    D, F, V = cfg.hidden_size, cfg.expert_intermediate_size, cfg.vocab_size
-
-    def rnd(*s, std=0.02):
-        return torch.randn(*s, generator=g) * std
-
-    state = {"model.embed_tokens.weight": rnd(V, D), "model.norm.weight": torch.ones(D), "lm_head.weight": rnd(V, D)}
-    for l in range(cfg.num_layers):
-        p = f"model.layers.{l}"
-        state.update({f"{p}.input_layernorm.weight": torch.ones(D), f"{p}.post_attention_layernorm.weight": torch.ones(D),
-                      f"{p}.self_attn.q_proj.weight": rnd(D, D), f"{p}.self_attn.k_proj.weight": rnd(D // 4, D),
-                      f"{p}.self_attn.v_proj.weight": rnd(D // 4, D), f"{p}.self_attn.o_proj.weight": rnd(D, D),
-                      f"{p}.mlp.gate.weight": rnd(cfg.num_experts, D, std=0.5)})
-
-    class Experts:
-        def get(self, l, e):
-            return ExpertWeights(rnd(F, D), rnd(F, D), rnd(D, F))
-
-    save_mixtral(state, Experts(), cfg, cd, path, dtype=torch.bfloat16, max_shard_bytes=600 << 20)
-    # llama.cpp's converter wants a tokenizer: the embedded model's (vocab 8000 ids fit the checkpoint's 8000 rows)
+    random_mixtral(path, dtype="bfloat16", num_layers=layers, vocab_size=8192)
+    # llama.cpp's converter wants a tokenizer: the embedded model's (its 8192 ids match the checkpoint's 8192 rows)
     from moeyard.moe.loader import default_model_path
     import shutil
     for fn in ("tokenizer.json", "tokenizer_config.json"):
