@@ -20,7 +20,7 @@ from ..moe.checkpoint import CheckpointReader
 from ..moe.config import MoEConfig
 from ..moe.experts import ResidentExperts
 from ..moe.compute import pack_dense
-from ..moe.loader import build_dense, check_experts_finite, compute_plan, resolve_dtype
+from ..moe.loader import build_dense, compute_plan, resolve_dtype
 from ..runtime.executor import StepItem, build_batch
 from ..runtime.kv_cache import KVCache
 from ..runtime.modes import new_kv_cache
@@ -63,7 +63,6 @@ class EPWorker:
         self.local_experts = {l: placement.local_experts(rank)[i] for i, l in enumerate(self.moe_layers)}
         self.model.experts = ResidentExperts(cfg, reader, self.dtype, self.device, only=self.local_experts,
                                              pack=self.plan.experts if self.plan is not None else None)
-        check_experts_finite(cfg, self.model.experts)
         self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
         self.ex: Exchanger | None = None
         self.kv = None

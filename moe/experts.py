@@ -17,6 +17,7 @@ import torch.nn.functional as F_
 from .checkpoint import CheckpointReader
 from .config import MoEConfig
 from .quant_formats import QuantFormat, logical_shape, read_slice, read_tensor
+from .validate import check_finite
 from .weights import TensorRef, check_fused_shapes, expert_refs
 
 
@@ -125,6 +126,12 @@ class PackedExpert:
         return matmul(h, self.down).to(x_MD.dtype)
 
 
+def check_expert_finite(layer: int, expert: int, w: ExpertWeights) -> None:
+    """A routed expert must not hold NaN (named by layer, expert and matrix)."""
+    for part, t in zip(("gate", "up", "down", "gate_bias", "up_bias", "down_bias"), w.tensors):
+        check_finite(f"layer {layer} expert {expert} {part}", t)
+
+
 class ResidentExperts:
     """Every routed expert of the checkpoint held in memory (local mode), or only ``experts[l]`` of each layer.
 
@@ -141,12 +148,13 @@ class ResidentExperts:
             check_fused_shapes(cfg, reader, layer)
             ids = range(cfg.num_experts) if only is None else only.get(layer, [])
             for e in ids:
+                w = read_expert(cfg, reader, layer, e)
+                check_expert_finite(layer, e, w)      # as read: before packing or casting hides nothing
                 if pack is not None:
-                    self._p[(layer, e)] = PackedExpert.of(read_expert(cfg, reader, layer, e), pack,
-                                                          f"model.layers.{layer}.mlp.experts.{e}")
+                    self._p[(layer, e)] = PackedExpert.of(w, pack, f"model.layers.{layer}.mlp.experts.{e}")
                     reader.close()     # unmap what was read (it reopens lazily): file pages would count in RSS
                 else:
-                    self._w[(layer, e)] = read_expert(cfg, reader, layer, e).to(device=device, dtype=dtype)
+                    self._w[(layer, e)] = w.to(device=device, dtype=dtype)
             if progress is not None:
                 progress(layer)
 
