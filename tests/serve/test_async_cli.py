@@ -92,7 +92,7 @@ def test_serve_process_sigterm(serve_ckpt, tmp_path):
     port = free_port()
     y = tmp_path / "run.yaml"
     y.write_text(f"model: {serve_ckpt}\nmax_num_seqs: 4\nmax_model_len: 1024\nport: 1\nlog_level: warning\n"
-                 f"graceful_timeout: 3\nserved_model_name: tiny\n")
+                 f"graceful_timeout: 1\nserved_model_name: tiny\n")
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
     p = subprocess.Popen([sys.executable, "-m", "moeyard.runtime.cli", "serve", "--config", str(y),
                           "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
