@@ -6,8 +6,9 @@ bytes the CPU multiplies at full speed. At load (``plan_for``) we choose, per ch
 
 - ``float32`` (torch's own matmuls): no native kernel, an fp32 checkpoint, or a GPU (bf16 and the device's own
   kernels there, as before);
-- ``bf16`` storage, float32 compute (``moe/csrc/wmm.cpp``): a bf16 checkpoint on a CPU with the native kernel
-  (AVX-512: a bf16 -> fp32 conversion is one shift, exact). Half the bytes of float32 and the same values;
+- ``bf16`` storage, float32 compute (``moe/csrc/wmm.cpp``): a bf16 checkpoint on a CPU where the native kernel
+  has an intrinsics path (AVX-512, or AVX2 + FMA + F16C: a bf16 -> fp32 conversion is one shift, exact). Half the
+  bytes of float32 and the same values;
 - ``int8`` (per output channel) and ``int4`` (groups of 32 along the input, float16 scales, like llama.cpp's
   Q4_0): weight-only quantization, ``LLM(quantization=...)``.
 
@@ -39,6 +40,9 @@ INT4_GROUP = 32
 # Rows of activations above which a packed weight is dequantized and multiplied by torch (prefill): the kernels
 # stream the weight once per call and are built for the few rows of a decode step.
 KERNEL_MAX_ROWS = 16
+# ISAs the native kernel reports (``isa()``) for its intrinsics paths; "scalar" (plain loops) is slower than torch's
+# float32 matmul, so bf16 storage is chosen only with one of these.
+VECTOR_ISAS = ("avx512", "avx2")
 
 
 def check_quantization(q) -> str | None:
@@ -276,7 +280,7 @@ def plan_for(ckpt_dtype: str | None, compute_dtype: torch.dtype, device: torch.d
     status = native_status()
     if q is not None:
         return ComputePlan(q, q, "int8", status, isa, f"quantization={q}")
-    if ckpt_dtype in ("bfloat16", "bf16") and native() is not None and "avx512f" in cpu_flags():
+    if ckpt_dtype in ("bfloat16", "bf16") and native() is not None and native().isa() in VECTOR_ISAS:
         return ComputePlan("bf16", "bf16", "bf16", status, isa,
                            "bf16 checkpoint: stored as bf16, float32 arithmetic (exact conversion)")
     return ComputePlan("float32", "float32", "float32", "torch", isa,
