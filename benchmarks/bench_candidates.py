@@ -86,7 +86,7 @@ def main():
     for kind in ("bf16", "int8", "int4"):
         p = C.pack(w, kind, "w")
         cands[f"moeyard {kind} ({C.native_status()})"] = (lambda x, p=p: C.matmul(x, p), p.nbytes, torch.float32)
-    from common import record, table
+    from common import cpu_class, record, table
     rows = []
     bws = []
     for name, (f, nb, dt) in cands.items():
@@ -111,7 +111,7 @@ def main():
             + ("\n\n" + "\n".join(notes) if notes else ""))
     print(body)
     if a.record:
-        record("Engine speed: weight-only kernel candidates",
+        record(f"Engine speed: weight-only kernel candidates ({cpu_class()} host)",
                f"PYTHONPATH=/tmp/torchao_pkg python benchmarks/bench_candidates.py --threads {a.threads} --record",
                body)
 

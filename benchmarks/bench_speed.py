@@ -202,7 +202,7 @@ def main():
         return
     t_start = time.time()
     make_checkpoint(a.ckpt, a.layers)
-    from common import record, table
+    from common import cpu_class, record, table
     from moeyard.moe.compute import cpu_model, isa_summary, native_status
     ggufs = {} if a.no_llama else gguf_files(a)
     batches = [int(b) for b in a.batches.split(",")]
@@ -252,7 +252,7 @@ def main():
             + f"\n\n({time.time() - t_start:.0f} s)")
     print(body)
     if a.record:
-        record("Engine speed: decode vs llama.cpp and the bandwidth limit",
+        record(f"Engine speed: decode vs llama.cpp and the bandwidth limit ({cpu_class()} host)",
                f"python benchmarks/bench_speed.py --threads {a.threads} --passes {a.passes} --record", body)
 
 

@@ -32,6 +32,13 @@ def _cuda() -> bool:
         return False
 
 
+def cpu_class() -> str:
+    """The SIMD class of this CPU, for section titles: a kernel figure is only comparable within one class."""
+    from moeyard.moe.compute import cpu_flags
+    f = cpu_flags()
+    return "AVX-512" if "avx512f" in f else "AVX2" if "avx2" in f else "no AVX2"
+
+
 def table(headers: list[str], rows: list[list]) -> str:
     def fmt(v):
         return f"{v:.3g}" if isinstance(v, float) else str(v)
