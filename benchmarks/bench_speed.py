@@ -154,6 +154,9 @@ def sub(system, a, batch, quant=None):
 def llama_runs(a, ggufs: dict, batch: int) -> dict:
     import peers
     out = {}
+    if batch > 1 and not os.path.isfile(os.path.join(peers.llama_cpp_dir(), "build", "bin", "llama-batched-bench")):
+        print("llama.cpp: llama-batched-bench not built, no batch > 1 peer", flush=True)
+        return out
     for fmt, g in ggufs.items():
         if batch == 1:
             r = peers.llama_bench(g, a.new_tokens, a.threads, None, batch=1, reps=a.passes)
