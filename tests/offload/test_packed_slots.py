@@ -134,3 +134,11 @@ def test_bf16_slots_hold_the_checkpoint_bytes(tiny_ckpt, tmp_path, monkeypatch):
         toks, st = _gen(LLM(path, mode="offload", max_num_seqs=4, expert_cache_fraction=0.25, io_mode=io))
         assert toks == ref and st["expert_slot_kind"] == "bf16"
         assert st["expert_cache_bytes"] // st["expert_slots"] == fp32_slot // 2
+
+
+def test_quantized_checkpoint_in_ray_mode(quantized):
+    src, dst = quantized[0], quantized[1]["int8"]
+    ref, _ = _gen(LLM(src, quantization="int8", max_num_seqs=4))
+    toks, _ = _gen(LLM(dst, mode="ray", num_workers=2, placement="round_robin", ep_scheme="standard",
+                       max_num_seqs=4))
+    assert toks == ref
