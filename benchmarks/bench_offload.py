@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_offload.py [--models default,deepseek-mini] [--width 8192]
         [--fractions 0.1,0.25,0.5] [--batches 1,8] [--new-tokens 48] [--reps 3] [--peers llama.cpp,accelerate]
-        [--record]
+        [--quantization int8|int4] [--record]
 
 Workload: the inflated copy of each embedded model (``moeyard inflate``: the model's own learned routing, every
 routed expert ``--width`` wide, ~6 MB in bf16 at 8192), prompts from MT-Bench (``../shared/prompts``) and held-out
@@ -18,6 +18,10 @@ cache for the checkpoint):
 - peers at 25 % batch 1 (``--peers``): llama.cpp on the same checkpoint (GGUF from its convert script, mmap) in a
   memory cgroup capped at moeyard's own peak memory at that budget, and transformers + accelerate disk offload
   with the same budget (``max_memory``), also capped: tokens/s and bytes read per token.
+
+``--quantization int8|int4``: the inflated checkpoint is written once more by ``moeyard quantize``; resident is
+local mode on the bf16 checkpoint with that quantization, offload reads the quantized copy (int8/int4 bytes straight
+into the slots) and must give the same tokens; Belady's bytes are those of a packed expert.
 """
 
 from __future__ import annotations
@@ -128,6 +132,7 @@ def worker(cfg: dict) -> dict:
         d["loaded_mb_per_token"] = round(d.pop("bytes_loaded") / 2**20 / toks, 2)
         d["reader_rss_mb"] = st.get("reader_rss_mb")
         d["pool_mb"] = round(st["expert_cache_bytes"] / 2**20, 1)
+        d["slot_kind"] = st.get("expert_slot_kind")
         for k in ("pred_precision_per_layer", "pred_recall_per_layer", "gated_out"):
             if k in st:
                 d[k] = st[k]
@@ -205,20 +210,42 @@ def inflated(name: str, width: int) -> str:
     return dst
 
 
+def quantized(path: str, kind: str) -> str:
+    from moeyard.moe.quantize import quantize_checkpoint
+    dst = f"{path}_{kind}"
+    if not os.path.isfile(os.path.join(dst, "config.json")):
+        print(f"quantizing {path} to {kind} -> {dst}", flush=True)
+        quantize_checkpoint(path, dst, kind)
+    return dst
+
+
+def packed_expert_bytes(path: str) -> int:
+    """Bytes of one expert (matrices and scales) as stored in ``path``."""
+    from moeyard.moe.checkpoint import CheckpointReader
+    from moeyard.moe.config import MoEConfig
+    from moeyard.offload.tiers import DiskTier
+    cfg = MoEConfig.from_dir(path)
+    tier = DiskTier(cfg, CheckpointReader(path))
+    return sum(x.nbytes for x in next(iter(tier.ranges.values())))
+
+
 def bench_model(name: str, a) -> dict:
     from moeyard.moe.config import MoEConfig
     path = inflated(name, a.width)
     cfg = MoEConfig.from_dir(path)
+    q = a.quantization
+    opath = quantized(path, q) if q else path           # what offload mode reads
     total = len(cfg.moe_layers) * cfg.num_experts
     bw = float(np.median([disk_read_gbps(path) for _ in range(3)]))
     base = dict(path=path, threads=a.threads, new_tokens=a.new_tokens, reps=a.reps, prompts=a.prompts, seed=7)
-    out = {"model": name, "path": path, "disk_gbps": round(bw, 3), "rows": []}
+    out = {"model": name, "path": opath, "quantization": q, "disk_gbps": round(bw, 3), "rows": []}
     print(f"\n# {name}: {total} routed experts of {cfg.expert_bytes(2) / 2**20:.1f} MB (bf16), disk {bw:.2f} GB/s",
           flush=True)
     for batch in a.batches:
-        res = run({**base, "mode": "local", "batch": batch, "record_routes": True})
+        res = run({**base, "mode": "local", "batch": batch, "record_routes": True,
+                   "opts": {"quantization": q} if q else {}})
         reqs = requests_of(res.pop("routes"))
-        expert_mb = cfg.expert_bytes(2) / 2**20
+        expert_mb = (packed_expert_bytes(opath) if q else cfg.expert_bytes(2)) / 2**20
         out["rows"].append({"config": "resident", "batch": batch, **res})
         print(f"  b{batch} resident: {res['tokens_per_s']} tok/s, peak {res['peak_rss_mb']} MB", flush=True)
         t_compute = 1.0 / res["tokens_per_s"]
@@ -241,7 +268,7 @@ def bench_model(name: str, a) -> dict:
                     continue
                 o = {"expert_cache_fraction": frac, "predictor": "combined", **opts}
                 try:
-                    r = run({**base, "mode": "offload", "batch": batch, "opts": o})
+                    r = run({**base, "path": opath, "mode": "offload", "batch": batch, "opts": o})
                 except RuntimeError as e:
                     print(f"  b{batch} {frac:.0%} {label}: failed: {str(e)[-300:]}", flush=True)
                     continue
@@ -335,6 +362,8 @@ def main(argv=None):
     ap.add_argument("--variants", default="[]",
                     help='JSON list of extra offload option sets to run beside the defaults, e.g. '
                          '\'[{"min_p": 0.3, "budget_layers": 4}]\'')
+    ap.add_argument("--quantization", default=None, choices=("int8", "int4"),
+                    help="resident with this quantization, offload on a `moeyard quantize` copy")
     ap.add_argument("--out", default=os.path.join(WORK, "offload.json"))
     a = ap.parse_args(argv)
     if a.worker:

@@ -57,7 +57,8 @@ class EPWorker:
         self.model = build_dense(cfg, reader, self.dtype, self.device, max_model_len)
         # weight-only quantization (moe/compute.py): routed experts always; dense layers unless heads are split
         # across workers (ep_scheme="tp" slices the projection matrices)
-        self.plan = compute_plan(cfg, self.dtype, self.device, quantization) if quantization else None
+        self.plan = (compute_plan(cfg, self.dtype, self.device, quantization)
+                     if quantization or cfg.quant.method == "moeyard" else None)
         if self.plan is not None and scheme != "tp":
             pack_dense(self.model, self.plan)
         self.local_experts = {l: placement.local_experts(rank)[i] for i, l in enumerate(self.moe_layers)}

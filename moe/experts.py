@@ -16,7 +16,8 @@ import torch.nn.functional as F_
 
 from .checkpoint import CheckpointReader
 from .config import MoEConfig
-from .quant_formats import QuantFormat, logical_shape, read_slice, read_tensor
+from .errors import ModelError
+from .quant_formats import QuantFormat, logical_shape, read_packed, read_slice, read_tensor
 from .validate import check_finite
 from .weights import TensorRef, check_fused_shapes, expert_refs
 
@@ -86,14 +87,30 @@ def read_expert(cfg: MoEConfig, reader: CheckpointReader, layer: int, expert: in
     return ExpertWeights(rd(refs.gate, (F, D)), rd(refs.up, (F, D)), rd(refs.down, (D, F)))
 
 
+def read_packed_expert(cfg: MoEConfig, reader: CheckpointReader, layer: int, expert: int) -> "PackedExpert":
+    """An expert of a ``moeyard quantize`` checkpoint as stored (gate and up joined into one matrix; no
+    re-quantization); scales holding NaN are refused, named."""
+    from .compute import Packed
+    D, F = cfg.hidden_size, cfg.expert_intermediate_size
+    r = expert_refs(cfg, reader, layer, expert)
+    gate, up, down = (read_packed(reader, cfg.quant, ref.name, shape)
+                      for ref, shape in ((r.gate, (F, D)), (r.up, (F, D)), (r.down, (D, F))))
+    for part, p in (("gate", gate), ("up", up), ("down", down)):
+        check_finite(f"layer {layer} expert {expert} {part} scale", p.scale.float())
+    gu = Packed(gate.kind, torch.cat([gate.data, up.data]), torch.cat([gate.scale, up.scale]), (2 * F, D))
+    return PackedExpert(gu, down)
+
+
 @dataclass(frozen=True)
 class PackedExpert:
-    """One expert in a compute plan's storage (``moe/compute.py``): gate and up fused into one [2F, D] matrix."""
-    gate_up: object       # compute.Packed
+    """One expert in a compute plan's storage (``moe/compute.py``): gate and up fused into one [2F, D] matrix, or
+    apart (``up`` given: offload slots that view a checkpoint's bytes where gate and up are not adjacent)."""
+    gate_up: object       # compute.Packed [2F, D] (the gate alone [F, D] when ``up`` is given)
     down: object
     act: str = "swiglu"
     alpha: float = 1.702
     limit: float = 7.0
+    up: object = None     # compute.Packed [F, D] or None
 
     @classmethod
     def of(cls, w: ExpertWeights, kind: str, name: str) -> "PackedExpert":
@@ -104,10 +121,13 @@ class PackedExpert:
 
     @property
     def nbytes(self) -> int:
-        return self.gate_up.nbytes + self.down.nbytes
+        return self.gate_up.nbytes + self.down.nbytes + (0 if self.up is None else self.up.nbytes)
 
     def weights(self) -> ExpertWeights:
         """Dequantized float32 weights (readers that want matrices, not products)."""
+        if self.up is not None:
+            return ExpertWeights(self.gate_up.dequantize(), self.up.dequantize(), self.down.dequantize(),
+                                 self.gate_up.bias, self.up.bias, self.down.bias, self.act, self.alpha, self.limit)
         gu, F = self.gate_up.dequantize(), self.gate_up.shape[0] // 2
         b = self.gate_up.bias
         return ExpertWeights(gu[:F], gu[F:], self.down.dequantize(), None if b is None else b[:F],
@@ -115,9 +135,12 @@ class PackedExpert:
 
     def __call__(self, x_MD: torch.Tensor) -> torch.Tensor:
         from .compute import matmul
-        h = matmul(x_MD, self.gate_up)
-        F = h.shape[-1] // 2
-        gate, up = h[:, :F], h[:, F:]
+        if self.up is not None:
+            gate, up = matmul(x_MD, self.gate_up), matmul(x_MD, self.up)
+        else:
+            h = matmul(x_MD, self.gate_up)
+            F = h.shape[-1] // 2
+            gate, up = h[:, :F], h[:, F:]
         if self.act == "swiglu_oss":
             gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
             h = (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
@@ -148,6 +171,12 @@ class ResidentExperts:
             check_fused_shapes(cfg, reader, layer)
             ids = range(cfg.num_experts) if only is None else only.get(layer, [])
             for e in ids:
+                if cfg.quant.method == "moeyard":    # stored as the plan packs them: taken as they are
+                    if pack != cfg.quant.kind:
+                        raise ModelError(f"the checkpoint's routed experts are {cfg.quant.kind}, but the compute plan "
+                                         f"stores experts as {pack}")
+                    self._p[(layer, e)] = read_packed_expert(cfg, reader, layer, e)
+                    continue
                 w = read_expert(cfg, reader, layer, e)
                 check_expert_finite(layer, e, w)      # as read: before packing or casting hides nothing
                 if pack is not None:

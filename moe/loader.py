@@ -124,8 +124,16 @@ def build_dense(cfg: MoEConfig, reader: CheckpointReader, dtype, device, max_pos
 
 
 def compute_plan(cfg: MoEConfig, dtype: torch.dtype, device: torch.device, quantization=None):
-    """The storage and kernels for this checkpoint on this machine (``moe/compute.py``)."""
-    from .compute import plan_for
+    """The storage and kernels for this checkpoint on this machine (``moe/compute.py``). A checkpoint written by
+    ``moeyard quantize`` brings its own quantization (another one asked for is refused)."""
+    from .compute import check_quantization, plan_for
+    quantization = check_quantization(quantization)
+    if cfg.quant.method == "moeyard":
+        if quantization not in (None, cfg.quant.kind):
+            raise ModelError(f"quantization={quantization!r} asked for, but the checkpoint's routed experts are "
+                             f"stored as {cfg.quant.kind} (moeyard quantize); use quantization={cfg.quant.kind!r} "
+                             "or None")
+        quantization = cfg.quant.kind
     ckpt_dtype = None if cfg.quant.method != "none" else cfg.torch_dtype
     return plan_for(ckpt_dtype, dtype, device, quantization)
 

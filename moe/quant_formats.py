@@ -9,6 +9,11 @@
   the dequantized [..., R, 32 G] is the transpose of the tensor transformers holds (``gate_up_proj`` [E, D, 2F]),
   the *logical* layout every function here takes and returns.
 
+- ``moeyard`` (``moeyard quantize``, ``moe/quantize.py``): routed experts weight-only quantized as the compute plan
+  stores them (``moe/compute.py``'s ``Packed``): ``<m>.weight`` int8 [N, K] with ``<m>.weight_scale`` float32 [N]
+  (per output channel), or ``<m>.weight`` uint8 [N, K/2] (int4 nibbles, groups of 32 along K) with
+  ``<m>.weight_scale`` float16 [N, K/32]; ``quantization_config.weights`` says which. Dense weights are unquantized.
+
 Modules named in ``modules_to_not_convert`` (or ``ignored_layers``) are stored unquantized and read as is;
 matching follows transformers' ``should_convert_module`` (prefix up to a module boundary, regex, suffix). The
 arithmetic matches transformers' ``Fp8Dequantize`` and ``convert_moe_packed_tensors`` bit for bit.
@@ -25,16 +30,18 @@ import torch
 
 from .errors import CheckpointError, ModelError
 
-SUPPORTED_QUANT = ("fp8", "mxfp4")
+SUPPORTED_QUANT = ("fp8", "mxfp4", "moeyard")
+PACKED_KINDS = ("int8", "int4")
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 MX_GROUP = 32
 
 
 @dataclass(frozen=True)
 class QuantFormat:
-    method: str = "none"                  # "none" | "fp8" | "mxfp4"
+    method: str = "none"                  # "none" | "fp8" | "mxfp4" | "moeyard"
     block: tuple[int, int] | None = None  # fp8 weight_block_size; None: one scale per tensor
     skip: tuple[str, ...] = ()            # modules stored unquantized
+    kind: str | None = None               # moeyard: "int8" | "int4" (routed experts as the compute plan packs them)
 
     def converts(self, module: str) -> bool:
         """True unless ``module`` is on the not-converted list (transformers' matching rules)."""
@@ -53,6 +60,12 @@ def parse_quant(d: dict) -> QuantFormat:
     if m not in SUPPORTED_QUANT:
         raise ModelError(f"config.json: quantization_config.quant_method {m!r} is not supported; supported: "
                          f"{', '.join(SUPPORTED_QUANT)}")
+    if m == "moeyard":
+        kind = q.get("weights")
+        if kind not in PACKED_KINDS:
+            raise ModelError(f"config.json: quantization_config.weights {kind!r} is not supported; valid: "
+                             f"{', '.join(PACKED_KINDS)}")
+        return QuantFormat("moeyard", kind=kind)
     skip = q.get("modules_to_not_convert") or q.get("ignored_layers") or ()
     if not isinstance(skip, (list, tuple)) or not all(isinstance(s, str) for s in skip):
         raise ModelError("config.json: quantization_config.modules_to_not_convert must be a list of module names")
@@ -143,6 +156,45 @@ def mxfp4_shapes(shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ..
     return tuple(lead) + (R, C // MX_GROUP, MX_GROUP // 2), tuple(lead) + (R, C // MX_GROUP)
 
 
+# ---- moeyard int8 / int4 -----------------------------------------------------------------------------------------
+def packed_scale_name(name: str) -> str:
+    return name + "_scale"
+
+
+def packed_shapes(kind: str, shape: tuple[int, int]) -> tuple[tuple[int, ...], str, tuple[int, ...], str]:
+    """(data shape, data dtype, scale shape, scale dtype) of a matrix [N, K] packed as ``kind``."""
+    from .compute import INT4_GROUP
+    N, K = shape
+    if kind == "int8":
+        return (N, K), "I8", (N,), "F32"
+    return (N, K // 2), "U8", (N, K // INT4_GROUP), "F16"
+
+
+def check_packed(reader, q: QuantFormat, name: str, shape: tuple[int, int]) -> str:
+    """Check a moeyard-packed matrix of logical ``shape`` [N, K] (data and scale dtypes and shapes); its scale's
+    name. Errors name the tensor."""
+    if q.method != "moeyard":
+        raise CheckpointError(f"tensor {name!r} is {reader.dtype(name)} with a weight_scale but config.json has no "
+                              f"moeyard quantization_config ({reader.file_of(name)})")
+    sn = packed_scale_name(name)
+    dshape, ddt, sshape, sdt = packed_shapes(q.kind, tuple(shape))
+    for n, want, dt in ((name, dshape, ddt), (sn, sshape, sdt)):
+        if reader.dtype(n) != dt:
+            raise CheckpointError(f"tensor {n!r} has dtype {reader.dtype(n)} but {q.kind} stores {dt} "
+                                  f"({reader.file_of(n)})")
+        if tuple(reader.shape(n)) != tuple(want):
+            raise CheckpointError(f"tensor {n!r} has shape {list(reader.shape(n))} but {q.kind} of the config's "
+                                  f"{list(shape)} needs {list(want)} ({reader.file_of(n)})")
+    return sn
+
+
+def read_packed(reader, q: QuantFormat, name: str, shape: tuple[int, int]):
+    """The moeyard-packed matrix ``name`` as a ``compute.Packed`` (its bytes as stored, nothing re-quantized)."""
+    from .compute import Packed
+    sn = check_packed(reader, q, name, shape)
+    return Packed(q.kind, reader.get(name), reader.get(sn), tuple(shape))
+
+
 # ---- reading -----------------------------------------------------------------------------------------------------
 def module_of(name: str) -> str:
     return name.rsplit(".", 1)[0] if name.endswith((".weight", ".bias")) else name
@@ -161,12 +213,15 @@ def present(reader, name: str) -> bool:
 
 
 def stored_as(reader, name: str) -> str:
-    """How tensor ``name`` is stored: "plain", "fp8" (float8 with a scale) or "mxfp4" (``_blocks`` / ``_scales``)."""
+    """How tensor ``name`` is stored: "plain", "fp8" (float8 with a scale), "mxfp4" (``_blocks`` / ``_scales``) or
+    "packed" (moeyard int8/int4 with ``weight_scale``)."""
     if name in reader:
         dt = reader.dtype(name)
         if dt.startswith("F8_") and dt != "F8_E4M3":
             raise CheckpointError(f"tensor {name!r} is {dt}: only e4m3 fp8 weights are supported "
                                   f"({reader.file_of(name)})")
+        if dt in ("I8", "U8") and packed_scale_name(name) in reader:
+            return "packed"
         return "fp8" if dt == "F8_E4M3" else "plain"
     if f"{name}_blocks" in reader:
         return "mxfp4"
@@ -229,6 +284,8 @@ def read_tensor(reader, q: QuantFormat, name: str, shape: tuple[int, ...]) -> to
     if how == "mxfp4":
         check_mxfp4(reader, q, name, shape)
         return dequant_mxfp4(reader.get(f"{name}_blocks"), reader.get(f"{name}_scales")).transpose(-1, -2)
+    if how == "packed":
+        return read_packed(reader, q, name, shape).dequantize()
     return reader.get(name, shape)
 
 

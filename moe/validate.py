@@ -78,13 +78,28 @@ def _layers_present(reader) -> int:
     return k
 
 
-def _check_plain(reader, name: str, shape: tuple[int, ...] | None, what: str):
-    from .quant_formats import stored_as
+def _check_plain(reader, name: str, shape: tuple[int, ...] | None, what: str, q=None):
+    """``q``: the checkpoint's ``QuantFormat`` when ``name`` is a routed expert matrix (moeyard-packed ones are
+    checked here: offload mode reads them later, by byte ranges)."""
+    from .quant_formats import check_packed, stored_as
     if name not in reader:
         if f"{name}_blocks" in reader:
             return                                   # MXFP4: checked by quant_formats when read
         raise CheckpointError(f"tensor {name!r} ({what}) not found in checkpoint {reader.path}")
     how = stored_as(reader, name)
+    packed_ckpt = q is not None and q.method == "moeyard"
+    if how == "packed" or packed_ckpt:
+        if q is None:
+            raise CheckpointError(f"tensor {name!r} ({what}) is {reader.dtype(name)} with a weight_scale: only routed "
+                                  f"experts may be stored packed ({reader.file_of(name)})")
+        if how != "packed":
+            raise CheckpointError(f"tensor {name!r} ({what}) is stored as {reader.dtype(name)} but config.json's "
+                                  f"quantization_config says routed experts are {q.kind} ({reader.file_of(name)})")
+        if shape is None:
+            raise CheckpointError(f"tensor {name!r} ({what}): packed experts must be stored one tensor per expert "
+                                  f"matrix, not fused ({reader.file_of(name)})")
+        check_packed(reader, q, name, shape)
+        return
     if how != "plain":
         return                                       # fp8 with its scale: checked by quant_formats when read
     dt = reader.dtype(name)
@@ -123,7 +138,8 @@ def validate_checkpoint(cfg, reader) -> None:
                     continue
                 what = f"expert {e} of layer {layer}"
                 # fused tensors: the whole tensor's shape was checked above; per-expert ones here
-                _check_plain(reader, ref.name, shape if ref.index is None else None, what)
+                _check_plain(reader, ref.name, shape if ref.index is None else None, what,
+                             cfg.quant if shape is not None else None)
 
 
 def check_finite(name: str, t: torch.Tensor, where: str = "") -> None:

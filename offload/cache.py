@@ -33,13 +33,14 @@ import warnings
 
 import torch
 
-from ..moe.experts import ExpertWeights
+from ..moe.compute import Packed
+from ..moe.experts import ExpertWeights, PackedExpert
 from . import reader as _reader
 from .tiers import DiskTier, ExpertReadError
 
 QUEUED, LOADING, READY, FAILED = "queued", "loading", "ready", "failed"
 _FAR = 1 << 30          # distance of an expert no prediction names
-_DT = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+_DT = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.uint8: "u8"}
 IO_MODES = ("auto", "process", "thread")
 
 
@@ -72,10 +73,33 @@ def _predicted_key(cache, e):
 EVICTION = {"predicted": _predicted_key, "lru": _lru_key, "lfu": _lfu_key}
 
 
+def packed_slot(kind: str, buf: torch.Tensor, layout, dims: tuple[int, int], extra: dict) -> PackedExpert:
+    """A ``PackedExpert`` whose matrices (and scales) are views of the slot's bytes ``buf`` laid out as one expert's
+    run on disk (``layout``: a ``tiers.RawLayout``, ranges = gate, up, down, then the scales of packed ones). Gate and
+    up adjacent on disk (``moeyard quantize`` writes them so) are one [2F, D] matrix, as in local mode."""
+    D, F = dims
+    views = [buf[off:off + nb].view(dt).view(shape) for off, nb, dt, shape in layout.parts]
+    mats, scales = views[:3], views[3:] if kind in ("int8", "int4") else [None] * 3
+    shapes = ((F, D), (F, D), (D, F))
+    (g_off, g_nb, *_), (u_off, u_nb, *_) = layout.parts[:2]
+    fused = g_off + g_nb == u_off and (scales[0] is None or layout.parts[3][0] + layout.parts[3][1]
+                                       == layout.parts[4][0])
+    down = Packed(kind, mats[2], scales[2], shapes[2])
+    if fused:
+        def span(i, j):
+            lo, hi = layout.parts[i][0], layout.parts[j][0] + layout.parts[j][1]
+            return buf[lo:hi].view(layout.parts[i][2])
+        data = span(0, 1).view(2 * F, -1)
+        scale = None if scales[0] is None else span(3, 4).view((2 * F,) + tuple(scales[0].shape[1:]))
+        return PackedExpert(Packed(kind, data, scale, (2 * F, D)), down, **extra)
+    return PackedExpert(Packed(kind, mats[0], scales[0], shapes[0]), down, **extra,
+                        up=Packed(kind, mats[1], scales[1], shapes[1]))
+
+
 class ExpertCache:
     def __init__(self, cfg, tier: DiskTier, num_slots: int, dtype: torch.dtype, device: torch.device,
                  eviction: str = "predicted", io_threads: int = 2, io_mode: str = "auto",
-                 read_timeout: float = 60.0, host=None):
+                 read_timeout: float = 60.0, host=None, pack: str | None = None):
         if eviction not in EVICTION:
             raise ValueError(f"unknown eviction policy {eviction!r}; valid: {', '.join(EVICTION)}")
         if io_mode not in IO_MODES:
@@ -91,19 +115,27 @@ class ExpertCache:
         shapes = [x.shape for x in next(iter(tier.extents.values()))]   # 3 matrices, then 3 biases (gpt-oss)
         extra = dict(act=cfg.expert_act, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit)
         self.host = host      # HostTier between disk and slots (GPU), or None: slots are filled from disk
-        self.flat = tier.flat if self.device.type == "cpu" and host is None else None
+        # ``pack``: slots hold the expert's bytes as stored (a bf16 checkpoint, or packed int8/int4) and are
+        # multiplied by the compute plan's kernels (``compute``); else float32/dtype matrices (``get``)
+        self.pack = pack
+        if pack is not None and (self.device.type != "cpu" or host is not None or tier.raw is None):
+            raise ValueError(f"{pack} expert slots need a CPU, no host tier and every expert stored as one "
+                             "contiguous byte range laid out alike (moeyard quantize writes them so)")
+        self.flat = ((None, torch.uint8) if pack is not None else tier.flat) \
+            if self.device.type == "cpu" and host is None else None
         self.proc = None
         self._io_threads = max(1, io_threads)
-        if self.flat is not None:
+        if pack is not None:
+            self._stage_numel, self._src_dtype = tier.raw.nbytes, torch.uint8
+            self.proc = self._start_reader(io_mode, tier.raw.nbytes, torch.uint8, torch.uint8)
+            self._flat_bufs = [self._slot_buffer(i, torch.uint8, tier.raw.nbytes) for i in range(num_slots)]
+            self.slots = [packed_slot(pack, buf, tier.raw, (D, F), extra) for buf in self._flat_bufs]
+        elif self.flat is not None:
             # each slot is one flat buffer, its matrices views in file order: a load is one read + one conversion
             order, src_dtype = self.flat
             sizes = [int(torch.Size(shapes[i]).numel()) for i in order]
-            self.proc = self._start_reader(io_mode, sum(sizes), src_dtype)
-            if self.proc is not None:     # slots in memory shared with the reader process
-                self._flat_bufs = [torch.frombuffer(self.proc.pool, dtype=dtype, count=sum(sizes),
-                                                    offset=self.proc.slot_offset(i)) for i in range(num_slots)]
-            else:
-                self._flat_bufs = [torch.empty(sum(sizes), dtype=dtype) for _ in range(num_slots)]
+            self.proc = self._start_reader(io_mode, sum(sizes), src_dtype, dtype)
+            self._flat_bufs = [self._slot_buffer(i, dtype, sum(sizes)) for i in range(num_slots)]
             self._stage_numel = sum(sizes)
             self._src_dtype = src_dtype
             self.slots = []
@@ -116,7 +148,7 @@ class ExpertCache:
         else:
             self.slots = [ExpertWeights(*(torch.empty(sh, dtype=dtype, device=self.device) for sh in shapes),
                                         **extra) for _ in range(num_slots)]
-        self.slot_bytes = self.slots[0].nbytes if num_slots else 0
+        self.slot_bytes = (tier.raw.nbytes if pack is not None else self.slots[0].nbytes) if num_slots else 0
         self.free = list(range(num_slots - 1, -1, -1))
         self.entries: dict[tuple[int, int], _Entry] = {}
         self._by_layer: dict[int, dict[int, _Entry]] = {l: {} for l in cfg.moe_layers}   # the same, per layer
@@ -152,18 +184,24 @@ class ExpertCache:
         for t in self._threads:
             t.start()
 
-    def _start_reader(self, io_mode: str, numel: int, src_dtype: torch.dtype):
+    def _slot_buffer(self, i: int, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        """Slot ``i``'s flat buffer: in the memory shared with the reader process, else private."""
+        if self.proc is not None:
+            return torch.frombuffer(self.proc.pool, dtype=dtype, count=numel, offset=self.proc.slot_offset(i))
+        return torch.empty(numel, dtype=dtype)
+
+    def _start_reader(self, io_mode: str, numel: int, src_dtype: torch.dtype, slot_dtype: torch.dtype):
         """The reader process for this slot pool, or None (reader threads): ``auto`` uses a process when the
         platform has ``memfd_create`` and the reader converts this dtype pair, and falls back to threads (with a
         warning) if it cannot start."""
         if io_mode == "thread" or self.num_slots == 0:
             return None
-        src, dst = _DT.get(src_dtype), _DT.get(self.dtype)
+        src, dst = _DT.get(src_dtype), _DT.get(slot_dtype)
         if not hasattr(os, "memfd_create") or (src, dst) not in _reader.SUPPORTED:
             if io_mode == "process":
                 raise ValueError(f"io_mode='process' needs Linux (memfd_create) and experts stored as one of "
                                  f"{sorted(_reader.SUPPORTED)} (source, slot) dtypes; got ({src_dtype}, "
-                                 f"{self.dtype}); use io_mode='thread'")
+                                 f"{slot_dtype}); use io_mode='thread'")
             return None
         files = sorted({r[0] for r in self.tier.flat_runs.values()})
         self._file_index = {f: i for i, f in enumerate(files)}
@@ -535,6 +573,24 @@ class ExpertCache:
             self.predicted = predicted
 
     def get(self, layer: int, expert: int) -> ExpertWeights:
+        """The expert's weights (blocks until loaded); packed slots give their dequantized float32 matrices."""
+        w = self._acquire(layer, expert)
+        return w.weights() if self.pack is not None else w
+
+    def compute(self, layer: int, x_MD: torch.Tensor, expert_ids: list[int], counts: list[int]) -> torch.Tensor:
+        """Packed slots: each expert's rows multiplied by the compute plan's kernels on the slot's bytes."""
+        outs, start = [], 0
+        for e, c in zip(expert_ids, counts):
+            if c:
+                outs.append(self._acquire(layer, e)(x_MD[start:start + c]))
+                start += c
+        if not outs:
+            return x_MD.new_zeros((0, x_MD.shape[-1]))
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def _acquire(self, layer: int, expert: int):
+        """The slot object of a loaded expert (``ExpertWeights``, or ``PackedExpert`` for packed slots), waiting
+        for its load; pins it until the layer's next expert is asked for."""
         key = (layer, expert)
         t0 = None
         with self._lock:
@@ -631,6 +687,7 @@ class ExpertCache:
         d["read_gbps"] = round(self.tier.gbps(), 4)
         d["expert_slots"] = self.num_slots
         d["expert_cache_bytes"] = self.num_slots * self.slot_bytes
+        d["expert_slot_kind"] = self.pack or str(self.dtype).replace("torch.", "")
         d["io_mode"] = self.io_mode
         if self.host is not None:
             d.update(self.host.stats())

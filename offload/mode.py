@@ -33,9 +33,12 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from ..moe.checkpoint import CheckpointReader
 from ..moe.errors import ModelError
-from ..moe.loader import build_dense, resolve_dtype
+from ..moe.compute import QUANTIZATIONS
+from ..moe.loader import build_dense, compute_plan, resolve_dtype
 from ..moe.predictors import PREDICTORS, build_predictor, load_trace
 from ..moe.tokenizer import Tokenizer
 from ..moe.weights import check_fused_shapes
@@ -98,6 +101,21 @@ def host_tier(cfg, tier: DiskTier, device, fraction: float | None, nbytes: int |
     return HostTier(tier, min(n, total), pin=device.type == "cuda") if n > 0 else None
 
 
+def slot_kind(plan, tier: DiskTier, device, host) -> str | None:
+    """How expert slots store weights: the compute plan's packed storage (bf16 bytes as on disk, or a quantized
+    checkpoint's int8/int4 bytes), multiplied by its kernels; None: float32 (or the model dtype) matrices, as torch
+    multiplies them (GPU, a host tier, no packing plan, experts not stored as the plan keeps them)."""
+    if not plan.packs or device.type != "cpu" or host is not None or tier.raw is None:
+        if plan.experts in QUANTIZATIONS:
+            raise OffloadConfigError(f"{plan.experts} expert slots need a CPU, no host tier and each expert stored "
+                                     f"as one contiguous byte range (as `moeyard quantize` writes them)")
+        return None
+    kinds = {x.dtype for x in tier.extents[next(iter(tier.extents))]}
+    if plan.experts == "bf16" and kinds != {torch.bfloat16}:
+        return None
+    return plan.experts
+
+
 def _own_dense_weights(model):
     """Copy dense weights out of the checkpoint's memory map: they must stay valid (and be really resident) even if
     the file changes underneath; a truncated mmap would otherwise kill the process with SIGBUS."""
@@ -126,24 +144,29 @@ def build_offload(ctx: ModeContext, expert_cache_fraction: float = 0.25, expert_
     for name, v, lo, hi in (("min_p", min_p, 0.0, 1.0), ("budget_layers", budget_layers, 0.0, 1e6)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
             raise OffloadConfigError(f"{name} must be a number in [{lo:g}, {hi:g}], got {v!r}")
-    if ctx.quantization is not None:
-        from ..moe.errors import ModelError
-        raise ModelError(f"quantization={ctx.quantization!r} is not supported in offload mode yet")
     cfg, device = ctx.cfg, ctx.device        # device chosen by the runtime (GPU when present)
     dtype = resolve_dtype(ctx.dtype, cfg, device)
+    plan = compute_plan(cfg, dtype, device, ctx.quantization)
+    if plan.experts in QUANTIZATIONS and cfg.quant.method != "moeyard":
+        raise OffloadConfigError(
+            f"offload mode reads {plan.experts} experts from a checkpoint written by `moeyard quantize SRC DST "
+            f"--quantization {plan.experts}` (a quarter to half the bytes per read); {ctx.path} stores them "
+            f"unquantized: quantize it first, or drop quantization={plan.experts!r}")
     reader = CheckpointReader(ctx.path)
     for l in cfg.moe_layers:
         check_fused_shapes(cfg, reader, l)
-    slot_bytes = cfg.expert_bytes(dtype.itemsize if hasattr(dtype, "itemsize") else 4)
-    slots, mdb = plan_slots(cfg, slot_bytes, expert_cache_fraction, expert_cache_bytes, ctx.max_num_seqs,
-                            max_decode_batch)
-    model = build_dense(cfg, reader, dtype, device, ctx.max_model_len)
-    _own_dense_weights(model)
     tier = DiskTier(cfg, reader, drop_cache=drop_page_cache)
     host = host_tier(cfg, tier, device, host_cache_fraction, host_cache_bytes)
+    pack = slot_kind(plan, tier, device, host)
+    slot_bytes = tier.raw.nbytes if pack else cfg.expert_bytes(dtype.itemsize if hasattr(dtype, "itemsize") else 4)
+    slots, mdb = plan_slots(cfg, slot_bytes, expert_cache_fraction, expert_cache_bytes, ctx.max_num_seqs,
+                            max_decode_batch)
+    model = build_dense(cfg, reader, dtype, device, ctx.max_model_len, plan=plan)
+    model.plan = plan
+    _own_dense_weights(model)
     try:
         cache = ExpertCache(cfg, tier, slots, dtype, device, eviction=eviction, io_threads=io_threads,
-                            io_mode=io_mode, read_timeout=read_timeout, host=host)
+                            io_mode=io_mode, read_timeout=read_timeout, host=host, pack=pack)
     except ValueError as e:
         raise OffloadConfigError(str(e)) from None
     pred = None

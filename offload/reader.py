@@ -37,10 +37,11 @@ import time
 REQ = struct.Struct("<B3xiqqqqq")      # op, slot, job, priority, file index, offset, nbytes
 RSP = struct.Struct("<B7xqqq")         # op, job, a, b   (E: b = length of the message that follows)
 URGENT = -(1 << 40)
-DTYPES = ("f32", "bf16", "f16")
-ITEMSIZE = {"f32": 4, "bf16": 2, "f16": 2}
-# (source dtype on disk, slot dtype) the reader converts; other pairs use reader threads
-SUPPORTED = {("f32", "f32"), ("bf16", "bf16"), ("f16", "f16"), ("bf16", "f32"), ("f16", "f32")}
+DTYPES = ("f32", "bf16", "f16", "u8")
+ITEMSIZE = {"f32": 4, "bf16": 2, "f16": 2, "u8": 1}
+# (source dtype on disk, slot dtype) the reader converts; other pairs use reader threads. "u8": bytes as they are
+# (bf16 or packed int8/int4 slots, whose matrices and scales are views of the expert's bytes)
+SUPPORTED = {("f32", "f32"), ("bf16", "bf16"), ("f16", "f16"), ("bf16", "f32"), ("f16", "f32"), ("u8", "u8")}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -22,12 +22,13 @@ import torch
 from ..moe.checkpoint import CheckpointReader
 from ..moe.config import MoEConfig
 from ..moe.errors import CheckpointError
-from ..moe.quant_formats import (check_fp8, check_mxfp4, dequant_fp8, dequant_mxfp4, fp8_scale_name, logical_shape,
-                                 stored_as)
+from ..moe.quant_formats import (check_fp8, check_mxfp4, check_packed, dequant_fp8, dequant_mxfp4, fp8_scale_name,
+                                 logical_shape, stored_as)
 from ..moe.weights import expert_refs
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-_RAW_DTYPES = {**_ST_DTYPES, "U8": torch.uint8, "F8_E4M3": torch.float8_e4m3fn, "F8_E8M0": torch.float8_e8m0fnu}
+_RAW_DTYPES = {**_ST_DTYPES, "U8": torch.uint8, "I8": torch.int8, "F8_E4M3": torch.float8_e4m3fn,
+               "F8_E8M0": torch.float8_e8m0fnu}
 
 
 class ExpertReadError(CheckpointError):
@@ -48,7 +49,7 @@ class Extent:
     slab_shape: tuple[int, ...] | None = None  # gpt-oss, quantized: the bytes read have this shape, then finish
     cols: tuple[int, int, int] | None = None
     transpose: bool = False
-    fmt: str = "plain"                       # "plain" | "fp8" | "mxfp4"
+    fmt: str = "plain"                       # "plain" | "fp8" | "mxfp4" | "packed" (moeyard int8/int4: kept as is)
     scale: "Extent | None" = None            # the quantized matrix's scales
     block: tuple[int, int] | None = None     # fp8 weight_block_size
     rows: tuple[int, int] | None = None      # rows of the dequantized slab (fused fp8 gate/up)
@@ -129,6 +130,12 @@ def _range(reader, name: str, index: int | None, dtypes=_RAW_DTYPES) -> Extent:
 def _quant_extent(cfg: MoEConfig, reader: CheckpointReader, ref, shape) -> Extent:
     """A quantized expert matrix: its (slab of) quantized bytes with its scales as a second range."""
     q, name = cfg.quant, ref.name
+    if stored_as(reader, name) == "packed":        # the bytes the compute plan multiplies: no finishing step
+        if ref.index is not None:
+            raise CheckpointError(f"tensor {name!r}: packed experts must be one tensor per expert matrix")
+        sn = check_packed(reader, q, name, tuple(shape))
+        data, scale = _range(reader, name, None), _range(reader, sn, None)
+        return Extent(data.file, data.offset, data.nbytes, data.dtype, data.shape, fmt="packed", scale=scale)
     full = logical_shape(reader, name)
     want = tuple(shape) if ref.index is None else full
     if stored_as(reader, name) == "fp8":
@@ -140,6 +147,14 @@ def _quant_extent(cfg: MoEConfig, reader: CheckpointReader, ref, shape) -> Exten
     data, scale = _range(reader, f"{name}_blocks", ref.index), _range(reader, f"{name}_scales", ref.index)
     return Extent(data.file, data.offset, data.nbytes, data.dtype, tuple(shape), data.shape, ref.cols, ref.transpose,
                   "mxfp4", scale, None, ref.rows)
+
+
+@dataclass(frozen=True)
+class RawLayout:
+    """One expert's bytes as one run: ``nbytes``, and per range of ``DiskTier.ranges`` (offset in the run, bytes,
+    dtype, shape)."""
+    nbytes: int
+    parts: tuple[tuple[int, int, torch.dtype, tuple[int, ...]], ...]
 
 
 class DiskTier:
@@ -156,6 +171,7 @@ class DiskTier:
                         for l in cfg.moe_layers for e in range(cfg.num_experts)}
         # every byte range of an expert: its matrices, then the scales of the quantized ones
         self.ranges = {k: exts + [x.scale for x in exts if x.scale is not None] for k, exts in self.extents.items()}
+        self.raw = self._raw_layout()
         self.flat = self._flat_layout()
         self._lock = threading.Lock()
         self._fds: dict[str, int] = {}
@@ -163,13 +179,35 @@ class DiskTier:
         self.read_seconds = 0.0
         self.reads = 0
 
+    def _raw_layout(self) -> "RawLayout | None":
+        """When every expert's byte ranges (``ranges``: matrices, then scales) form one contiguous run of one file,
+        laid out the same way for every expert: the run's size and where each range lies in it, so a slot can hold
+        the run's bytes as they are (bf16 or packed int8/int4 slots: no conversion) and view its matrices in place.
+        Sets ``flat_runs`` (file, offset, bytes of each expert's run). None otherwise."""
+        ref, runs = None, {}
+        for k, rs in self.ranges.items():
+            if any(not x.direct for x in rs) or len({x.file for x in rs}) != 1:
+                return None
+            lo, hi = min(x.offset for x in rs), max(x.offset + x.nbytes for x in rs)
+            if hi - lo != sum(x.nbytes for x in rs):
+                return None               # gaps, or one range read twice
+            parts = tuple((x.offset - lo, x.nbytes, x.dtype, tuple(x.shape)) for x in rs)
+            if ref is not None and parts != ref:
+                return None
+            ref, runs[k] = parts, (rs[0].file, lo, hi - lo)
+        if ref is None:
+            return None
+        self.flat_runs = runs
+        return RawLayout(runs[next(iter(runs))][2], ref)
+
     def _flat_layout(self):
         """When every expert is one contiguous byte range whose matrices lie in the same order and dtype (per-expert
         tensors written side by side, the usual layout): (order of the matrices in the file, dtype), so an expert
         is one read into one flat buffer and one conversion. None otherwise (fused slabs, gaps, mixed dtypes)."""
         order = None
         for exts in self.extents.values():
-            if any(not x.direct for x in exts) or len({x.dtype for x in exts}) != 1 or len({x.file for x in exts}) != 1:
+            if any(not x.direct or x.scale is not None for x in exts) or len({x.dtype for x in exts}) != 1 \
+                    or len({x.file for x in exts}) != 1:
                 return None
             o = tuple(sorted(range(len(exts)), key=lambda i: exts[i].offset))
             if any(exts[a].offset + exts[a].nbytes != exts[b].offset for a, b in zip(o, o[1:])):

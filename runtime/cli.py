@@ -10,7 +10,8 @@ import sys
 import time
 
 # Subcommands owned by other packages register themselves through ``register(subparsers)``.
-_PLUGINS = ("moeyard.placement.cli", "moeyard.runtime.serve_cli", "moeyard.runtime.profile", "moeyard.moe.inflate")
+_PLUGINS = ("moeyard.placement.cli", "moeyard.runtime.serve_cli", "moeyard.runtime.profile", "moeyard.moe.inflate",
+            "moeyard.moe.quantize")
 
 
 def _common_model_args(p):

@@ -142,9 +142,9 @@ def test_thread_choice(monkeypatch, tmp_path):
     assert T.worker_threads(2, 4) == 1 and T.worker_threads(16, 4) == 4
 
 
-def test_offload_refuses_quantization_at_load():
+def test_offload_quantized_needs_a_quantized_checkpoint():
     from moeyard.runtime import LLM
-    with pytest.raises(ModelError, match=r"quantization='int4' is not supported in offload mode"):
+    with pytest.raises(ModelError, match=r"moeyard quantize SRC DST --quantization int4"):
         LLM("default", mode="offload", quantization="int4")
 
 
