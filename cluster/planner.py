@@ -35,6 +35,7 @@ import warnings
 import numpy as np
 import torch
 
+from ..comm.exchange import INT_BYTES
 from ..moe.predictors import TokenTablePredictor, token_table_problem, trace_tokens
 from ..runtime.executor import StepItem
 from .calibrate import calibration_sequences, plan_routing, record_routing
@@ -67,11 +68,11 @@ class SpecShuffler:
         self.L, self.E, self.K = len(cfg.moe_layers), cfg.num_experts, cfg.top_k
         self.hold = torch.from_numpy(placement.membership_LEG()).float()   # [L, E, G] 1 = worker g holds e
         elem = torch.tensor([], dtype=dtype).element_size()
-        # standard scheme, per remote (token, expert) pair: hidden row + int64 expert id out, hidden row back
-        self.remote_bytes = 2 * cfg.hidden_size * elem + 8
+        # standard scheme, per remote (token, expert) pair: hidden row + expert id out, hidden row back
+        self.remote_bytes = 2 * cfg.hidden_size * elem + INT_BYTES
         hk, dk, hv, dv = cfg.kv_shape
         # + a slot/pos meta row; nothing when every worker holds every cache (coherent scheme)
-        self.kv_bytes_per_position = 0 if replicated_kv else cfg.num_layers * (hk * dk + hv * dv) * elem + 16
+        self.kv_bytes_per_position = 0 if replicated_kv else cfg.num_layers * (hk * dk + hv * dv) * elem + 2 * INT_BYTES
         self.max_moves, self.horizon, self.slack = max_moves, horizon, slack
         self.history, self.ema_rate = history, ema
         self.place_new, self.move = place_new, move
