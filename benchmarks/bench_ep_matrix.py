@@ -73,16 +73,13 @@ def ceilings(experts_TLK, seq_T, holders):
     return float(by_seq.max(1).sum() / pairs), float(per.max(2).sum() / pairs), float(per.sum() / G / pairs)
 
 
-def imbalance(s0, s1, spec, scheme):
-    """Busiest worker's tokens / the mean over the measured run only (the warm-up excluded): form 1 per step
-    (the planner's running mean times steps), form 2 per MoE layer and step (summed counts)."""
+def imbalance(s0, s1, spec):
+    """Busiest worker's tokens / the mean over the measured run only (the warm-up excluded), summed over steps
+    and MoE layers (form 1: a step's tokens per worker; form 2: tokens per destination)."""
     if not spec:
         return None
-    if scheme == "tp":
-        b = s1["shuffle_busiest_tokens"] - s0.get("shuffle_busiest_tokens", 0)
-        return b / max(1e-9, s1["shuffle_even_tokens"] - s0.get("shuffle_even_tokens", 0))
-    n0, n1 = s0.get("ep_steps", 0), s1["ep_steps"]
-    return (s1["shuffle_imbalance"] * n1 - s0.get("shuffle_imbalance", 1.0) * n0) / max(1, n1 - n0)
+    b = s1["shuffle_busiest_tokens"] - s0.get("shuffle_busiest_tokens", 0)
+    return b / max(1e-9, s1["shuffle_even_tokens"] - s0.get("shuffle_even_tokens", 0))
 
 
 def matrix_main(a):
@@ -130,7 +127,7 @@ def matrix_main(a):
                      "breakdown_per_generated_token": {k: v / gen for k, v in d.items() if k != "a2a_bytes"},
                      "local_fraction": loc / routed if routed else 0.0, "form": form,
                      "ceiling": ceil[placement][form - 1], "average_worker": ceil[placement][2],
-                     "imbalance": imbalance(s0, s1, spec, scheme), "moves": s1.get("shuffle_moves"),
+                     "imbalance": imbalance(s0, s1, spec), "moves": s1.get("shuffle_moves"),
                      "tokens_per_s": gen / wall, "errors": sum(o.finish_reason == "error" for o in outs),
                      "tokens": [o.token_ids for o in outs]}
                 results.append(r)

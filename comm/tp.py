@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from ..moe.attention import attend
+from ..moe.errors import MoeyardError
 from ..moe.experts import run_experts
 from .dispatch import hold_table
 
@@ -39,11 +40,11 @@ COUNTERS = ("tokens", "pred_hits", "worker_hits", "pairs", "local_pairs", "busie
 
 def head_range(H: int, rank: int, world: int) -> tuple[int, int]:
     if H < world:
-        raise ValueError(f"ep_scheme='tp' splits attention heads across workers: num_heads ({H}) < "
-                         f"num_workers ({world})")
+        raise MoeyardError(f"ep_scheme='tp' splits attention heads across workers: num_heads ({H}) < "
+                           f"num_workers ({world})")
     if H % world:
-        raise ValueError(f"ep_scheme='tp' gives every worker the same number of attention heads: num_heads ({H}) "
-                         f"is not a multiple of num_workers ({world})")
+        raise MoeyardError(f"ep_scheme='tp' gives every worker the same number of attention heads: num_heads ({H}) "
+                           f"is not a multiple of num_workers ({world})")
     chunk = torch.tensor_split(torch.arange(H), world)[rank]
     return int(chunk[0]), int(chunk[-1]) + 1
 
@@ -204,7 +205,8 @@ def apply_tp(model, ex, placement, layer_index: dict[int, int], shuffle: bool = 
 
 
 def spec_stats(c: dict) -> dict:
-    """Form-2 prediction accuracy (overall and ``*_per_layer``) from the summed per-layer counters (lists)."""
+    """Speculative shuffling's prediction accuracy (overall and ``*_per_layer``) from the summed per-layer
+    counters (lists; form 2's here, form 1's in the planner)."""
     t = {k: torch.tensor(v, dtype=torch.float64) for k, v in c.items()}
     out = {}
     if float(t["tokens"].sum()):

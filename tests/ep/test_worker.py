@@ -151,17 +151,17 @@ def test_bad_placement_and_worker_count(tiny_ckpt, tmp_path):
 
 
 def test_scheme_registry_and_errors(tiny_ckpt):
-    from moeyard.comm.schemes import SCHEMES, check_scheme
+    from moeyard.comm.schemes import SCHEMES, get_scheme
     from moeyard.moe.config import MoEConfig
     assert set(SCHEMES) == {"standard", "coherent", "tp"}
     for arch in ("mixtral", "deepseek_v3", "gpt_oss"):
         cfg = MoEConfig.from_dir(tiny_ckpt(arch)[0])
         for name in SCHEMES:
-            check_scheme(name, cfg, 2)
+            get_scheme(name, cfg, 2)
     cfg = MoEConfig.from_dir(tiny_ckpt("qwen3_next")[0])
-    check_scheme("standard", cfg, 2)
+    get_scheme("standard", cfg, 2)
     for name in ("coherent", "tp"):          # the scheme and the model are both named
         with pytest.raises(ValueError, match=f"ep_scheme='{name}'.*qwen3_next.*use ep_scheme='standard'"):
-            check_scheme(name, cfg, 2)
+            get_scheme(name, cfg, 2)
     with pytest.raises(ValueError, match="ep_scheme must be one of"):
-        check_scheme("nope", cfg)
+        get_scheme("nope", cfg)
