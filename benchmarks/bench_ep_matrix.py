@@ -21,6 +21,9 @@ from common import record, table
 
 SCHEMES = ("standard", "coherent", "tp")
 PLACEMENTS = ("round_robin", "affinity", "coactivation")
+# shuffling runs per scheme: its default balance bound, then a tight one (busiest worker <= 1.25x the mean):
+# form 1 caps a worker at ceil(n / G) + slack sequences, form 2 at ceil(N / G * (1 + slack)) tokens per layer
+SLACKS = {"standard": (1, 0), "coherent": (1,), "tp": (0.5, 0.25)}
 
 
 def tiny_deepseek(path="/tmp/moeyard_bench_tiny_deepseek_v3") -> str:
@@ -33,7 +36,7 @@ def tiny_deepseek(path="/tmp/moeyard_bench_tiny_deepseek_v3") -> str:
 
 
 def workload_routing(path, prompts, params, max_num_seqs):
-    """(experts [T, L, K], sequence index [T]) of the workload in local mode."""
+    """(experts [T, L, K], sequence index [T], greedy tokens) of the workload in local mode."""
     import torch
 
     from moeyard.runtime import LLM
@@ -48,11 +51,11 @@ def workload_routing(path, prompts, params, max_num_seqs):
             seq.extend([it.request_id] * len(it.token_ids))
         return orig(items)
     ex.execute = execute
-    llm.generate(prompt_token_ids=prompts, sampling_params=params)
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
     experts = np.stack([torch.cat(rec[l]).numpy() for l in llm.cfg.moe_layers], 1)
     ids = {r: i for i, r in enumerate(dict.fromkeys(seq))}
     llm.close()
-    return experts, np.array([ids[r] for r in seq])
+    return experts, np.array([ids[r] for r in seq]), [o.token_ids for o in outs]
 
 
 def ceilings(experts_TLK, seq_T, holders):
@@ -70,16 +73,13 @@ def ceilings(experts_TLK, seq_T, holders):
     return float(by_seq.max(1).sum() / pairs), float(per.max(2).sum() / pairs), float(per.sum() / G / pairs)
 
 
-def imbalance(s0, s1, spec, scheme):
-    """Busiest worker's tokens / the mean over the measured run only (the warm-up excluded): form 1 per step
-    (the planner's running mean times steps), form 2 per MoE layer and step (summed counts)."""
+def imbalance(s0, s1, spec):
+    """Busiest worker's tokens / the mean over the measured run only (the warm-up excluded), summed over steps
+    and MoE layers (form 1: a step's tokens per worker; form 2: tokens per destination)."""
     if not spec:
         return None
-    if scheme == "tp":
-        b = s1["shuffle_busiest_tokens"] - s0.get("shuffle_busiest_tokens", 0)
-        return b / max(1e-9, s1["shuffle_even_tokens"] - s0.get("shuffle_even_tokens", 0))
-    n0, n1 = s0.get("ep_steps", 0), s1["ep_steps"]
-    return (s1["shuffle_imbalance"] * n1 - s0.get("shuffle_imbalance", 1.0) * n0) / max(1, n1 - n0)
+    b = s1["shuffle_busiest_tokens"] - s0.get("shuffle_busiest_tokens", 0)
+    return b / max(1e-9, s1["shuffle_even_tokens"] - s0.get("shuffle_even_tokens", 0))
 
 
 def matrix_main(a):
@@ -96,16 +96,17 @@ def matrix_main(a):
     else:
         rng = np.random.default_rng(0)
         prompts = [rng.integers(0, 256, 12 + 4 * i).tolist() for i in range(a.prompts)]
-    experts, seq = workload_routing(path, prompts, params, a.prompts)
+    experts, seq, local_tokens = workload_routing(path, prompts, params, a.prompts)
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     results, files, ceil = [], {}, {}
     out_dir = os.path.dirname(os.path.abspath(a.out))
     os.makedirs(out_dir, exist_ok=True)
     for placement in PLACEMENTS:
         for scheme in SCHEMES:
-            for spec in (False, True):
+            for slack in (None,) + SLACKS[scheme]:
+                spec = slack is not None
                 pl = files.get(placement, placement)
-                kw = dict(speculative_shuffle=True) if spec else {}
+                kw = dict(speculative_shuffle=True, shuffle_options={"slack": slack}) if spec else {}
                 llm = LLM(path, mode="ray", num_workers=a.workers, placement=pl, ep_scheme=scheme,
                           max_num_seqs=a.prompts, placement_time_limit=a.placement_time_limit, **kw)
                 info = llm.engine.executor.placement_info
@@ -120,27 +121,28 @@ def matrix_main(a):
                 routed = s1["routed_assignments"] - s0["routed_assignments"]
                 loc = s1["local_fraction"] * s1["routed_assignments"] - s0["local_fraction"] * s0["routed_assignments"]
                 form = 2 if scheme == "tp" else 1
-                r = {"scheme": scheme, "placement": placement, "speculative_shuffle": spec, "generated": gen,
+                r = {"scheme": scheme, "placement": placement, "speculative_shuffle": spec, "slack": slack,
+                     "generated": gen,
                      "bytes_per_generated_token": d["a2a_bytes"] / gen,
                      "breakdown_per_generated_token": {k: v / gen for k, v in d.items() if k != "a2a_bytes"},
                      "local_fraction": loc / routed if routed else 0.0, "form": form,
                      "ceiling": ceil[placement][form - 1], "average_worker": ceil[placement][2],
-                     "imbalance": imbalance(s0, s1, spec, scheme), "moves": s1.get("shuffle_moves"),
+                     "imbalance": imbalance(s0, s1, spec), "moves": s1.get("shuffle_moves"),
                      "tokens_per_s": gen / wall, "errors": sum(o.finish_reason == "error" for o in outs),
                      "tokens": [o.token_ids for o in outs]}
                 results.append(r)
-                print(f"{scheme:9s} {placement:12s} shuffle={spec!s:5s} bytes/gen {r['bytes_per_generated_token']:9.0f}"
+                print(f"{scheme:9s} {placement:12s} slack={slack!s:5s} bytes/gen {r['bytes_per_generated_token']:9.0f}"
                       f"  local {r['local_fraction']:.3f} (ceiling f{form} {r['ceiling']:.3f})  tok/s "
                       f"{r['tokens_per_s']:6.1f}", flush=True)
-    same = all(r["tokens"] == results[0]["tokens"] for r in results)
-    print("identical greedy tokens in all runs:", same)
+    same = all(r["tokens"] == local_tokens for r in results)
+    print("greedy tokens identical to local mode in all runs:", same)
     write_json(a, path, results, same, ceilings=ceil)
     base = next(r for r in results if (r["scheme"], r["placement"], r["speculative_shuffle"])
                 == ("standard", "round_robin", False))["bytes_per_generated_token"]
     rows = []
     for r in results:
         b = r["breakdown_per_generated_token"]
-        rows.append([r["scheme"], r["placement"], "on" if r["speculative_shuffle"] else "off",
+        rows.append([r["scheme"], r["placement"], f"slack {r['slack']}" if r["speculative_shuffle"] else "off",
                      f"{r['bytes_per_generated_token']:,.0f}", f"{100 * (r['bytes_per_generated_token'] / base - 1):+.0f}%",
                      f"{b['moe_bytes']:,.0f}", f"{b['kv_bytes']:,.0f}", f"{b['hidden_bytes']:,.0f}",
                      f"{b['tp_bytes'] + b['shuffle_bytes']:,.0f}", f"{b['meta_bytes']:,.0f}",
@@ -151,8 +153,10 @@ def matrix_main(a):
                      "-" if r["imbalance"] is None else f"{r['imbalance']:.2f}", f"{r['tokens_per_s']:.1f}"])
     name = os.path.basename(os.path.normpath(path))
     body = [f"Model: `{path}`; {a.workers} Ray worker actors; {a.prompts} prompts x {a.max_tokens} greedy tokens "
-            f"({results[0]['generated']} generated); shuffling with its defaults (form 1 table from the model's "
-            f"trace.npz when it ships one, else a calibration run). Bytes = everything handed to collectives that "
+            f"({results[0]['generated']} generated); shuffling (form 1 table from the model's trace.npz when it "
+            f"ships one, else a calibration run) at its default balance bound (`slack` 1 sequence for form 1, 0.5 "
+            f"for form 2) and a tight one (`slack` 0 for form 1: at most ceil(n / G) sequences a worker; 0.25 for "
+            f"form 2: at most 1.25x the even share of tokens a destination). Bytes = everything handed to collectives that "
             f"crosses workers (MoE rows, replicated cache entries, moved residual streams, split sizes and token "
             f"bookkeeping, KV moves, TP all-gathers / head scatters), prefill included, / generated tokens. Local "
             f"fraction = (token, expert) pairs served on the worker the token is on. Ceiling = hindsight local "
@@ -161,7 +165,7 @@ def matrix_main(a):
             f"average worker) / (ceiling - average worker), average worker = {ceil['round_robin'][2]:.3f} for "
             f"round robin (coherent: '-', its locality follows its own rule, form 1 only picks where a step starts). "
             f"Busiest / mean (shuffling, measured run only): form 1 tokens per worker per step, form 2 tokens per "
-            f"destination per MoE layer. Greedy tokens identical in all runs: "
+            f"destination per MoE layer. Greedy tokens identical to local mode in all runs: "
             f"**{same}**. Raw: `{a.out}`.", "",
             table(["scheme", "placement", "shuffle", "net bytes / gen. token", "vs standard rr", "MoE rows",
                    "cache entries", "residual moves", "TP / shuffle collectives", "meta", "local fraction",

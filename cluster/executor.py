@@ -51,7 +51,7 @@ class ThreadTransport:
         fd, f = tempfile.mkstemp(prefix="moeyard_ep_")
         os.close(fd)
         os.unlink(f)
-        run_in_threads([lambda w=w: w.connect(f"file://{f}", "gloo", timeout_s) for w in workers])
+        run_in_threads([lambda w=w: w.connect(f"file://{f}", None, timeout_s) for w in workers])
 
     def call_all(self, method: str, args_per_worker: list[tuple], what: str) -> list:
         return run_in_threads([lambda w=w, a=a: getattr(w, method)(*a) for w, a in zip(self.workers, args_per_worker)])
@@ -179,17 +179,17 @@ class EPExecutor:
 
 def thread_executor(path: str, placement, world: int, scheme: str = "standard", max_num_seqs: int = 8,
                     max_model_len: int = 256, dtype=None, timeout_s: float = 30.0, speculative_shuffle: bool = False,
-                    trace: dict | None = None, tokenizer=None, shuffle_options: dict | None = None) -> EPExecutor:
-    """Workers in threads of this process over a gloo FileStore group (tests, debugging; no Ray)."""
+                    trace: dict | None = None, tokenizer=None, shuffle_options: dict | None = None,
+                    device: str = "cpu") -> EPExecutor:
+    """Workers in threads of this process over a gloo FileStore group (tests, debugging; no Ray), their tensors
+    on ``device`` (the group's backend follows it: gloo on CPU, NCCL on CUDA, which needs one GPU per worker)."""
     from ..moe.config import MoEConfig
-    from .planner import check_spec
+    from .planner import check_config
     from .worker import EPWorker
     cfg = MoEConfig.from_dir(path)
-    form = get_scheme(scheme, cfg, world).spec_form
-    if speculative_shuffle:
-        check_spec(scheme, world, cfg)
+    form = check_config(scheme, cfg, world, speculative_shuffle, shuffle_options).spec_form
     worker_shuffle = speculative_shuffle and form == 2
-    workers = [EPWorker(path, g, world, placement, scheme, dtype, "cpu", max_num_seqs, max_model_len,
+    workers = [EPWorker(path, g, world, placement, scheme, dtype, device, max_num_seqs, max_model_len,
                         shuffle=worker_shuffle, shuffle_options=shuffle_options if worker_shuffle else None)
                for g in range(world)]
     ex = EPExecutor(ThreadTransport(workers, timeout_s), scheme, world)

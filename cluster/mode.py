@@ -15,12 +15,11 @@ calibration run when ``affinity`` / ``coactivation`` has no ``trace.npz`` to sol
 
 from __future__ import annotations
 
-from ..comm.schemes import SCHEMES, get_scheme
 from ..moe.errors import MoeyardError
 from ..moe.tokenizer import Tokenizer
 from . import layout
 from .calibrate import calibration_sequences, record_routing
-from .planner import check_spec
+from .planner import check_config
 
 
 def build_ray(ctx, num_workers: int = 2, placement: str = "round_robin", ep_scheme: str = "standard",
@@ -29,19 +28,8 @@ def build_ray(ctx, num_workers: int = 2, placement: str = "round_robin", ep_sche
               collective_timeout: float = 20.0, placement_time_limit: float = 20.0,
               speculative_shuffle: bool = False, shuffle_options: dict | None = None):
     cfg = ctx.cfg
-    if ep_scheme not in SCHEMES:
-        raise MoeyardError(f"ep_scheme must be one of {', '.join(SCHEMES)}, got {ep_scheme!r}")
-    try:
-        scheme = get_scheme(ep_scheme, cfg, num_workers)
-        if speculative_shuffle:
-            check_spec(ep_scheme, num_workers, cfg)
-    except ValueError as exc:
-        raise MoeyardError(str(exc)) from None
+    scheme = check_config(ep_scheme, cfg, num_workers, speculative_shuffle, shuffle_options)
     worker_shuffle = bool(speculative_shuffle) and scheme.spec_form == 2     # form 2 runs inside the workers
-    if worker_shuffle:
-        bad = set(shuffle_options or {}) - {"slack"}
-        if bad:
-            raise MoeyardError(f"shuffle_options: ep_scheme='tp' takes only 'slack', got {sorted(bad)}")
     if not isinstance(placement, str):
         raise MoeyardError(f"placement must be a string (a built-in name or a placement.json path), "
                            f"got {type(placement).__name__}")
@@ -112,11 +100,8 @@ def build_ray(ctx, num_workers: int = 2, placement: str = "round_robin", ep_sche
 def _start_spec(ex, ctx, placement, trace, tokenizer, shuffle_options):
     from ..moe.loader import resolve_dtype
     table = None if trace is None else {"experts": trace.experts_TLk, "token_ids": trace.token_ids_T}
-    try:
-        ex.enable_spec(ctx.cfg, placement, resolve_dtype(ctx.dtype, ctx.cfg, ctx.device), table, tokenizer,
-                       ctx.max_num_seqs, ctx.max_model_len, shuffle_options)
-    except TypeError as exc:
-        raise MoeyardError(f"shuffle_options: {exc}") from None
+    ex.enable_spec(ctx.cfg, placement, resolve_dtype(ctx.dtype, ctx.cfg, ctx.device), table, tokenizer,
+                   ctx.max_num_seqs, ctx.max_model_len, shuffle_options)
 
 
 def _calibrate(ctx, tokenizer, num_workers, start, tokens: int = 512):

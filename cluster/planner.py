@@ -18,8 +18,8 @@ blended with the sequence's own recent routing (an exponential average of where 
 wrong prediction costs nothing but locality: the all-to-all dispatcher serves every (token, expert) pair wherever
 the token is, so outputs are exactly those of local mode.
 
-Counters (``stats``): ``shuffle_moves``, ``shuffle_moved_positions``, ``shuffle_imbalance`` (mean over steps of
-the busiest worker's tokens / the average worker's; 1 = balanced); ``spec_expert_precision`` (share of the
+Counters (``stats``): ``shuffle_moves``, ``shuffle_moved_positions``, ``shuffle_imbalance`` (the busiest worker's
+tokens / the average worker's, summed over steps; 1 = balanced); ``spec_expert_precision`` (share of the
 table's top-k predicted experts that were routed to), ``spec_worker_accuracy`` (the predicted worker holds the
 token's first-choice expert), ``spec_local_fraction`` (share of (token, expert) pairs served where the token
 ran), each also ``*_per_layer`` (a list over MoE layers). KV bytes moved are counted by the workers as
@@ -35,6 +35,10 @@ import warnings
 import numpy as np
 import torch
 
+from ..comm.exchange import INT_BYTES
+from ..comm.schemes import get_scheme, hybrid
+from ..comm.tp import COUNTERS, spec_stats
+from ..moe.errors import MoeyardError, check_options
 from ..moe.predictors import TokenTablePredictor, token_table_problem, trace_tokens
 from ..runtime.executor import StepItem
 from .calibrate import calibration_sequences, plan_routing, record_routing
@@ -43,18 +47,23 @@ from .partition import home_of, merge_logits, partition
 log = logging.getLogger(__name__)
 
 
-def check_spec(scheme: str, world: int, cfg=None):
-    """Raise ValueError naming the problem if speculative shuffling cannot run on this scheme, workers and model."""
-    if cfg is not None and any(cfg.is_linear_layer(l) for l in range(cfg.num_layers)):
-        raise ValueError(f"speculative_shuffle=True moves sequences (their KV caches) between workers; "
-                         f"{cfg.model_type}'s linear-attention layers keep a recurrent state that does not move: use "
-                         f"speculative_shuffle=False")
-    if world < 2:
-        raise ValueError(f"speculative_shuffle=True needs num_workers >= 2 (got {world}): with one worker every "
-                         f"expert is already local")
-    if scheme not in ("standard", "coherent", "tp"):
-        raise ValueError(f"speculative_shuffle=True works with ep_scheme='standard' or 'coherent' (form 1: request "
-                         f"placement) or 'tp' (form 2: token shuffling in tensor-parallel attention), got {scheme!r}")
+OPTIONS = ("max_moves", "horizon", "slack", "history", "ema", "place_new", "move", "calibration_tokens")
+
+
+def check_config(scheme: str, cfg, world: int, shuffle: bool = False, options: dict | None = None):
+    """The scheme object of ``ep_scheme=scheme`` for ``cfg`` on ``world`` workers, with speculative shuffling and
+    its options checked (form 2 takes the scheme's options, form 1 this planner's); MoeyardError naming both."""
+    s = get_scheme(scheme, cfg, world)
+    if shuffle and hybrid(cfg):
+        raise MoeyardError(f"speculative_shuffle=True moves sequences (their KV caches) between workers; "
+                           f"{cfg.model_type}'s linear-attention layers keep a recurrent state that does not move: "
+                           f"use speculative_shuffle=False")
+    if shuffle and world < 2:
+        raise MoeyardError(f"speculative_shuffle=True needs num_workers >= 2 (got {world}): with one worker every "
+                           f"expert is already local")
+    check_options(options, s.shuffle_options if s.spec_form == 2 else OPTIONS,
+                  f"shuffle_options of ep_scheme={scheme!r} (speculative shuffling form {s.spec_form})")
+    return s
 
 
 class SpecShuffler:
@@ -67,11 +76,11 @@ class SpecShuffler:
         self.L, self.E, self.K = len(cfg.moe_layers), cfg.num_experts, cfg.top_k
         self.hold = torch.from_numpy(placement.membership_LEG()).float()   # [L, E, G] 1 = worker g holds e
         elem = torch.tensor([], dtype=dtype).element_size()
-        # standard scheme, per remote (token, expert) pair: hidden row + int64 expert id out, hidden row back
-        self.remote_bytes = 2 * cfg.hidden_size * elem + 8
+        # standard scheme, per remote (token, expert) pair: hidden row + expert id out, hidden row back
+        self.remote_bytes = 2 * cfg.hidden_size * elem + INT_BYTES
         hk, dk, hv, dv = cfg.kv_shape
         # + a slot/pos meta row; nothing when every worker holds every cache (coherent scheme)
-        self.kv_bytes_per_position = 0 if replicated_kv else cfg.num_layers * (hk * dk + hv * dv) * elem + 16
+        self.kv_bytes_per_position = 0 if replicated_kv else cfg.num_layers * (hk * dk + hv * dv) * elem + 2 * INT_BYTES
         self.max_moves, self.horizon, self.slack = max_moves, horizon, slack
         self.history, self.ema_rate = history, ema
         self.place_new, self.move = place_new, move
@@ -81,11 +90,7 @@ class SpecShuffler:
         self.where: dict[int, int] = {}          # slot -> worker holding its KV
         self.ema: dict[int, torch.Tensor] = {}   # slot -> [G] recent local (token, expert) pairs per worker
         self.moves = self.moved_positions = 0
-        self.prec = torch.zeros(self.L)
-        self.wacc = torch.zeros(self.L)
-        self.local = torch.zeros(self.L)
-        self.ntok = 0
-        self.imbalance_sum, self.imbalance_steps = 0.0, 0
+        self.c = {k: torch.zeros(self.L, dtype=torch.float64) for k in COUNTERS}   # per MoE layer, as form 2's
 
     # -- predictions --------------------------------------------------------------------------------------------
     def expert_probs(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -202,15 +207,14 @@ class SpecShuffler:
             return
         P = self.expert_probs(tok)                                          # predictions made before learning
         pred = torch.topk(P, self.K, dim=-1).indices                        # [N, L, K]
-        hit = (pred[:, :, :, None] == rt[:, :, None, :]).any(-1).float()    # [N, L, K]
-        self.prec += hit.mean(-1).sum(0)
-        lid = torch.arange(self.L)[None, :, None]
+        c = self.c
+        c["pred_hits"] += (pred[:, :, :, None] == rt[:, :, None, :]).any(-1).sum((0, 2))
         pw = torch.einsum("nle,leg->nlg", P, self.hold).argmax(-1)         # [N, L] predicted worker per layer
-        self.wacc += self.hold[torch.arange(self.L)[None, :], rt[:, :, 0], pw].sum(0)
-        held = self.hold[lid, rt]                                           # [N, L, K, G]
-        ran = torch.tensor([g for _, g in sw])
-        self.local += held[torch.arange(N), :, :, ran].mean(-1).sum(0)
-        self.ntok += N
+        c["worker_hits"] += self.hold[torch.arange(self.L)[None, :], rt[:, :, 0], pw].sum(0)
+        held = self.hold[torch.arange(self.L)[None, :, None], rt]           # [N, L, K, G]
+        c["local_pairs"] += held[torch.arange(N), :, :, torch.tensor([g for _, g in sw])].sum((0, 2))
+        c["tokens"] += N
+        c["pairs"] += N * self.K
         self._learn(tok, rt)
         loc = held.sum((1, 2))                                              # [N, G] local pairs if run on g
         per_slot: dict[int, list] = {}
@@ -225,20 +229,12 @@ class SpecShuffler:
         home, moves = self.plan(items)
         plans, where, max_len = partition(items, self.world, home)
         n = [sum(len(it.token_ids) for it in p) for p in plans]
-        if sum(n):
-            self.imbalance_sum += max(n) * self.world / sum(n)
-            self.imbalance_steps += 1
+        self.c["busiest"] += max(n)                   # every MoE layer of the step runs where its tokens are
+        self.c["even"] += sum(n) / self.world
         outs, routing = step_fn(plans, max_len, moves, True)
         self.feed(plans, routing)
         return merge_logits(outs, where)
 
     def stats(self) -> dict:
-        d = {"shuffle_moves": self.moves, "shuffle_moved_positions": self.moved_positions,
-             "spec_tokens": self.ntok,
-             "shuffle_imbalance": self.imbalance_sum / self.imbalance_steps if self.imbalance_steps else 1.0}
-        n = max(1, self.ntok)
-        for name, v in (("spec_expert_precision", self.prec), ("spec_worker_accuracy", self.wacc),
-                        ("spec_local_fraction", self.local)):
-            d[name] = float(v.sum()) / (n * self.L)
-            d[f"{name}_per_layer"] = (v / n).tolist()
-        return d
+        return {"shuffle_moves": self.moves, "shuffle_moved_positions": self.moved_positions,
+                **spec_stats({k: v.tolist() for k, v in self.c.items()})}

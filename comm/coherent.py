@@ -1,7 +1,9 @@
 """ExFlow's context-coherent expert parallelism, applied to a built model (``apply_coherent``).
 
 After a MoE layer a token stays on the worker of its first-choice expert: its residual stream moves there, the
-other experts' weighted outputs are sent there, and its next attention runs there. Every worker keeps every
+other experts' weighted outputs are sent there, and its next attention runs there. A (token, expert) pair served
+on the token's new worker sends only its expert id, key and gate weight: the router input is the norm of the
+residual stream that moves there anyway, recomputed (row by row, so bit for bit). Every worker keeps every
 sequence's cache: each layer's new entries are all-gathered (``kv.replicate_entries``; for MLA the compressed
 latent, a fraction of a hidden row). Final hidden states of sampled rows return home for the LM head.
 
@@ -85,34 +87,40 @@ class CoherentMoELayer(nn.Module):
                              torch.where(hold[e_M, rank], torch.full_like(nl_M, rank), hold[e_M].long().argmax(1)))
         ex.count_pairs(int((dest_M == rank).sum()), int(dest_M.numel()))
         tok_M = torch.arange(R).repeat_interleave(K)
-        choice0_M = (torch.arange(R * K) % K == 0).long()
-        meta_M = torch.stack([e_M, tab[tok_M, 2], nl_M, choice0_M], 1)
-        rows = torch.cat([h_RD[tok_M.to(dev)], w_RK.reshape(-1, 1).to(h_RD.dtype)], 1)
-        # 2. router inputs to the experts' workers; residual streams to the tokens' new workers
-        (rrows, rmeta), _ = ex.exchange(dest_M, [rows, meta_M], ["moe", "moe"])
-        (mx, mtab), _ = ex.exchange(newloc_R, [x_RD, tab], ["hidden", "meta"])
-        # 3. this worker's experts, weighted; outputs to each token's new worker
-        perm = torch.argsort(rmeta[:, 0], stable=True)
-        uids, counts = torch.unique_consecutive(rmeta[perm, 0], return_counts=True)
-        xr, wr = rrows[:, :D], rrows[:, D:]
-        y = run_experts(li, xr[perm.to(dev)], uids.tolist(), counts.tolist(), experts)
-        y_M = torch.empty_like(y)
-        y_M[perm.to(dev)] = y
-        y_M = y_M * wr
-        c0 = rmeta[:, 3].bool()                  # a first-choice row is the router input of a token now here
-        h_keys, h_rows = rmeta[c0, 1], xr[c0.to(dev)]
-        (ry, rk), _ = ex.exchange(rmeta[:, 2], [y_M, rmeta[:, [1, 0]]], ["moe", "meta"])
-        # 4. the resident tokens, by key: sum expert outputs in expert order (as local mode), shared experts
+        key_M, w_M = tab[tok_M, 2], w_RK.reshape(-1, 1).to(h_RD.dtype)
+        near = (dest_M == nl_M).nonzero().squeeze(1)      # served where the token goes (its first choice at least)
+        far = (dest_M != nl_M).nonzero().squeeze(1)
+        # 2. residual streams to the tokens' new workers; near pairs send only (expert, key, weight): the router
+        #    input is the residual's norm, recomputed there; far pairs send the router input too
+        ((mx, mtab), _), ((nw, nmeta), _), ((fx, fmeta), _) = ex.exchange_many([
+            (newloc_R, [x_RD, tab], ["hidden", "meta"]),
+            (nl_M[near], [w_M[near.to(dev)], torch.stack([e_M[near], key_M[near]], 1)], ["moe", "moe"]),
+            (dest_M[far], [torch.cat([h_RD[tok_M[far].to(dev)], w_M[far.to(dev)]], 1),
+                           torch.stack([e_M[far], key_M[far], nl_M[far]], 1)], ["moe", "moe"])])
         order = torch.argsort(mtab[:, 2])
         mtab, mx = mtab[order], mx[order.to(dev)]
-        keys = mtab[:, 2]
+        keys = mtab[:, 2].contiguous()
+        hn = L.post_attention_layernorm(mx)
+        # 3. this worker's experts on its pairs (near, then far), weighted; far outputs to their tokens' workers
+        e_P = torch.cat([nmeta[:, 0], fmeta[:, 0]])
+        x_P = torch.cat([hn[torch.searchsorted(keys, nmeta[:, 1].contiguous()).to(dev)], fx[:, :D]])
+        perm = torch.argsort(e_P, stable=True)
+        uids, counts = torch.unique_consecutive(e_P[perm], return_counts=True)
+        y = run_experts(li, x_P[perm.to(dev)], uids.tolist(), counts.tolist(), experts)
+        y_P = torch.empty_like(y)
+        y_P[perm.to(dev)] = y
+        y_P = y_P * torch.cat([nw, fx[:, D:]])
+        n = nmeta.shape[0]
+        (ry, rk), _ = ex.exchange(fmeta[:, 2], [y_P[n:], fmeta[:, [1, 0]]], ["moe", "meta"])
+        # 4. the resident tokens, by key: sum expert outputs in expert order (as local mode), shared experts
+        ry, rk = torch.cat([y_P[:n], ry]), torch.cat([nmeta[:, [1, 0]], rk])
         out = mx.new_zeros((keys.numel(), D))
         if ry.shape[0]:
             eo = torch.argsort(rk[:, 1], stable=True)
             ry, rk = ry[eo.to(dev)], rk[eo]
-            out = out.index_add(0, torch.searchsorted(keys.contiguous(), rk[:, 0].contiguous()).to(dev), ry)
+            out = out.index_add(0, torch.searchsorted(keys, rk[:, 0].contiguous()).to(dev), ry)
         if keys.numel():
-            s = block.shared(h_rows[torch.argsort(h_keys).to(dev)])
+            s = block.shared(hn)
             if s is not None:
                 out = out + s
         relayout(batch, mtab, dev)

@@ -19,24 +19,28 @@ from __future__ import annotations
 
 import torch
 
+from ..moe.errors import MoeyardError, check_options, lookup
 from ..moe.experts import run_experts
 from .coherent import apply_coherent, coherent_hidden
 from .dispatch import A2ADispatcher
 from .tp import apply_tp, head_range
 
 
-def _hybrid(cfg) -> bool:
+def hybrid(cfg) -> bool:
+    """The model has linear-attention layers (a recurrent state per sequence, no per-position cache)."""
     return any(cfg.is_linear_layer(l) for l in range(cfg.num_layers))
 
 
 class Scheme:
-    """``check(cfg, world)`` raises ValueError naming the scheme and the model it cannot serve; ``apply`` wraps
+    """``check(cfg, world)`` raises MoeyardError naming the scheme and the model it cannot serve; ``apply`` wraps
     the model; ``run(worker, items, ids_N, tab, capture) -> (logits, routing)`` is one step. ``all_tokens``:
     every worker runs every token (the driver sends each worker the whole step); ``spec_form``: the
-    speculative-shuffling form it supports; ``replicated_kv``: every worker holds every cache."""
+    speculative-shuffling form it supports (form 2 runs in the workers, taking ``shuffle_options``; form 1 in the
+    driver's planner); ``replicated_kv``: every worker holds every cache."""
     name = ""
     all_tokens = False
     spec_form = 1
+    shuffle_options: tuple = ()
     replicated_kv = False
 
     def check(self, cfg, world: int):
@@ -78,8 +82,8 @@ class Coherent(Scheme):
     replicated_kv = True       # every worker holds every sequence's cache: moving a sequence moves no bytes
 
     def check(self, cfg, world: int):
-        if _hybrid(cfg):
-            raise ValueError(f"ep_scheme='coherent' replicates cache entries; {cfg.model_type}'s linear-attention "
+        if hybrid(cfg):
+            raise MoeyardError(f"ep_scheme='coherent' replicates cache entries; {cfg.model_type}'s linear-attention "
                              f"layers keep a recurrent state instead: use ep_scheme='standard'")
 
     def apply(self, worker, shuffle: bool, options: dict):
@@ -97,18 +101,17 @@ class TensorParallel(Scheme):
     name = "tp"
     all_tokens = True
     spec_form = 2
+    shuffle_options = ("slack",)
 
     def check(self, cfg, world: int):
-        if _hybrid(cfg):
-            raise ValueError(f"ep_scheme='tp' splits attention heads; {cfg.model_type}'s linear-attention layers "
+        if hybrid(cfg):
+            raise MoeyardError(f"ep_scheme='tp' splits attention heads; {cfg.model_type}'s linear-attention layers "
                              f"are not split: use ep_scheme='standard'")
         head_range(cfg.num_heads, 0, world)
 
     def apply(self, worker, shuffle: bool, options: dict):
         super().apply(worker, shuffle, options)
-        bad = set(options) - {"slack"}
-        if bad:
-            raise ValueError(f"shuffle_options: ep_scheme='tp' takes only 'slack', got {sorted(bad)}")
+        check_options(options, self.shuffle_options, "shuffle_options: ep_scheme='tp'")
         self.counters, self.heads = apply_tp(worker.model, worker.ex, worker.placement, worker.layer_index,
                                              shuffle, **options)
 
@@ -131,13 +134,7 @@ SCHEMES = {s.name: s for s in (Standard, Coherent, TensorParallel)}
 
 def get_scheme(name: str, cfg=None, world: int | None = None) -> Scheme:
     """A fresh scheme object, checked against the model and worker count when given."""
-    if name not in SCHEMES:
-        raise ValueError(f"ep_scheme must be one of {tuple(SCHEMES)}, got {name!r}")
-    s = SCHEMES[name]()
+    s = lookup(SCHEMES, name, "ep_scheme")()
     if cfg is not None:
         s.check(cfg, world or 1)
     return s
-
-
-def check_scheme(name: str, cfg, world: int = 1):
-    get_scheme(name, cfg, world)

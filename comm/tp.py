@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from ..moe.attention import attend
+from ..moe.errors import MoeyardError
 from ..moe.experts import run_experts
 from .dispatch import hold_table
 
@@ -39,11 +40,11 @@ COUNTERS = ("tokens", "pred_hits", "worker_hits", "pairs", "local_pairs", "busie
 
 def head_range(H: int, rank: int, world: int) -> tuple[int, int]:
     if H < world:
-        raise ValueError(f"ep_scheme='tp' splits attention heads across workers: num_heads ({H}) < "
-                         f"num_workers ({world})")
+        raise MoeyardError(f"ep_scheme='tp' splits attention heads across workers: num_heads ({H}) < "
+                           f"num_workers ({world})")
     if H % world:
-        raise ValueError(f"ep_scheme='tp' gives every worker the same number of attention heads: num_heads ({H}) "
-                         f"is not a multiple of num_workers ({world})")
+        raise MoeyardError(f"ep_scheme='tp' gives every worker the same number of attention heads: num_heads ({H}) "
+                           f"is not a multiple of num_workers ({world})")
     chunk = torch.tensor_split(torch.arange(H), world)[rank]
     return int(chunk[0]), int(chunk[-1]) + 1
 
@@ -90,7 +91,7 @@ class TPLayer(nn.Module):
 
     def _gather_rows(self, rows_ND, dest_N, kind):
         """Every worker's rows (tokens ``dest_N == g`` of worker g) back into [N, D] on every worker."""
-        blocks = self.ex.all_gather_blocks(rows_ND, kind)
+        blocks = self.ex.all_gather_blocks(rows_ND, kind, torch.bincount(dest_N, minlength=self.ex.world).tolist())
         new = torch.empty((dest_N.numel(), rows_ND.shape[1]), dtype=rows_ND.dtype, device=rows_ND.device)
         for g, b in enumerate(blocks):
             new[(dest_N == g).nonzero().squeeze(1).to(new.device)] = b
@@ -100,7 +101,7 @@ class TPLayer(nn.Module):
         L, ex = self.inner, self.ex
         G, rank, dev = ex.world, ex.rank, x.device
         N, D = x.shape
-        x = x + L.self_attn.o_proj(torch.cat(ex.all_gather_blocks(o, "tp"), 1))   # all heads, in rank order
+        x = x + L.self_attn.o_proj(torch.cat(ex.all_gather_blocks(o, "tp", [N] * G), 1))   # all heads, rank order
         h = L.post_attention_layernorm(x)
         if not L.is_moe:
             return x + L.mlp(h)
@@ -113,17 +114,22 @@ class TPLayer(nn.Module):
         e_M, tok_M = ids_NK.reshape(-1), torch.arange(N).repeat_interleave(K)
         own_M = owner_N[tok_M]
         holder_M = torch.where(hold[e_M, own_M], own_M, hold[e_M].long().argmax(1)) if N else own_M
-        mine = (holder_M == rank).nonzero().squeeze(1)
-        nloc = int((own_M[mine] == rank).sum())
-        self.c["pairs"][self.row] += int(mine.numel())
+        # every worker routes every token, so each knows what every other sends to every owner: no sizes, no ids
+        sel_g = [m[torch.argsort(e_M[m], stable=True)] for m in
+                 ((holder_M == g).nonzero().squeeze(1) for g in range(G))]
+        sel = sel_g[rank]
+        nloc = int((own_M[sel] == rank).sum())
+        self.c["pairs"][self.row] += int(sel.numel())
         self.c["local_pairs"][self.row] += nloc
-        ex.count_pairs(nloc, int(mine.numel()))
+        ex.count_pairs(nloc, int(sel.numel()))
         # my experts on the tokens routed to them (their router input is here already), outputs to the owners
-        sel = mine[torch.argsort(e_M[mine], stable=True)]
         uids, counts = torch.unique_consecutive(e_M[sel], return_counts=True)
         y = run_experts(block.layer, h[tok_M[sel].to(dev)], uids.tolist(), counts.tolist(), experts)
         y = y * w_NK.reshape(-1)[sel.to(dev)].unsqueeze(-1).to(y.dtype)
-        (ry, rmeta), _ = ex.exchange(own_M[sel], [y, torch.stack([tok_M[sel], e_M[sel]], 1)], ["moe", "meta"])
+        got = [s[own_M[s] == rank] for s in sel_g]
+        (ry,), _ = ex.exchange(own_M[sel], [y], ["moe"], [len(s) for s in got])
+        got = torch.cat(got)
+        rmeta = torch.stack([tok_M[got], e_M[got]], 1)
         # owner: each token's expert outputs in expert order (as local mode), the shared experts, the residual
         own_idx = (owner_N == rank).nonzero().squeeze(1)
         eo = torch.argsort(rmeta[:, 1], stable=True)
@@ -199,7 +205,8 @@ def apply_tp(model, ex, placement, layer_index: dict[int, int], shuffle: bool = 
 
 
 def spec_stats(c: dict) -> dict:
-    """Form-2 prediction accuracy (overall and ``*_per_layer``) from the summed per-layer counters (lists)."""
+    """Speculative shuffling's prediction accuracy (overall and ``*_per_layer``) from the summed per-layer
+    counters (lists; form 2's here, form 1's in the planner)."""
     t = {k: torch.tensor(v, dtype=torch.float64) for k, v in c.items()}
     out = {}
     if float(t["tokens"].sum()):

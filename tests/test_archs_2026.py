@@ -167,13 +167,13 @@ def test_ray_lossless(ray_cluster, ckpt, want, tmp_path, arch, quant):
 
 
 def test_hybrid_model_refuses_kv_moving_schemes(ckpt):
-    from moeyard.comm.schemes import check_scheme
-    from moeyard.cluster.planner import check_spec
+    from moeyard.comm.schemes import get_scheme
+    from moeyard.cluster.planner import check_config
     cfg = MoEConfig.from_dir(ckpt("qwen3_next")[0])
     with pytest.raises(ValueError, match="speculative_shuffle=False"):
-        check_spec("standard", 2, cfg)
+        check_config("standard", cfg, 2, shuffle=True)
     with pytest.raises(ValueError, match="ep_scheme='standard'"):
-        check_scheme("coherent", cfg)
+        get_scheme("coherent", cfg)
 
 
 def _cfg(ckpt, arch):

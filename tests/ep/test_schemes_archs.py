@@ -67,13 +67,13 @@ def test_lossless(local_runs, arch, world, scheme, spec):
 
 def test_mla_replicates_the_latent(local_runs):
     """Coherent on deepseek_v3: a replicated cache entry is the latent (kv_lora_rank + rope dim) plus its
-    (slot, pos) row, far less than the heads' expanded K/V."""
+    (slot, pos) row (int32), far less than the heads' expanded K/V."""
     path, llm, want = local_runs["deepseek_v3"]
     cfg = llm.cfg
     ex = thread_executor(path, layout.static_placement("round_robin", cfg, 2), 2, "coherent", max_num_seqs=4,
                          max_model_len=llm.max_model_len)
     assert run(llm, ex) == want
-    per_entry = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4 + 16
+    per_entry = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4 + 8
     expanded = cfg.num_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * 4
     kv = ex.stats()["kv_bytes"]
     assert kv > 0 and kv % per_entry == 0

@@ -10,7 +10,7 @@ from moeyard.cluster import layout
 from moeyard.moe.errors import MoeyardError
 from moeyard.runtime import LLM, SamplingParams
 from moeyard.cluster.executor import thread_executor
-from moeyard.cluster.planner import SpecShuffler, check_spec
+from moeyard.cluster.planner import SpecShuffler, check_config
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 PROMPTS = [[5, 6, 7], list(range(30, 61)), [100], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11, 12],
@@ -133,11 +133,18 @@ def test_balance_bound():
 
 
 def test_errors(tiny_ckpt):
-    with pytest.raises(ValueError, match="num_workers >= 2"):
-        check_spec("standard", 1)
-    with pytest.raises(ValueError, match="ep_scheme='standard' or 'coherent'"):
-        check_spec("nope", 2)
+    from moeyard.moe.config import MoEConfig
     path, _ = tiny_ckpt("mixtral")
+    cfg = MoEConfig.from_dir(path)
+    with pytest.raises(MoeyardError, match="num_workers >= 2"):
+        check_config("standard", cfg, 1, shuffle=True)
+    with pytest.raises(MoeyardError, match="ep_scheme must be one of 'standard', 'coherent', 'tp', got 'nope'"):
+        check_config("nope", cfg, 2, shuffle=True)
+    # an option the form does not take names the scheme, the option and the ones it takes
+    with pytest.raises(MoeyardError, match=r"ep_scheme='coherent' \(speculative shuffling form 1\) does not take "
+                                           r"'slak'; it takes: max_moves, horizon, slack"):
+        check_config("coherent", cfg, 2, shuffle=True, options={"slak": 0.5})
+    assert check_config("standard", cfg, 2, shuffle=True, options={"slack": 0, "horizon": 4.0}).spec_form == 1
     with pytest.raises(MoeyardError, match="speculative_shuffle not valid for mode 'local'"):
         LLM(path, speculative_shuffle=True)
     with pytest.raises(MoeyardError, match="num_workers >= 2"):

@@ -128,7 +128,7 @@ def test_tp_bad_options_fail_before_ray_starts(tiny_ckpt):
     path, _ = tiny_ckpt("mixtral")                 # 4 attention heads, 8 experts
     with pytest.raises(MoeyardError, match=r"num_heads \(4\) < num_workers \(8\)"):
         LLM(path, mode="ray", num_workers=8, ep_scheme="tp")
-    with pytest.raises(MoeyardError, match="takes only 'slack'"):
+    with pytest.raises(MoeyardError, match=r"ep_scheme='tp' \(speculative shuffling form 2\) does not take 'horizon'; it takes: slack"):
         LLM(path, mode="ray", num_workers=2, ep_scheme="tp", speculative_shuffle=True,
             shuffle_options={"horizon": 3})
     with pytest.raises(MoeyardError, match="num_workers >= 2"):
