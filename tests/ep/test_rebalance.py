@@ -138,3 +138,28 @@ def test_options_name_the_bad_parameter():
         with pytest.raises(MoeyardError, match=msg):
             rebalance.check_rebalance(mode, **{**ok, **over})
     assert rebalance.nodes_of(["a", "a", "b", "b"]) == 2 and rebalance.nodes_of(["a", "b", "a", "b"]) == 1
+
+
+def test_ray_mode_rebalances_losslessly(ray_cluster, local):
+    """The same through LLM(mode="ray"): Ray actors, moves over their TCP gloo group, counters in llm.stats()."""
+    path, llm, want = local
+    r = LLM(path, mode="ray", num_workers=2, placement="contiguous", ep_scheme="coherent", max_num_seqs=4,
+            max_num_batched_tokens=32, rebalance="periodic", rebalance_window=16, rebalance_byte_budget=1e9,
+            rebalance_options=dict(horizon=1e9, layers_per_step=1, time_limit=0.3, balance=None))
+    try:
+        ex = r.engine.executor
+        toks = None
+        for _ in range(6):
+            got = [o.token_ids for o in r.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)]
+            assert got == want
+            st = r.stats()
+            if st["rebalance_moves"]:                           # a re-solve may already be pending again
+                toks = got
+                break
+        assert toks is not None, {k: v for k, v in st.items() if k.startswith("rebalance")}
+        assert st["rebalance_bytes_moved"] == st["rebalance_experts_moved"] * ex.rebalancer.nbytes > 0
+        assert st["rebalance_failed"] == 0 and ex.placement_info["placement_record"] == ex.rebalancer.serving
+    finally:
+        r.close()
+    with pytest.raises(MoeyardError, match="rebalance_window must be a positive integer"):
+        LLM(path, mode="ray", num_workers=2, rebalance="periodic", rebalance_window=0)
