@@ -44,6 +44,9 @@ class EPWorkerActor:
     def step(self, items, max_len: int, moves=None, capture: bool = False):
         return self._worker().step(items, max_len, moves, capture)
 
+    def move_experts(self, op: str, *args):
+        return self._worker().move_experts(op, *args)
+
     def stats(self) -> dict:
         return self._worker().stats()
 

@@ -115,6 +115,7 @@ class EPExecutor:
         self.steps = 0
         self.placement_info = placement_info or {}
         self.spec = None               # planner.SpecShuffler when speculative_shuffle=True (form 1)
+        self.rebalancer = None         # rebalance.LiveRebalancer when rebalance="periodic"
         self._on_close = on_close
 
     @property
@@ -139,8 +140,13 @@ class EPExecutor:
         try:
             if self.spec is not None:
                 return self.spec.execute(items, self.step_plans)
+            rb = self.rebalancer
+            if rb is not None:
+                rb.before_step()
             plans, where, max_len = (partition_all if self.scheme.all_tokens else partition)(items, self.world)
-            outs, _ = self.step_plans(plans, max_len)
+            outs, routing = self.step_plans(plans, max_len, capture=rb is not None)
+            if rb is not None:
+                rb.after_step(plans, routing)
         except WorkerLost as exc:
             self.broken = str(exc)
             raise RequestFailed(ids, f"{exc}; the request cannot continue (call llm.restart() to rebuild the "
@@ -165,6 +171,8 @@ class EPExecutor:
         d = sum_stats(self._stats)
         if self.spec is not None:
             d.update(self.spec.stats())
+        if self.rebalancer is not None:
+            d.update(self.rebalancer.stats())
         d.update(num_workers=self.world, ep_scheme=self.scheme.name, ep_steps=self.steps)
         calls = getattr(self.transport, "calls", None)
         if calls is not None:
@@ -172,6 +180,8 @@ class EPExecutor:
         return d
 
     def close(self):
+        if self.rebalancer is not None:
+            self.rebalancer.close()
         self.transport.close()
         if self._on_close is not None:
             self._on_close()

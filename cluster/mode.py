@@ -8,6 +8,13 @@ their KV cache) when the cost model says it pays; ``shuffle_options`` tunes it (
 experts are predicted on, instead of an all-reduce (``shuffle_options``: ``slack``; see ``moeyard.comm.tp``).
 Outputs are unchanged either way.
 
+``rebalance="periodic"`` (``ep_scheme`` standard or coherent, without speculative shuffling): every
+``rebalance_window`` routed tokens the placement is re-solved warm on the live routing in a background thread and,
+when the saving pays for the moves (at least ``rebalance_min_gain`` of the bytes per token, copies within
+``rebalance_byte_budget`` bytes), experts move between workers between engine steps; ``rebalance_options``: the
+rest (``horizon``, ``layers_per_step``, ``time_limit``, ``decay``, ``balance``, ``nodes``, ``inter_node_cost``;
+see ``rebalance.py``). Outputs are unchanged.
+
 The driver reads only the config and tokenizer; each worker actor loads the dense weights and its experts. The
 placement is resolved (and checked against the model and the workers) before any actor starts, except for a
 calibration run when ``affinity`` / ``coactivation`` has no ``trace.npz`` to solve on.
@@ -20,15 +27,20 @@ from ..moe.tokenizer import Tokenizer
 from . import layout
 from .calibrate import calibration_sequences, record_routing
 from .planner import check_config
+from .rebalance import check_rebalance, start_rebalance
 
 
 def build_ray(ctx, num_workers: int = 2, placement: str = "round_robin", ep_scheme: str = "standard",
               ray_address: str | None = None, num_cpus_per_worker: float = 0.25,
               resources_per_worker: dict | None = None, step_timeout: float = 60.0,
               collective_timeout: float = 20.0, placement_time_limit: float = 20.0,
-              speculative_shuffle: bool = False, shuffle_options: dict | None = None):
+              speculative_shuffle: bool = False, shuffle_options: dict | None = None, rebalance: str = "off",
+              rebalance_window: int = 1024, rebalance_min_gain: float = 0.0,
+              rebalance_byte_budget: float = 64 * 2**20, rebalance_options: dict | None = None):
     cfg = ctx.cfg
     scheme = check_config(ep_scheme, cfg, num_workers, speculative_shuffle, shuffle_options)
+    rb_opts = check_rebalance(rebalance, ep_scheme, speculative_shuffle, num_workers, rebalance_window,
+                              rebalance_min_gain, rebalance_byte_budget, rebalance_options)
     worker_shuffle = bool(speculative_shuffle) and scheme.spec_form == 2     # form 2 runs inside the workers
     if not isinstance(placement, str):
         raise MoeyardError(f"placement must be a string (a built-in name or a placement.json path), "
@@ -41,7 +53,7 @@ def build_ray(ctx, num_workers: int = 2, placement: str = "round_robin", ep_sche
         layout.check_workers(cfg, num_workers)
     else:
         pl = layout.load_placement_file(placement, cfg, num_workers)
-    if pl is None or (speculative_shuffle and not worker_shuffle):
+    if pl is None or (speculative_shuffle and not worker_shuffle) or rb_opts is not None:
         trace = layout.trace_of_model(ctx.path)        # the one trace loader (placement.load_trace), validated
     model_trace = trace
     tokenizer = Tokenizer.from_dir(ctx.path)
@@ -91,6 +103,12 @@ def build_ray(ctx, num_workers: int = 2, placement: str = "round_robin", ep_sche
     if speculative_shuffle and not worker_shuffle:
         try:
             _start_spec(ex, ctx, pl, model_trace, tokenizer, shuffle_options)
+        except BaseException:
+            ex.close()
+            raise
+    if rb_opts is not None:
+        try:
+            start_rebalance(ex, ctx, pl, model_trace, rb_opts)
         except BaseException:
             ex.close()
             raise

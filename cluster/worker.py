@@ -109,6 +109,11 @@ class EPWorker:
         logits, routing = self.scheme.run(self, items, *flatten(items, self.rank), capture)
         return logits, self.stats(), routing
 
+    def move_experts(self, op: str, *args):
+        """Online rebalancing (``cluster/rebalance.py``): ``op`` is nbytes | stage | commit | abort."""
+        from .rebalance import worker_moves
+        return getattr(worker_moves(self), op)(*args)
+
     def batch(self, items: list[WorkItem]):
         """The model's ForwardBatch over ``items`` (this worker's cache)."""
         return build_batch([StepItem(it.slot, list(it.token_ids), it.start, it.sample) for it in items],

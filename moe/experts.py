@@ -205,6 +205,17 @@ class ResidentExperts:
     def __contains__(self, key: tuple[int, int]) -> bool:
         return key in self._w or key in self._p
 
+    # -- online rebalancing (cluster/rebalance.py): experts move between Ray workers as stored -------------------
+    def stored(self, layer: int, expert: int):
+        """The expert as held: ``PackedExpert`` under a compute plan, else ``ExpertWeights``."""
+        return self._p[(layer, expert)] if self.pack is not None else self._w[(layer, expert)]
+
+    def install(self, layer: int, expert: int, obj) -> None:
+        (self._p if self.pack is not None else self._w)[(layer, expert)] = obj
+
+    def drop(self, layer: int, expert: int) -> None:
+        (self._p if self.pack is not None else self._w).pop((layer, expert))
+
     @property
     def nbytes(self) -> int:
         return sum(w.nbytes for w in self._w.values()) + sum(p.nbytes for p in self._p.values())

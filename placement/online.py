@@ -14,8 +14,10 @@ None. Decisions:
   counts better; only the held-out half says whether the gain is real (on a stationary workload it is ~0 and
   nothing moves; measured, adopting on the fitted saving alone made a 1024-token window's moves cost more than
   they saved).
-- Adopted only when that saving over ``cfg.window_tokens`` tokens exceeds the move cost; a proposal over the byte
-  budget or infeasible under the balance cap is skipped and counted, and the current placement keeps serving.
+- Adopted only when that saving over ``cfg.window_tokens`` tokens exceeds the move cost and, per token, is at least
+  ``min_gain`` of the current placement's bytes per token; a proposal over the byte budget or infeasible under the
+  balance cap is skipped and counted, and the current placement keeps serving. A caller whose move failed calls
+  ``revert`` (the old placement is current again).
 """
 from __future__ import annotations
 
@@ -60,14 +62,18 @@ class OnlineRebalancer:
     decay: float = 0.5
     prior: tuple | None = None          # (trans_PEE, load_LE, num_tokens) of the start-up trace
     prior_windows: float = 1.0
+    min_gain: float = 0.0               # least saving per token adopted, as a fraction of the current bytes/token
     counters: dict = field(default_factory=lambda: {"proposals": 0, "adopted": 0, "not_worth": 0,
                                                     "over_budget": 0, "no_change": 0, "infeasible": 0,
-                                                    "held_out_rejected": 0, "moves": 0, "bytes_moved": 0.0})
+                                                    "held_out_rejected": 0, "below_min_gain": 0, "reverted": 0,
+                                                    "moves": 0, "bytes_moved": 0.0})
     last: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if not 0.0 <= self.decay < 1.0:
             raise PlacementError(f"rebalance decay must be in [0, 1), got {self.decay}")
+        if not 0.0 <= self.min_gain < 1.0:
+            raise PlacementError(f"rebalance min_gain must be in [0, 1), got {self.min_gain}")
         self._hist = None               # (trans, load, tokens) forgetting sum, windows before the current one
         self._win: list[np.ndarray] = []
         self._bound = None
@@ -124,11 +130,20 @@ class OnlineRebalancer:
             self.counters["held_out_rejected"] += 1
             self.last["decision"] = "held_out_rejected"
             return None
+        if min(prop.saving_per_token, held) < self.min_gain * prop.current_bytes_per_token:
+            self.counters["below_min_gain"] += 1
+            self.last["decision"] = "below_min_gain"
+            return None
         self.counters["adopted"] += 1
         self.counters["moves"] += len(prop.moves)
         self.counters["bytes_moved"] += prop.move_bytes
         self.current = prop.placement
         return prop
+
+    def revert(self, placement: Placement):
+        """The adopted proposal was not applied (its move failed): ``placement`` serves again."""
+        self.counters["reverted"] += 1
+        self.current = placement
 
 
 __all__ = ["OnlineRebalancer", "RebalanceConfig", "bytes_per_token", "counts_of"]
