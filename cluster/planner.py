@@ -32,7 +32,6 @@ import logging
 import math
 import warnings
 
-import numpy as np
 import torch
 
 from ..comm.exchange import INT_BYTES

@@ -116,14 +116,14 @@ class ExpertMoves:
         layers = [(w.moe_layers[r], e, s, d) for r, e, s, d in copies]
         got, sent = send_experts(w.ex.pg, w.rank, w.world, layers, w.model.experts.stored, nbytes,
                                  w.ex.timeout.total_seconds())
-        crc_sent = {(w.layer_index[l], e): checksum(to_bytes(w.model.experts.stored(l, e)))
-                    for l, e, s, d in layers if s == w.rank and d != w.rank}
+        crc_sent = {(w.layer_index[l], e): checksum(buf) for (l, e), buf in sent.items()}
         template = self._template()
         crc_recv = {}
         for (l, e), buf in got.items():
             self.staged[(l, e)] = from_bytes(template, buf, w.device)
             crc_recv[(w.layer_index[l], e)] = checksum(buf)
-        return {"sent": sent, "crc_sent": crc_sent, "crc_recv": crc_recv}
+        n_sent = sum(1 for _, _, s, d in layers if s == w.rank and d != w.rank)
+        return {"sent": n_sent * nbytes, "crc_sent": crc_sent, "crc_recv": crc_recv}
 
     def commit(self, placement, rows: list[int]) -> int:
         """Serve ``placement`` on placement rows ``rows``: install the staged experts, drop the ones this worker

@@ -69,19 +69,22 @@ def from_bytes(template, buf: torch.Tensor, device):
 
 
 def checksum(buf: torch.Tensor) -> int:
-    return zlib.crc32(buf.numpy().tobytes())
+    return zlib.crc32(buf.numpy())
 
 
 def send_experts(pg, rank: int, world: int, copies: list[tuple], get, nbytes: int, timeout_s: float = 30.0
-                 ) -> tuple[dict, int]:
+                 ) -> tuple[dict, dict]:
     """Copy experts along ``copies`` (``(layer, expert, src, dst)``, the same list on every worker; every expert
     is ``nbytes`` bytes). ``get(layer, expert)`` returns an expert this worker holds. Returns ({(layer, expert):
-    uint8 buffer} received here, bytes this worker sent to others)."""
+    uint8 buffer} received here, {(layer, expert): uint8 buffer} this worker sent to others)."""
     send = [[] for _ in range(world)]
     recv = [0] * world
+    sent = {}
     for layer, e, src, dst in copies:
         if src == rank and dst != rank:
-            send[dst].append(to_bytes(get(layer, e)))
+            if (layer, e) not in sent:
+                sent[(layer, e)] = to_bytes(get(layer, e))
+            send[dst].append(sent[(layer, e)])
         if dst == rank and src != rank:
             recv[src] += 1
     for bufs in send:
@@ -102,7 +105,7 @@ def send_experts(pg, rank: int, world: int, copies: list[tuple], get, nbytes: in
             if s == src and dst == rank and src != rank:
                 got[(layer, e)] = out[pos:pos + nbytes]
                 pos += nbytes
-    return got, int(flat.numel())
+    return got, sent
 
 
 def set_placement(model, placement, rank: int, layer_index: dict[int, int], rows: list[int]):

@@ -17,11 +17,11 @@ from safetensors import safe_open
 
 from .errors import CheckpointError
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 _TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                  "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                  "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+_DTYPE_BYTES = {k: t.itemsize for k, t in _TORCH_DTYPES.items()}
+ST_DTYPE_OF = {t: k for k, t in _TORCH_DTYPES.items()}      # torch dtype -> safetensors' name (writers)
 
 
 def _read_header(path: str) -> dict:

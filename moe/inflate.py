@@ -14,16 +14,14 @@ Shapes: D hidden, F the source's expert width, G = F' - F extra units, E experts
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 
 import torch
-from safetensors.torch import save_file
 
 from .checkpoint import CheckpointReader
 from .config import MoEConfig
 from .errors import ModelError
+from .rewrite import ShardWriter, check_destination, finish_copy
 from .weights import expert_refs
 
 # config field holding the routed experts' width, per architecture
@@ -95,47 +93,9 @@ def grow_tensor(t: torch.Tensor, how: str, F: int, G: int, gen: torch.Generator)
     raise AssertionError(how)
 
 
-class ShardWriter:
-    """Writes tensors into safetensors shards of about ``shard_bytes`` as they come, so a checkpoint larger than
-    memory can be written; ``close()`` names the shards and writes the index when there is more than one."""
-
-    def __init__(self, dst: str, shard_bytes: int):
-        self.dst, self.shard_bytes = dst, shard_bytes
-        self.cur: dict[str, torch.Tensor] = {}
-        self.size = 0
-        self.names: list[list[str]] = []
-
-    def add(self, name: str, t: torch.Tensor):
-        nb = t.numel() * t.element_size()
-        if self.cur and self.size + nb > self.shard_bytes:
-            self._flush()
-        self.cur[name] = t
-        self.size += nb
-
-    def _flush(self):
-        save_file(self.cur, os.path.join(self.dst, f".shard-{len(self.names)}.tmp"), metadata={"format": "pt"})
-        self.names.append(list(self.cur))
-        self.cur, self.size = {}, 0
-
-    def close(self) -> int:
-        """Total bytes written."""
-        self._flush()
-        n = len(self.names)
-        files = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
-        for k, fn in enumerate(files):
-            os.replace(os.path.join(self.dst, f".shard-{k}.tmp"), os.path.join(self.dst, fn))
-        if n > 1:
-            wm = {t: files[k] for k, names in enumerate(self.names) for t in names}
-            with open(os.path.join(self.dst, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {}, "weight_map": wm}, f, indent=1)
-        return sum(os.path.getsize(os.path.join(self.dst, fn)) for fn in files)
-
-
 def inflate(src: str, dst: str, width: int, seed: int = 0, shard_bytes: int = 1 << 30) -> dict:
     """Write DST, a copy of SRC whose routed experts are ``width`` wide. Returns a summary."""
-    src_r, dst_r = os.path.realpath(src), os.path.realpath(dst)
-    if dst_r == src_r or dst_r.startswith(src_r + os.sep):
-        raise ModelError(f"inflate: destination {dst} is inside the source {src}")
+    check_destination("inflate", src, dst)
     cfg = MoEConfig.from_dir(src)
     if cfg.model_type not in WIDTH_FIELD:
         raise ModelError(f"inflate: architecture {cfg.model_type!r} is not supported; supported: "
@@ -146,8 +106,6 @@ def inflate(src: str, dst: str, width: int, seed: int = 0, shard_bytes: int = 1 
     F = cfg.expert_intermediate_size
     if width < F:
         raise ModelError(f"inflate: --expert-intermediate {width} is smaller than the source's expert width {F}")
-    if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
-        raise ModelError(f"inflate: destination {dst} exists and is not an empty directory")
     G = width - F
     reader = CheckpointReader(src)
     how = plan(cfg, reader)
@@ -162,16 +120,7 @@ def inflate(src: str, dst: str, width: int, seed: int = 0, shard_bytes: int = 1 
             elem = t.element_size()
         out.add(name, t)
     total = out.close()
-    with open(os.path.join(src, "config.json")) as f:
-        d = json.load(f)
-    d[WIDTH_FIELD[cfg.model_type]] = width
-    with open(os.path.join(dst, "config.json"), "w") as f:
-        json.dump(d, f, indent=2)
-    for fn in sorted(os.listdir(src)):
-        if fn.endswith(".safetensors") or fn in ("config.json", "model.safetensors.index.json"):
-            continue
-        if os.path.isfile(os.path.join(src, fn)):
-            shutil.copy(os.path.join(src, fn), os.path.join(dst, fn))
+    finish_copy(src, dst, {WIDTH_FIELD[cfg.model_type]: width})
     return {"src": src, "dst": dst, "expert_width": [F, width], "bytes": total, "files": len(out.names),
             "expert_mb": round(3 * cfg.hidden_size * width * elem / 2**20, 2)}
 

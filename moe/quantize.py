@@ -18,12 +18,7 @@ holds gate and up as one [2F, K] matrix. Experts are written one tensor per matr
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import struct
-
-import torch
 
 from .checkpoint import CheckpointReader
 from .compute import QUANTIZATIONS, check_quantization, pack
@@ -31,55 +26,8 @@ from .config import MoEConfig
 from .errors import ModelError
 from .experts import read_expert
 from .quant_formats import packed_scale_name
+from .rewrite import OrderedShards, check_destination, finish_copy
 from .weights import expert_refs, moe_prefix
-
-_ST_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8",
-             torch.uint8: "U8", torch.float64: "F64", torch.int64: "I64", torch.int32: "I32"}
-
-
-class OrderedShards:
-    """Safetensors shards of about ``shard_bytes`` whose tensors lie in the order they were added (an expert's
-    tensors stay together); ``close()`` writes the index when there is more than one shard."""
-
-    def __init__(self, dst: str, shard_bytes: int):
-        self.dst, self.shard_bytes = dst, shard_bytes
-        self.cur: list[tuple[str, torch.Tensor]] = []
-        self.size = 0
-        self.names: list[list[str]] = []
-
-    def add_group(self, items: list[tuple[str, torch.Tensor]]):
-        nb = sum(t.numel() * t.element_size() for _, t in items)
-        if self.cur and self.size + nb > self.shard_bytes:
-            self._flush()
-        self.cur += [(n, t.contiguous()) for n, t in items]
-        self.size += nb
-
-    def _flush(self):
-        header, at = {"__metadata__": {"format": "pt"}}, 0
-        for name, t in self.cur:
-            nb = t.numel() * t.element_size()
-            header[name] = {"dtype": _ST_DTYPE[t.dtype], "shape": list(t.shape), "data_offsets": [at, at + nb]}
-            at += nb
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        with open(os.path.join(self.dst, f".shard-{len(self.names)}.tmp"), "wb") as f:
-            f.write(struct.pack("<Q", len(raw)) + raw)
-            for _, t in self.cur:
-                f.write(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        self.names.append([n for n, _ in self.cur])
-        self.cur, self.size = [], 0
-
-    def close(self) -> int:
-        self._flush()
-        n = len(self.names)
-        files = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
-        for k, fn in enumerate(files):
-            os.replace(os.path.join(self.dst, f".shard-{k}.tmp"), os.path.join(self.dst, fn))
-        if n > 1:
-            wm = {t: files[k] for k, names in enumerate(self.names) for t in names}
-            with open(os.path.join(self.dst, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {}, "weight_map": wm}, f, indent=1)
-        return sum(os.path.getsize(os.path.join(self.dst, fn)) for fn in files)
 
 
 def _expert_names(cfg: MoEConfig, reader: CheckpointReader, layer: int, expert: int) -> tuple[str, str, str]:
@@ -96,17 +44,13 @@ def quantize_checkpoint(src: str, dst: str, kind: str, shard_bytes: int = 1 << 3
     kind = check_quantization(kind)
     if kind is None:
         raise ModelError(f"quantize: --quantization must be one of {', '.join(QUANTIZATIONS)}")
-    src_r, dst_r = os.path.realpath(src), os.path.realpath(dst)
-    if dst_r == src_r or dst_r.startswith(src_r + os.sep):
-        raise ModelError(f"quantize: destination {dst} is inside the source {src}")
+    check_destination("quantize", src, dst)
     cfg = MoEConfig.from_dir(src)
     if cfg.quant.method != "none":
         raise ModelError(f"quantize: {src} is already a {cfg.quant.method} checkpoint; quantize works on unquantized "
                          "weights (bf16/fp16/fp32)")
     if cfg.expert_act != "swiglu" or cfg.model_type == "gpt_oss":
         raise ModelError(f"quantize: architecture {cfg.model_type!r} (experts with biases) is not supported")
-    if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
-        raise ModelError(f"quantize: destination {dst} exists and is not an empty directory")
     reader = CheckpointReader(src)
     from .validate import validate_checkpoint
     validate_checkpoint(cfg, reader)
@@ -131,16 +75,7 @@ def quantize_checkpoint(src: str, dst: str, kind: str, shard_bytes: int = 1 << 3
             nbytes = sum(p.nbytes for p in ps)
         reader.close()       # unmap what was read
     total = out.close()
-    with open(os.path.join(src, "config.json")) as f:
-        d = json.load(f)
-    d["quantization_config"] = {"quant_method": "moeyard", "weights": kind}
-    with open(os.path.join(dst, "config.json"), "w") as f:
-        json.dump(d, f, indent=2)
-    for fn in sorted(os.listdir(src)):
-        if fn.endswith(".safetensors") or fn in ("config.json", "model.safetensors.index.json"):
-            continue
-        if os.path.isfile(os.path.join(src, fn)):
-            shutil.copy(os.path.join(src, fn), os.path.join(dst, fn))
+    finish_copy(src, dst, {"quantization_config": {"quant_method": "moeyard", "weights": kind}})
     return {"src": src, "dst": dst, "kind": kind, "bytes": total, "files": len(out.names),
             "expert_mb": round(nbytes / 2**20, 3)}
 

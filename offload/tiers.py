@@ -201,25 +201,15 @@ class DiskTier:
         return RawLayout(runs[next(iter(runs))][2], ref)
 
     def _flat_layout(self):
-        """When every expert is one contiguous byte range whose matrices lie in the same order and dtype (per-expert
-        tensors written side by side, the usual layout): (order of the matrices in the file, dtype), so an expert
-        is one read into one flat buffer and one conversion. None otherwise (fused slabs, gaps, mixed dtypes)."""
-        order = None
-        for exts in self.extents.values():
-            if any(not x.direct or x.scale is not None for x in exts) or len({x.dtype for x in exts}) != 1 \
-                    or len({x.file for x in exts}) != 1:
-                return None
-            o = tuple(sorted(range(len(exts)), key=lambda i: exts[i].offset))
-            if any(exts[a].offset + exts[a].nbytes != exts[b].offset for a, b in zip(o, o[1:])):
-                return None
-            if order is not None and o != order[0]:
-                return None
-            order = (o, exts[0].dtype)
-        if order is None:
+        """When every expert is one contiguous run (``raw``) of unquantized matrices of one dtype (per-expert tensors
+        written side by side, the usual layout): (order of the matrices in the file, dtype), so an expert is one read
+        into one flat buffer and one conversion. None otherwise (fused slabs, gaps, scales, mixed dtypes)."""
+        if self.raw is None or any(x.scale is not None for exts in self.extents.values() for x in exts):
             return None
-        self.flat_runs = {k: (exts[0].file, exts[order[0][0]].offset, sum(x.nbytes for x in exts))
-                          for k, exts in self.extents.items()}
-        return order
+        parts = self.raw.parts                     # the matrices, as ``ranges`` equals ``extents`` without scales
+        if len({p[2] for p in parts}) != 1:
+            return None
+        return tuple(sorted(range(len(parts)), key=lambda i: parts[i][0])), parts[0][2]
 
     def read_flat(self, layer: int, expert: int, mv: memoryview, start: int = 0, length: int | None = None):
         """Bytes ``[start, start + length)`` of the expert (``flat`` layout; default all) into ``mv`` with one

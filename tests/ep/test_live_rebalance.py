@@ -13,6 +13,7 @@ from moeyard.moe.compute import pack
 from moeyard.moe.errors import MoeyardError
 from moeyard.moe.experts import PackedExpert
 from moeyard.runtime import LLM, SamplingParams
+from executors import generate_with
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 PROMPTS = [[5, 6, 7], list(range(30, 61)), [100], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11, 12]]
@@ -26,11 +27,7 @@ def local(tiny_ckpt):
 
 
 def run(llm, ex):
-    old, llm.engine.executor = llm.engine.executor, ex
-    try:
-        return [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)]
-    finally:
-        llm.engine.executor = old
+    return generate_with(llm, ex, PROMPTS, GREEDY)
 
 
 def live(path, llm, scheme, **opts):

@@ -10,6 +10,7 @@ import pytest
 from moeyard.cluster import layout
 from moeyard.cluster.executor import thread_executor
 from moeyard.runtime import LLM, SamplingParams
+from executors import generate_with
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 # the 31-token prompt runs past gpt_oss's sliding window (8) and is prefilled in chunks
@@ -30,11 +31,7 @@ def local_runs(tiny_ckpt):
 
 
 def run(llm, ex):
-    old, llm.engine.executor = llm.engine.executor, ex
-    try:
-        return [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)]
-    finally:
-        llm.engine.executor = old
+    return generate_with(llm, ex, PROMPTS, GREEDY)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

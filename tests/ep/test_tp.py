@@ -9,6 +9,7 @@ from moeyard.cluster import layout
 from moeyard.runtime import LLM, SamplingParams
 from moeyard.comm.tp import balanced_destinations
 from moeyard.cluster.executor import thread_executor
+from executors import generate_with
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 PROMPTS = [[5, 6, 7], list(range(30, 61)), [100], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11, 12], [200, 201, 202]]
@@ -30,11 +31,7 @@ def local_runs(tiny_ckpt):
 
 
 def run(llm, ex):
-    old, llm.engine.executor = llm.engine.executor, ex
-    try:
-        return [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)]
-    finally:
-        llm.engine.executor = old
+    return generate_with(llm, ex, PROMPTS, GREEDY)
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "olmoe"])
