@@ -242,7 +242,7 @@ def main():
     from bench_engine import SHAPE
     busy = os.getloadavg()
     body = (f"CPU: {cpu_model()}, flags {isa_summary()}; torch {torch.__version__}; kernel {native_status()}; "
-            f"**{a.threads} thread(s)** for every system (a model training job holds one of the 2 cores; load "
+            f"**{a.threads} thread(s)** for every system (load "
             f"average {busy[0]:.1f} at the end of the run, other sessions' jobs included).\n\n"
             f"Checkpoint: random Mixtral shape {dict(SHAPE, num_layers=a.layers, vocab_size=8192)}, bf16. 16-token prompts, "
             f"{a.new_tokens} new tokens, greedy; median of {a.passes} passes. Read bandwidth (`torch.sum` over 1 GiB "
