@@ -568,15 +568,15 @@ class AsyncLLM:
                            seq.finish_reason if finished else None, seq.error if finished else None,
                            len(seq.output_ids),
                            list(seq.prompt_logprobs) if finished and seq.params.prompt_logprobs is not None else None)
-        stream._put(out)
-        if finished:
-            n = len(seq.output_ids)
+        if finished:      # the request's place is freed before its last output reaches the client, so a client
+            n = len(seq.output_ids)     # that sends its next request at once is not refused as over the queue
             tpot = ((stream.last_token - stream.first_token) / (n - 1)
                     if n > 1 and stream.first_token is not None else None)
             self.metrics.request_finished(seq.finish_reason, len(seq.prompt_token_ids), now - stream.arrival, tpot)
             del self._streams[seq.request_id]
             self._unpend(1)
             self.engine.pop(seq.request_id)
+        stream._put(out)
 
     def _fail_all(self, msg: str):
         now = time.monotonic()
