@@ -131,6 +131,7 @@ def test_options_name_the_bad_parameter():
            (dict(byte_budget=-1), "periodic", "rebalance_byte_budget must be a byte count >= 0"),
            (dict(options={"layers_per_step": 0}), "periodic", r"rebalance_options\['layers_per_step'\]"),
            (dict(options={"speed": 1}), "periodic", r"rebalance_options: unknown \['speed'\]"),
+           (dict(options={"policy": "eplb"}), "periodic", r"rebalance_options\['policy'\] must be one of"),
            (dict(ep_scheme="tp"), "periodic", "needs ep_scheme 'standard' or 'coherent'"),
            (dict(speculative_shuffle=True), "periodic", "speculative_shuffle=True cannot be combined"),
            (dict(num_workers=1), "periodic", "num_workers >= 2")]
@@ -145,11 +146,11 @@ def test_ray_mode_rebalances_losslessly(ray_cluster, local):
     path, llm, want = local
     r = LLM(path, mode="ray", num_workers=2, placement="contiguous", ep_scheme="coherent", max_num_seqs=4,
             max_num_batched_tokens=32, rebalance="periodic", rebalance_window=16, rebalance_byte_budget=1e9,
-            rebalance_options=dict(horizon=1e9, layers_per_step=1, time_limit=0.3, balance=None))
+            rebalance_options=dict(horizon=1e9, layers_per_step=1, time_limit=1.0, balance=None))
     try:
         ex = r.engine.executor
         toks = None
-        for _ in range(6):
+        for _ in range(10):
             got = [o.token_ids for o in r.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)]
             assert got == want
             st = r.stats()
