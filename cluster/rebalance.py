@@ -32,12 +32,15 @@ import numpy as np
 from ..comm.moves import checksum, from_bytes, send_experts, set_placement, to_bytes
 from ..moe.errors import MoeyardError
 from ..placement.online import OnlineRebalancer, bytes_per_token, counts_of
-from ..placement.rebalance import RebalanceConfig
+from ..placement.affinity import affinity_from_counts
+from ..placement.policies import get_policy
+from ..placement.rebalance import Move, RebalanceConfig
 from ..placement.spec import PlaceSpec
 
 log = logging.getLogger(__name__)
 
 REBALANCE = ("off", "periodic")
+POLICIES = ("affinity", "load_only")
 
 
 class MoveFailed(RuntimeError):
@@ -57,6 +60,7 @@ class RebalanceOptions:
     balance: float | None = 1.0
     nodes: int | None = None
     inter_node_cost: float = 4.0
+    policy: str = "affinity"
 
     @classmethod
     def of(cls, window, min_gain, byte_budget, options: dict | None) -> "RebalanceOptions":
@@ -83,7 +87,12 @@ class RebalanceOptions:
                   "balance": (lambda v: v >= 0, ">= 0 or None", False),
                   "nodes": (lambda v: v >= 1, "a positive integer or None", True),
                   "inter_node_cost": (lambda v: v >= 1, ">= 1", False)}
+        if opts.get("policy", "affinity") not in POLICIES:
+            raise MoeyardError(f"rebalance_options['policy'] must be one of {', '.join(POLICIES)}, got "
+                               f"{opts['policy']!r}")
         for k, v in opts.items():
+            if k == "policy":
+                continue
             ok, what, integer = checks[k]
             if v is not None or k not in ("horizon", "balance", "nodes"):
                 num(f"rebalance_options['{k}']", v, ok, what, integer)
@@ -162,6 +171,55 @@ def worker_moves(worker) -> ExpertMoves:
 
 # -- driver side -------------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Adoption:
+    """What ``LoadOnly.step`` adopts (the fields ``LiveRebalancer`` reads of a ``placement.rebalance.Proposal``)."""
+    placement: object
+    moves: tuple
+    layers: tuple
+    saving_per_token: float
+
+
+class LoadOnly:
+    """The EPLB-style baseline (``rebalance_options['policy'] = 'load_only'``): every window, DeepSeek EPLB's
+    balanced packing of the window's loads (``placement.policies``' ``eplb``), adopted whatever it moves, unless
+    its copies exceed the byte budget (skipped, counted). It ignores which experts a token visits in sequence."""
+
+    def __init__(self, current, spec, cfg: RebalanceConfig, num_experts: int):
+        self.current, self.spec, self.cfg, self.E = current, spec, cfg, num_experts
+        self.counters = {k: 0 for k in ("proposals", "adopted", "not_worth", "no_change", "held_out_rejected",
+                                        "below_min_gain", "infeasible", "over_budget", "reverted")}
+        self._win: list[np.ndarray] = []
+
+    def observe(self, experts_TLk):
+        self._win.append(np.asarray(experts_TLk))
+
+    def step(self):
+        x, self._win = np.concatenate(self._win), []
+        trans, load = counts_of(x, self.E)
+        self.counters["proposals"] += 1
+        new = get_policy("eplb")(affinity_from_counts(trans, load, len(x)), self.spec)
+        cur, nw = self.current.membership_LEG(), new.membership_LEG()
+        moves = tuple(Move(int(l), int(e), int(np.flatnonzero(cur[l, e])[0]), int(g))
+                      for l, e, g in np.argwhere(nw & ~cur))
+        if not moves:
+            self.counters["no_change"] += 1
+            return None
+        if len(moves) * self.cfg.expert_bytes > self.cfg.byte_budget:
+            self.counters["over_budget"] += 1
+            return None
+        cb = self.cfg.crossing_bytes
+        saving = (bytes_per_token(self.current, trans, len(x), self.spec, cb)
+                  - bytes_per_token(new, trans, len(x), self.spec, cb))
+        self.counters["adopted"] += 1
+        self.current = new
+        return Adoption(new, moves, tuple(sorted({m.layer for m in moves})), saving)
+
+    def revert(self, placement):
+        self.counters["reverted"] += 1
+        self.current = placement
+
+
 class LiveRebalancer:
     """``after_step(plans, routing)`` records the step's routing; ``before_step()`` starts re-solves, stages and
     commits moves. ``call(op, args)`` calls ``move_experts(op, *args)`` on every worker (the transport)."""
@@ -174,8 +232,11 @@ class LiveRebalancer:
         self.rcfg = RebalanceConfig(window_tokens=opts.horizon or 8 * opts.window, byte_budget=opts.byte_budget,
                                     expert_bytes=self.nbytes, crossing_bytes=row_bytes / cfg.top_k,
                                     time_limit=opts.time_limit)
-        self.online = OnlineRebalancer(placement, spec, self.rcfg, cfg.num_experts, decay=opts.decay,
-                                       prior=prior, min_gain=opts.min_gain)
+        if opts.policy == "affinity":
+            self.online = OnlineRebalancer(placement, spec, self.rcfg, cfg.num_experts, decay=opts.decay,
+                                           prior=prior, min_gain=opts.min_gain)
+        else:
+            self.online = LoadOnly(placement, spec, self.rcfg, cfg.num_experts)
         self.spec, self.world, self.E = spec, world, cfg.num_experts
         self._seqs: dict[int, list[np.ndarray]] = {}
         self._tokens = 0

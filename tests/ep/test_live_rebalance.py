@@ -128,6 +128,7 @@ def test_options_name_the_bad_parameter():
            (dict(byte_budget=-1), "periodic", "rebalance_byte_budget must be a byte count >= 0"),
            (dict(options={"layers_per_step": 0}), "periodic", r"rebalance_options\['layers_per_step'\]"),
            (dict(options={"speed": 1}), "periodic", r"rebalance_options: unknown \['speed'\]"),
+           (dict(options={"policy": "eplb"}), "periodic", r"rebalance_options\['policy'\] must be one of"),
            (dict(ep_scheme="tp"), "periodic", "needs ep_scheme 'standard' or 'coherent'"),
            (dict(speculative_shuffle=True), "periodic", "speculative_shuffle=True cannot be combined"),
            (dict(num_workers=1), "periodic", "num_workers >= 2")]
