@@ -28,7 +28,7 @@ def llama_cpp_dir() -> str | None:
     cands = [os.environ.get("LLAMA_CPP_DIR", "")] + sorted(glob.glob(f"{PEERS}/llama_cpp_python-*/vendor/llama.cpp")) \
         + sorted(glob.glob("/tmp/llamacpp/llama_cpp_python-*/vendor/llama.cpp"))
     for d in cands:
-        if d and os.path.isfile(os.path.join(d, "build", "bin", "llama-bench")):
+        if d and os.path.isfile(os.path.join(d, "build", "bin", "llama-batched-bench")):
             return d
     return None
 
@@ -47,7 +47,7 @@ def build_llama_cpp(log=print) -> str:
     log(f"building llama.cpp in {src} (several minutes on 2 cores)")
     subprocess.run(["cmake", "-S", src, "-B", f"{src}/build", "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
                     "-DLLAMA_CURL=OFF", "-DGGML_OPENMP=ON"], check=True, capture_output=True)
-    subprocess.run(["cmake", "--build", f"{src}/build", "-j", "2", "--target", "llama-bench", "llama-cli",
+    subprocess.run(["cmake", "--build", f"{src}/build", "-j", "2", "--target", "llama-bench", "llama-batched-bench", "llama-cli",
                     "llama-quantize"], check=True, capture_output=True)
     return src
 
