@@ -25,10 +25,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .affinity import affinity_from_counts
 from .errors import PlacementError
 from .evaluate import pair_cost_PEE
 from .placement import Placement
-from .rebalance import Proposal, RebalanceConfig, propose
+from .policies import get_policy
+from .rebalance import Move, Proposal, RebalanceConfig, propose
 from .spec import PlaceSpec
 
 
@@ -146,4 +148,53 @@ class OnlineRebalancer:
         self.current = placement
 
 
-__all__ = ["OnlineRebalancer", "RebalanceConfig", "bytes_per_token", "counts_of"]
+@dataclass(frozen=True)
+class Adoption:
+    """What ``LoadOnly.step`` adopts (the fields ``LiveRebalancer`` reads of a ``placement.rebalance.Proposal``)."""
+    placement: object
+    moves: tuple
+    layers: tuple
+    saving_per_token: float
+
+
+class LoadOnly:
+    """The EPLB-style baseline (``rebalance_options['policy'] = 'load_only'``): every window, DeepSeek EPLB's
+    balanced packing of the window's loads (``policies.eplb``), adopted whatever it moves, unless
+    its copies exceed the byte budget (skipped, counted). It ignores which experts a token visits in sequence."""
+
+    def __init__(self, current, spec, cfg: RebalanceConfig, num_experts: int):
+        self.current, self.spec, self.cfg, self.E = current, spec, cfg, num_experts
+        self.counters = {k: 0 for k in ("proposals", "adopted", "not_worth", "no_change", "held_out_rejected",
+                                        "below_min_gain", "infeasible", "over_budget", "reverted")}
+        self._win: list[np.ndarray] = []
+
+    def observe(self, experts_TLk):
+        self._win.append(np.asarray(experts_TLk))
+
+    def step(self):
+        x, self._win = np.concatenate(self._win), []
+        trans, load = counts_of(x, self.E)
+        self.counters["proposals"] += 1
+        new = get_policy("eplb")(affinity_from_counts(trans, load, len(x)), self.spec)
+        cur, nw = self.current.membership_LEG(), new.membership_LEG()
+        moves = tuple(Move(int(l), int(e), int(np.flatnonzero(cur[l, e])[0]), int(g))
+                      for l, e, g in np.argwhere(nw & ~cur))
+        if not moves:
+            self.counters["no_change"] += 1
+            return None
+        if len(moves) * self.cfg.expert_bytes > self.cfg.byte_budget:
+            self.counters["over_budget"] += 1
+            return None
+        cb = self.cfg.crossing_bytes
+        saving = (bytes_per_token(self.current, trans, len(x), self.spec, cb)
+                  - bytes_per_token(new, trans, len(x), self.spec, cb))
+        self.counters["adopted"] += 1
+        self.current = new
+        return Adoption(new, moves, tuple(sorted({m.layer for m in moves})), saving)
+
+    def revert(self, placement):
+        self.counters["reverted"] += 1
+        self.current = placement
+
+
+__all__ = ["LoadOnly", "OnlineRebalancer", "RebalanceConfig", "bytes_per_token", "counts_of"]
