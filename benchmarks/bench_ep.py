@@ -77,6 +77,10 @@ def main():
     ap.add_argument("--matrix", action="store_true",
                     help="{standard, coherent, tp} x {round_robin, affinity, coactivation} x shuffling on/off with "
                          "ceilings; records docs/BENCHMARKS.md '## Expert parallelism: every scheme (<model>)'")
+    ap.add_argument("--runs", default=None,
+                    help="with --matrix: only these runs, 'scheme/placement/slack' comma-separated (slack 'off' = "
+                         "no shuffling; e.g. tp/affinity/0.25), plus the standard/round_robin/off baseline; "
+                         "records '## Expert parallelism: selected runs (<model>, <n> prompts)'")
     a = ap.parse_args()
     if a.matrix:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

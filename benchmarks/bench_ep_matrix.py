@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -33,6 +32,24 @@ def tiny_deepseek(path="/tmp/moeyard_bench_tiny_deepseek_v3") -> str:
         from tiny_models import build_hf, save_hf
         save_hf(build_hf("deepseek_v3"), path)
     return path
+
+
+def workload_texts(n: int) -> list[str]:
+    """``TEXTS``, then MT-Bench first turns (``../shared/prompts``) when more than 8 prompts are asked for."""
+    texts = list(TEXTS[:n])
+    mt = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "prompts",
+                      "mt_bench_questions.jsonl")
+    if len(texts) < n and os.path.isfile(mt):
+        texts += [json.loads(line)["turns"][0][:300] for line in open(mt)][:n - len(texts)]
+    return [texts[i % len(texts)] for i in range(n)]
+
+
+def selected(a, scheme, placement, slack) -> bool:
+    """``--runs scheme/placement/slack,...`` (slack 'off' = no shuffling); the baseline standard/round_robin/off
+    always runs. Without ``--runs``: every run of the matrix."""
+    if not getattr(a, "runs", None) or (scheme, placement, slack) == ("standard", "round_robin", None):
+        return True
+    return f"{scheme}/{placement}/{'off' if slack is None else slack}" in a.runs.split(",")
 
 
 def workload_routing(path, prompts, params, max_num_seqs):
@@ -92,7 +109,7 @@ def matrix_main(a):
     from moeyard.moe.tokenizer import Tokenizer
     tok = Tokenizer.from_dir(path)
     if tok is not None:
-        prompts = [tok.encode(TEXTS[i % len(TEXTS)]) for i in range(a.prompts)]
+        prompts = [tok.encode(t) for t in workload_texts(a.prompts)]
     else:
         rng = np.random.default_rng(0)
         prompts = [rng.integers(0, 256, 12 + 4 * i).tolist() for i in range(a.prompts)]
@@ -104,6 +121,8 @@ def matrix_main(a):
     for placement in PLACEMENTS:
         for scheme in SCHEMES:
             for slack in (None,) + SLACKS[scheme]:
+                if not selected(a, scheme, placement, slack):
+                    continue
                 spec = slack is not None
                 pl = files.get(placement, placement)
                 kw = dict(speculative_shuffle=True, shuffle_options={"slack": slack}) if spec else {}
@@ -170,5 +189,6 @@ def matrix_main(a):
             table(["scheme", "placement", "shuffle", "net bytes / gen. token", "vs standard rr", "MoE rows",
                    "cache entries", "residual moves", "TP / shuffle collectives", "meta", "local fraction",
                    "ceiling", "of ceiling", "busiest / mean", "tokens/s"], rows)]
-    record(f"Expert parallelism: every scheme ({name})",
+    title = f"every scheme ({name})" if not a.runs else f"selected runs ({name}, {a.prompts} prompts)"
+    record(f"Expert parallelism: {title}",
            "RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 .venv/bin/python " + " ".join(sys.argv), "\n".join(body))
