@@ -94,7 +94,7 @@ def main():
             + ("\n\n" + "\n".join(notes) if notes else "") + f"\n\n({time.time() - t0:.0f} s)")
     print(body)
     if a.record:
-        record("Engine speed: quantized accuracy", "python benchmarks/eval_quant.py --record", body)
+        record("Engine speed: quantized accuracy", "python benchmarks/eval_quant.py " + " ".join(sys.argv[1:]), body)
 
 
 if __name__ == "__main__":
