@@ -76,6 +76,20 @@ def plan(cfg: MoEConfig, reader: CheckpointReader) -> dict[str, str]:
     return how
 
 
+def expert_groups(cfg: MoEConfig, reader: CheckpointReader) -> dict[str, tuple[str, ...]]:
+    """Tensor name -> the names of its routed expert's matrices (per-expert tensors only), in checkpoint order."""
+    order = {n: i for i, n in enumerate(reader.names())}
+    groups: dict[str, tuple[str, ...]] = {}
+    for layer in cfg.moe_layers:
+        for e in range(cfg.num_experts):
+            r = expert_refs(cfg, reader, layer, e)
+            if r.gate.index is not None:
+                break
+            names = tuple(sorted({r.gate.name, r.up.name, r.down.name}, key=order.__getitem__))
+            groups.update({n: names for n in names})
+    return groups
+
+
 def grow_tensor(t: torch.Tensor, how: str, F: int, G: int, gen: torch.Generator) -> torch.Tensor:
     if how == "rows":
         return _grow(t, -2, G * t.shape[-2] // F, gen, zero=False)   # shared experts: n_shared * F rows
@@ -113,12 +127,20 @@ def inflate(src: str, dst: str, width: int, seed: int = 0, shard_bytes: int = 1 
     os.makedirs(dst, exist_ok=True)
     out = ShardWriter(dst, shard_bytes)
     elem = 2
+    groups = expert_groups(cfg, reader)
+    done: set[str] = set()
     for name in reader.names():
-        t = reader.get(name)
-        if name in how:
-            t = grow_tensor(t, how[name], F, G, gen).contiguous()
-            elem = t.element_size()
-        out.add(name, t)
+        if name in done:
+            continue
+        items = []
+        for n in groups.get(name, (name,)):     # an expert's matrices stay in one shard (one run for offload)
+            t = reader.get(n)
+            if n in how:
+                t = grow_tensor(t, how[n], F, G, gen).contiguous()
+                elem = t.element_size()
+            items.append((n, t))
+            done.add(n)
+        out.add_group(items)
     total = out.close()
     finish_copy(src, dst, {WIDTH_FIELD[cfg.model_type]: width})
     return {"src": src, "dst": dst, "expert_width": [F, width], "bytes": total, "files": len(out.names),

@@ -4,7 +4,6 @@ import json
 import os
 
 import pytest
-import torch
 
 from moeyard.moe.checkpoint import CheckpointReader
 from moeyard.moe.config import MoEConfig
@@ -83,3 +82,19 @@ def test_inflate_bad_input(tiny_ckpt, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: inflate: destination") and "not an empty directory" in err and "\n" not in err
     assert (full / "x").read_text() == "keep me"
+
+
+def test_inflated_shards_keep_each_expert_in_one_run(tiny_ckpt, tmp_path):
+    """Small shards: an expert's matrices never straddle two files, so offload keeps one run per expert (the bf16
+    slots' raw layout; a split expert made the inflated deepseek-mini fall back to float32 slots)."""
+    from moeyard.offload.tiers import DiskTier
+    src, _ = tiny_ckpt("deepseek_v3")
+    cfg0 = MoEConfig.from_dir(src)
+    dst = str(tmp_path / "big")
+    F = cfg0.expert_intermediate_size
+    per = 3 * cfg0.hidden_size * 4 * F * 2
+    s = inflate(src, dst, 4 * F, shard_bytes=int(per * 2.5))
+    assert s["files"] > 2
+    cfg = MoEConfig.from_dir(dst)
+    assert DiskTier(cfg, CheckpointReader(dst)).raw is not None
+    assert _tokens(dst) == _tokens(src)
