@@ -95,7 +95,8 @@ def serve(model, placement_file, phases, a, params, policy=None):
     if policy is not None:
         kw.update(rebalance="periodic", rebalance_window=a.rb_window, rebalance_min_gain=0.0,
                   rebalance_byte_budget=a.budget_mb * 2**20,
-                  rebalance_options={"policy": policy, "time_limit": a.resolve_time})
+                  rebalance_options={"policy": policy, "time_limit": a.resolve_time,
+                                     **(json.loads(a.online_options) if policy == "affinity" else {})})
     t0 = time.perf_counter()
     llm = LLM(model, **kw)
     start_s = time.perf_counter() - t0
@@ -148,6 +149,9 @@ def main(argv=None):
     ap.add_argument("--resolve-time", type=float, default=3.0, help="seconds per warm re-solve")
     ap.add_argument("--startup-time", type=float, default=10.0, help="seconds of the start-up / hindsight solve")
     ap.add_argument("--budget-mb", type=float, default=64.0, help="rebalance_byte_budget in MiB")
+    ap.add_argument("--online-options", default="{}", help="JSON: more rebalance_options of the online run")
+    ap.add_argument("--runs", default="static,online,load_only,hindsight", help="runs to make (static and "
+                    "hindsight are needed for the summary)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     if a.requests % 2:
@@ -195,6 +199,8 @@ def main(argv=None):
                                     ("online", files["start"], phases, "affinity"),
                                     ("load_only", files["start"], phases, "load_only"),
                                     ("hindsight", files["hindsight"], phases[1:], None)):
+        if name not in a.runs.split(","):
+            continue
         r = serve(a.model, pfile, ph, a, params, policy)
         ref = want if name != "hindsight" else want[len(phases[0][1]):]
         assert r["tokens"] == ref, f"{name}: tokens differ from local mode"
@@ -213,7 +219,8 @@ def main(argv=None):
 
     summary = {f"{ph}_{k}": phase_sum(r, ph) for k, r in runs.items() for ph in ("code", "prose")
                if any(x["phase"] == ph for x in r["rows"])}
-    s, o, e, h = (summary[f"prose_{k}"]["net"] for k in ("static", "online", "load_only", "hindsight"))
+    s, o, e, h = (summary.get(f"prose_{k}", {"net": float("nan")})["net"]
+                  for k in ("static", "online", "load_only", "hindsight"))
     summary["prose_online_vs_static"] = 1 - o / s
     summary["prose_load_only_vs_static"] = 1 - e / s
     summary["prose_hindsight_vs_static"] = 1 - h / s
