@@ -1,11 +1,6 @@
-"""The expert-parallel driver: one executor over a transport that calls every worker once per step.
-
-Transports: ``RayTransport`` (the worker group's actors; a worker that dies or does not answer within
-``step_timeout`` fails the step) and ``ThreadTransport`` (plain ``EPWorker`` objects in threads of this process,
-for tests and debugging). ``EPExecutor`` splits the engine's items between workers by the scheme (a home worker
-per sequence, or every item to every worker for tensor-parallel attention), runs speculative shuffling form 1 when
-enabled, merges logits in the engine's item order and sums the workers' counters.
-"""
+"""The expert-parallel driver: one executor over a transport that calls every worker once per step, ``RayTransport``
+(the worker group's actors; a worker that dies or does not answer within ``step_timeout`` fails the step) or
+``ThreadTransport`` (``EPWorker`` objects in threads of this process, for tests and debugging)."""
 
 from __future__ import annotations
 
@@ -17,8 +12,10 @@ import time
 import torch
 
 from ..comm.schemes import get_scheme
+from ..moe.config import MoEConfig
+from ..moe.loader import resolve_dtype
 from ..runtime.executor import RequestFailed, StepItem
-from .partition import merge_logits, partition, partition_all, sum_stats
+from .partition import merge_logits, partition, sum_stats
 
 
 class WorkerLost(RuntimeError):
@@ -46,8 +43,9 @@ def run_in_threads(fns, timeout: float | None = None) -> list:
 
 
 class ThreadTransport:
-    def __init__(self, workers, timeout_s: float = 30.0):
-        self.workers = workers
+    def __init__(self, worker_kwargs: list[dict], timeout_s: float = 30.0):
+        from .worker import EPWorker
+        self.workers = workers = [EPWorker(**kw) for kw in worker_kwargs]
         fd, f = tempfile.mkstemp(prefix="moeyard_ep_")
         os.close(fd)
         os.unlink(f)
@@ -106,17 +104,16 @@ def by_key(plans, logs) -> list[torch.Tensor]:
 class EPExecutor:
     """``execute(items) -> logits``, ``free(slot)``, ``stats()``, ``close()`` over ``transport``."""
 
-    def __init__(self, transport, scheme: str, world: int, placement_info: dict | None = None,
-                 on_close=None):
+    def __init__(self, transport, scheme: str, world: int):
         self.transport, self.scheme, self.world = transport, get_scheme(scheme), world
         self.route_hooks = []          # not supported across workers; kept for the executor contract
         self.broken: str | None = None
         self._stats = [{} for _ in range(world)]
         self.steps = 0
-        self.placement_info = placement_info or {}
+        self.placement_info: dict = {}
         self.spec = None               # planner.SpecShuffler when speculative_shuffle=True (form 1)
         self.rebalancer = None         # rebalance.LiveRebalancer when rebalance="periodic"
-        self._on_close = on_close
+        self._on_close = None          # Ray mode: shuts down the Ray cluster it started
 
     @property
     def group(self):                   # Ray transport: the worker group (tests kill its actors)
@@ -143,7 +140,7 @@ class EPExecutor:
             rb = self.rebalancer
             if rb is not None:
                 rb.before_step()
-            plans, where, max_len = (partition_all if self.scheme.all_tokens else partition)(items, self.world)
+            plans, where, max_len = partition(items, self.world, everyone=self.scheme.all_tokens)
             outs, routing = self.step_plans(plans, max_len, capture=rb is not None)
             if rb is not None:
                 rb.after_step(plans, routing)
@@ -152,16 +149,6 @@ class EPExecutor:
             raise RequestFailed(ids, f"{exc}; the request cannot continue (call llm.restart() to rebuild the "
                                      f"workers)") from exc
         return merge_logits(outs, where)
-
-    def enable_spec(self, cfg, placement, dtype, trace, tokenizer, max_num_seqs: int, max_model_len: int,
-                    options: dict | None):
-        """Speculative shuffling form 1: the planner, its token-identity table seeded from ``trace`` (or rebuilt
-        by a calibration prefill on the workers, with a warning)."""
-        from .planner import SpecShuffler
-        self.spec = SpecShuffler(cfg, placement, self.world, dtype, replicated_kv=self.scheme.replicated_kv,
-                                 **(options or {}))
-        self.spec.load_table(trace, self.step_plans, tokenizer, max_num_seqs, max_model_len)
-        self.placement_info["token_table"] = self.spec.table_source
 
     def free(self, slot: int):
         if self.spec is not None:
@@ -187,24 +174,41 @@ class EPExecutor:
             self._on_close()
 
 
+def start_executor(transport, cfg, world: int, placement, scheme: str, shuffle: bool = False,
+                   shuffle_options: dict | None = None, trace: dict | None = None, tokenizer=None, **worker_kw
+                   ) -> EPExecutor:
+    """An ``EPExecutor`` over ``transport(per-worker EPWorker kwargs)`` with speculative shuffling when ``shuffle``:
+    form 2 in the workers, or form 1's planner, its token table seeded from ``trace`` (or rebuilt by a calibration
+    prefill on the workers, with a warning)."""
+    form2 = shuffle and get_scheme(scheme).spec_form == 2
+    extra = dict(shuffle=True, shuffle_options=shuffle_options) if form2 else {}
+    ex = EPExecutor(transport([dict(rank=g, world=world, placement=placement, scheme=scheme, **worker_kw, **extra)
+                               for g in range(world)]), scheme, world)
+    if shuffle and not form2:
+        from .planner import SpecShuffler
+        try:
+            dtype = resolve_dtype(worker_kw.get("dtype"), cfg, torch.device(worker_kw.get("device", "cpu")))
+            ex.spec = SpecShuffler(cfg, placement, world, dtype, replicated_kv=ex.scheme.replicated_kv,
+                                   **(shuffle_options or {}))
+            ex.spec.load_table(trace, ex.step_plans, tokenizer, worker_kw["max_num_seqs"], worker_kw["max_model_len"])
+            ex.placement_info["token_table"] = ex.spec.table_source
+        except BaseException:
+            ex.close()
+            raise
+    return ex
+
+
 def thread_executor(path: str, placement, world: int, scheme: str = "standard", max_num_seqs: int = 8,
                     max_model_len: int = 256, dtype=None, timeout_s: float = 30.0, speculative_shuffle: bool = False,
                     trace: dict | None = None, tokenizer=None, shuffle_options: dict | None = None,
                     device: str = "cpu") -> EPExecutor:
     """Workers in threads of this process over a gloo FileStore group (tests, debugging; no Ray), their tensors
     on ``device`` (the group's backend follows it: gloo on CPU, NCCL on CUDA, which needs one GPU per worker)."""
-    from ..moe.config import MoEConfig
     from .planner import check_config
-    from .worker import EPWorker
     cfg = MoEConfig.from_dir(path)
-    form = check_config(scheme, cfg, world, speculative_shuffle, shuffle_options).spec_form
-    worker_shuffle = speculative_shuffle and form == 2
-    workers = [EPWorker(path, g, world, placement, scheme, dtype, device, max_num_seqs, max_model_len,
-                        shuffle=worker_shuffle, shuffle_options=shuffle_options if worker_shuffle else None)
-               for g in range(world)]
-    ex = EPExecutor(ThreadTransport(workers, timeout_s), scheme, world)
-    ex.workers = workers
-    if speculative_shuffle and not worker_shuffle:
-        ex.enable_spec(cfg, placement, workers[0].dtype, trace, tokenizer, max_num_seqs, max_model_len,
-                       shuffle_options)
+    check_config(scheme, cfg, world, speculative_shuffle, shuffle_options)
+    ex = start_executor(lambda kws: ThreadTransport(kws, timeout_s), cfg, world, placement, scheme,
+                        speculative_shuffle, shuffle_options, trace, tokenizer, path=path, dtype=dtype, device=device,
+                        max_num_seqs=max_num_seqs, max_model_len=max_model_len)
+    ex.workers = ex.transport.workers
     return ex

@@ -1,8 +1,5 @@
-"""Which worker holds which expert: the ``placement=`` option of Ray mode, resolved before anything starts.
-
-Every function returns the frozen ``moeyard.placement.Placement`` (row i: the i-th MoE layer,
-``cfg.moe_layers[i]``), checked against the model and the worker count. A placement.json has one row per MoE layer.
-"""
+"""Which worker holds which expert: the ``placement=`` option of Ray mode as the frozen ``Placement`` (row i: the
+i-th MoE layer, as in a placement.json), checked against the model and the workers before anything starts."""
 
 from __future__ import annotations
 
@@ -13,6 +10,8 @@ import numpy as np
 
 from ..moe.config import MoEConfig
 from ..moe.errors import MoeyardError
+from ..placement import Trace, load_trace, solve
+from ..placement.coactivation import solve_coactivation
 from ..placement.placement import Placement
 from ..placement.policies import static_worker_E
 
@@ -62,53 +61,51 @@ def placement_from_assignment(assignment, num_workers_file: int, cfg: MoEConfig,
     return Placement(tuple(tuple(row) for row in out), num_workers, **info)
 
 
-def load_placement_file(path: str, cfg: MoEConfig, num_workers: int):
-    if not os.path.isfile(path):
+def resolve(placement, cfg: MoEConfig, num_workers: int) -> Placement | None:
+    """The placement named by ``placement=`` (a built-in name or a placement.json path), checked against the model
+    and the workers; None for those solved on a routing trace (``solved_placement``)."""
+    if not isinstance(placement, str):
+        raise PlacementMismatch(f"placement must be a string (a built-in name or a placement.json path), "
+                                f"got {type(placement).__name__}")
+    if placement in ("round_robin", "contiguous"):
+        return static_placement(placement, cfg, num_workers)
+    if placement in ("affinity", "coactivation"):
+        check_workers(cfg, num_workers)
+        return None
+    if not os.path.isfile(placement):
         raise PlacementMismatch(f"placement must be one of {', '.join(BUILTIN)} or a placement.json path; "
-                                f"{path!r} is neither")
+                                f"{placement!r} is neither")
     try:
-        with open(path) as f:
+        with open(placement) as f:
             d = json.load(f)
         assignment, g = d["assignment"], int(d["num_workers"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise PlacementMismatch(f"{path}: not a valid placement.json ({exc!r})") from exc
-    return placement_from_assignment(assignment, g, cfg, num_workers, path)
+        raise PlacementMismatch(f"{placement}: not a valid placement.json ({exc!r})") from exc
+    return placement_from_assignment(assignment, g, cfg, num_workers, placement)
 
 
-def affinity_placement(trace, cfg: MoEConfig, num_workers: int, time_limit: float = 20.0):
-    """Solve for an affinity placement on a routing trace (``moeyard.placement.solve``)."""
+def solved_placement(kind: str, trace, cfg: MoEConfig, num_workers: int, time_limit: float = 20.0):
+    """(Placement, what the solver reports) of ``kind`` solved on a routing trace: ``affinity`` (a token's
+    consecutive-layer experts together, ``moeyard.placement.solve``) or ``coactivation`` (experts chosen together
+    in a layer on one worker, ``moeyard.placement.coactivation``: for tensor-parallel attention with shuffling)."""
     check_workers(cfg, num_workers)
-    try:
-        from ..placement import solve
-    except Exception as exc:  # noqa: BLE001 — the solver package may be missing or half-written
-        raise PlacementMismatch(f"placement='affinity' needs the placement solver (moeyard.placement.solve), "
-                                f"which is not usable here: {exc!r}; use round_robin, contiguous or a "
-                                f"placement.json") from exc
+    if kind == "coactivation":
+        res = solve_coactivation(trace, num_workers, time_limit=min(time_limit, 10.0))
+        pl = placement_from_assignment(res.worker_LE.tolist(), num_workers, cfg, num_workers, "co-activation placement")
+        return pl, {"coactivation_together": res.together,
+                    "coactivation_together_round_robin": res.together_round_robin}
     res = solve(trace, num_workers, time_limit=time_limit)
     p = res.placement
-    return placement_from_assignment([list(r) for r in p.assignment], p.num_workers, cfg, num_workers,
-                                     "affinity placement", objective=p.objective, bound=p.bound), res
+    pl = placement_from_assignment([list(r) for r in p.assignment], p.num_workers, cfg, num_workers,
+                                   "affinity placement", objective=p.objective, bound=p.bound)
+    return pl, {"objective": res.objective}
 
 
-def coactivation_placement(trace, cfg: MoEConfig, num_workers: int, time_limit: float = 20.0):
-    """Group experts chosen together in a layer on one worker (``moeyard.placement.coactivation``): the
-    speculative expert grouping for tensor-parallel attention with token shuffling."""
-    check_workers(cfg, num_workers)
-    from ..placement.coactivation import solve_coactivation
-    res = solve_coactivation(trace, num_workers, time_limit=min(time_limit, 10.0))
-    return placement_from_assignment(res.worker_LE.tolist(), num_workers, cfg, num_workers,
-                                     "co-activation placement"), res
-
-
-def trace_of_model(path: str):
+def trace_of_model(path: str) -> Trace | None:
     """The model's shipped routing trace (``trace.npz``), or None."""
     f = os.path.join(path, "trace.npz")
-    if not os.path.isfile(f):
-        return None
-    from ..placement import load_trace
-    return load_trace(f)
+    return load_trace(f) if os.path.isfile(f) else None
 
 
-def make_trace(experts_TLk: np.ndarray, num_experts: int):
-    from ..placement import Trace
+def make_trace(experts_TLk: np.ndarray, num_experts: int) -> Trace:
     return Trace(np.asarray(experts_TLk, dtype=np.int64), int(num_experts))

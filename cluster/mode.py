@@ -1,31 +1,17 @@
-"""Ray mode: ``LLM(model, mode="ray", num_workers=N, placement=..., ep_scheme=..., ray_address=None)``.
-
-``speculative_shuffle=True`` (>= 2 workers), form 1 with ``ep_scheme="standard"`` (data-parallel attention):
-places each sequence on the worker its tokens' experts are predicted to live on and moves running sequences (with
-their KV cache) when the cost model says it pays; ``shuffle_options`` tunes it (``max_moves``, ``horizon``,
-``slack``, ``history``, ``move``, ``place_new``, ``calibration_tokens``; see ``planner.py``). Form 2 with
-``ep_scheme="tp"`` (tensor-parallel attention): each token's attention output is sent only to the worker its
-experts are predicted on, instead of an all-reduce (``shuffle_options``: ``slack``; see ``moeyard.comm.tp``).
-Outputs are unchanged either way.
-
-``rebalance="periodic"`` (``ep_scheme`` standard or coherent, without speculative shuffling): every
-``rebalance_window`` routed tokens the placement is re-solved warm on the live routing in a background thread and,
-when the saving pays for the moves (at least ``rebalance_min_gain`` of the bytes per token, copies within
-``rebalance_byte_budget`` bytes), experts move between workers between engine steps; ``rebalance_options``: the
-rest (``horizon``, ``layers_per_step``, ``time_limit``, ``decay``, ``balance``, ``nodes``, ``inter_node_cost``;
-see ``rebalance.py``). Outputs are unchanged.
+"""Ray mode: ``LLM(model, mode="ray", num_workers=N, placement=..., ep_scheme=..., ray_address=None)``, with
+speculative shuffling (``speculative_shuffle``, ``shuffle_options``: ``planner.py`` for form 1, ``comm/tp.py`` for
+form 2) and online rebalancing (``rebalance="periodic"``, ``rebalance_*``: ``rebalance.py``); docs/CLUSTER.md.
 
 The driver reads only the config and tokenizer; each worker actor loads the dense weights and its experts. The
-placement is resolved (and checked against the model and the workers) before any actor starts, except for a
-calibration run when ``affinity`` / ``coactivation`` has no ``trace.npz`` to solve on.
+placement is resolved and checked before any actor starts, except for a calibration run when ``affinity`` /
+``coactivation`` has no ``trace.npz`` to solve on. Outputs are those of local mode whatever the options.
 """
 
 from __future__ import annotations
 
-from ..moe.errors import MoeyardError
 from ..moe.tokenizer import Tokenizer
 from . import layout
-from .calibrate import calibration_sequences, record_routing
+from .calibrate import calibrate
 from .planner import check_config
 from .rebalance import check_rebalance, start_rebalance
 
@@ -41,25 +27,13 @@ def build_ray(ctx, num_workers: int = 2, placement: str = "round_robin", ep_sche
     scheme = check_config(ep_scheme, cfg, num_workers, speculative_shuffle, shuffle_options)
     rb_opts = check_rebalance(rebalance, ep_scheme, speculative_shuffle, num_workers, rebalance_window,
                               rebalance_min_gain, rebalance_byte_budget, rebalance_options)
-    worker_shuffle = bool(speculative_shuffle) and scheme.spec_form == 2     # form 2 runs inside the workers
-    if not isinstance(placement, str):
-        raise MoeyardError(f"placement must be a string (a built-in name or a placement.json path), "
-                           f"got {type(placement).__name__}")
-    info = {"placement": placement}
-    trace, pl = None, None
-    if placement in ("round_robin", "contiguous"):
-        pl = layout.static_placement(placement, cfg, num_workers)
-    elif placement in ("affinity", "coactivation"):
-        layout.check_workers(cfg, num_workers)
-    else:
-        pl = layout.load_placement_file(placement, cfg, num_workers)
-    if pl is None or (speculative_shuffle and not worker_shuffle) or rb_opts is not None:
-        trace = layout.trace_of_model(ctx.path)        # the one trace loader (placement.load_trace), validated
-    model_trace = trace
+    pl = layout.resolve(placement, cfg, num_workers)                # None: solved on a trace below
+    form1 = speculative_shuffle and scheme.spec_form == 1
+    trace = layout.trace_of_model(ctx.path) if pl is None or form1 or rb_opts is not None else None
     tokenizer = Tokenizer.from_dir(ctx.path)
 
     from ..runtime.threads import worker_threads
-    from .executor import EPExecutor, RayTransport
+    from .executor import RayTransport, start_executor
     from .group import WorkerGroup, ensure_ray
     started = ensure_ray(ray_address, num_workers)
 
@@ -68,58 +42,40 @@ def build_ray(ctx, num_workers: int = 2, placement: str = "round_robin", ep_sche
             import ray
             ray.shutdown()
 
-    def start(p, scheme_name):
-        extra = dict(shuffle=True, shuffle_options=shuffle_options) if worker_shuffle and scheme_name == ep_scheme \
-            else {}
-        kws = [dict(path=ctx.path, rank=g, world=num_workers, placement=p, scheme=scheme_name, dtype=ctx.dtype,
-                    device=str(ctx.device), max_num_seqs=ctx.max_num_seqs, max_model_len=ctx.max_model_len,
-                    quantization=getattr(ctx, "quantization", None),
-                    threads=worker_threads(getattr(ctx, "threads", 1), num_workers), **extra)
-               for g in range(num_workers)]
-        group = WorkerGroup(kws, num_cpus_per_worker, resources_per_worker, collective_timeout=collective_timeout)
-        return EPExecutor(RayTransport(group, step_timeout), scheme_name, num_workers)
+    def transport(kws):
+        return RayTransport(WorkerGroup(kws, num_cpus_per_worker, resources_per_worker,
+                                        collective_timeout=collective_timeout), step_timeout)
 
+    def start(p, scheme_name, shuffle=False, table=None):
+        return start_executor(transport, cfg, num_workers, p, scheme_name, shuffle, shuffle_options, table, tokenizer,
+                              path=ctx.path, dtype=ctx.dtype, device=str(ctx.device), max_num_seqs=ctx.max_num_seqs,
+                              max_model_len=ctx.max_model_len, quantization=getattr(ctx, "quantization", None),
+                              threads=worker_threads(getattr(ctx, "threads", 1), num_workers))
+
+    info, ex = {"placement": placement}, None
     try:
         if pl is None:
-            if trace is None:
-                trace = _calibrate(ctx, tokenizer, num_workers, start)
-                info["trace"] = f"calibration run ({trace.num_tokens} tokens)"
-            else:
-                info["trace"] = f"{ctx.path}/trace.npz ({trace.num_tokens} tokens)"
-            if placement == "affinity":
-                pl, res = layout.affinity_placement(trace, cfg, num_workers, placement_time_limit)
-                info["objective"] = getattr(res, "objective", None)
-            else:
-                pl, res = layout.coactivation_placement(trace, cfg, num_workers, placement_time_limit)
-                info["coactivation_together"] = res.together
-                info["coactivation_together_round_robin"] = res.together_round_robin
-        ex = start(pl, ep_scheme)
+            solve_on, src = trace, f"{ctx.path}/trace.npz"
+            if solve_on is None:
+                solve_on, src = _calibrate(ctx, tokenizer, num_workers, start), "calibration run"
+            info["trace"] = f"{src} ({solve_on.num_tokens} tokens)"
+            pl, solved = layout.solved_placement(placement, solve_on, cfg, num_workers, placement_time_limit)
+            info.update(solved)
+        table = None if trace is None else {"experts": trace.experts_TLk, "token_ids": trace.token_ids_T}
+        ex = start(pl, ep_scheme, speculative_shuffle, table)
+        info["placement_record"] = pl
+        info["holders"] = [[list(pl.workers_of(i, e)) for e in range(pl.num_experts)] for i in range(pl.num_layers)]
+        ex.placement_info.update(info)
+        ex._on_close = shutdown
+        if rb_opts is not None:
+            start_rebalance(ex, ctx, pl, trace, rb_opts)
     except BaseException:
-        shutdown()
+        if ex is None:
+            shutdown()
+        else:
+            ex.close()
         raise
-    info["placement_record"] = pl
-    info["holders"] = [[list(pl.workers_of(i, e)) for e in range(pl.num_experts)] for i in range(pl.num_layers)]
-    ex.placement_info, ex._on_close = info, shutdown
-    if speculative_shuffle and not worker_shuffle:
-        try:
-            _start_spec(ex, ctx, pl, model_trace, tokenizer, shuffle_options)
-        except BaseException:
-            ex.close()
-            raise
-    if rb_opts is not None:
-        try:
-            start_rebalance(ex, ctx, pl, model_trace, rb_opts)
-        except BaseException:
-            ex.close()
-            raise
     return ex, tokenizer
-
-
-def _start_spec(ex, ctx, placement, trace, tokenizer, shuffle_options):
-    from ..moe.loader import resolve_dtype
-    table = None if trace is None else {"experts": trace.experts_TLk, "token_ids": trace.token_ids_T}
-    ex.enable_spec(ctx.cfg, placement, resolve_dtype(ctx.dtype, ctx.cfg, ctx.device), table, tokenizer,
-                   ctx.max_num_seqs, ctx.max_model_len, shuffle_options)
 
 
 def _calibrate(ctx, tokenizer, num_workers, start, tokens: int = 512):
@@ -127,9 +83,8 @@ def _calibrate(ctx, tokenizer, num_workers, start, tokens: int = 512):
     cfg = ctx.cfg
     ex = start(layout.static_placement("round_robin", cfg, num_workers), "standard")
     try:
-        seqs = calibration_sequences(tokenizer, cfg.vocab_size, tokens, ctx.max_model_len)
-        _, experts = record_routing(ex.step_plans, num_workers, seqs, max(1, min(4, ctx.max_num_seqs)),
-                                    len(cfg.moe_layers), cfg.top_k)
+        _, experts = calibrate(ex.step_plans, num_workers, cfg, tokenizer, tokens, ctx.max_model_len,
+                               min(4, ctx.max_num_seqs))
     finally:
         ex.transport.close()
     return layout.make_trace(experts.numpy(), cfg.num_experts)

@@ -14,34 +14,24 @@ def home_of(slot: int, world: int) -> int:
     return slot % world
 
 
-def partition(items: list[StepItem], world: int, home: dict | None = None
+def partition(items: list[StepItem], world: int, home: dict | None = None, everyone: bool = False
               ) -> tuple[list[list[WorkItem]], list[tuple[int, int]], int]:
     """Per-worker item lists, where each sampled item's logits row comes from ((worker, row)), and the longest
-    sequence length of the step. ``home``: slot -> worker overrides (speculative shuffling)."""
+    sequence length of the step. An item runs on its sequence's home (``home``: slot -> worker overrides, from
+    speculative shuffling), or with ``everyone`` on every worker (tensor-parallel attention; sampled row i's logits
+    from worker i % G)."""
     plans: list[list[WorkItem]] = [[] for _ in range(world)]
     where, rows, key, max_len = [], [0] * world, 0, 0
     for it in items:
-        g = home[it.slot] if home is not None and it.slot in home else home_of(it.slot, world)
+        g = 0 if everyone else (home or {}).get(it.slot, home_of(it.slot, world))
         plans[g].append(WorkItem(it.slot, list(it.token_ids), it.start, it.sample, key))
         key += len(it.token_ids)
         max_len = max(max_len, it.start + len(it.token_ids))
         if it.sample:
+            g = len(where) % world if everyone else g
             where.append((g, rows[g]))
             rows[g] += 1
-    return plans, where, max_len
-
-
-def partition_all(items: list[StepItem], world: int) -> tuple[list[list[WorkItem]], list[tuple[int, int]], int]:
-    """Every worker gets every item (tensor-parallel attention); sampled row i's logits come from worker i % G."""
-    plan, where, key, max_len, i = [], [], 0, 0, 0
-    for it in items:
-        plan.append(WorkItem(it.slot, list(it.token_ids), it.start, it.sample, key))
-        key += len(it.token_ids)
-        max_len = max(max_len, it.start + len(it.token_ids))
-        if it.sample:
-            where.append((i % world, i // world))
-            i += 1
-    return [plan] * world, where, max_len
+    return ([plans[0]] * world if everyone else plans), where, max_len
 
 
 def merge_logits(outs: list[torch.Tensor], where: list[tuple[int, int]]) -> torch.Tensor:

@@ -1,29 +1,8 @@
 """Speculative token shuffling, form 1: request placement for data-parallel attention (driver side).
 
-In expert-parallel decode with the standard scheme a token's MoE rows leave its home worker for every expert that
-lives elsewhere, at every MoE layer, and come back. If the sequence's home is the worker that holds the experts
-its tokens are *predicted* to use, most of those dispatches stay local. Speculative MoE (2025) calls this
-speculative token shuffling; here the unit moved is a whole sequence (its KV cache moves with it), decided
-between decode steps:
-
-* new sequences (prefill, no KV yet) are placed for free on the worker whose experts their prompt tokens are
-  predicted to use, subject to balanced per-worker batches (at most ceil(n / G) + ``slack`` sequences each);
-* running sequences move (KV cache exported, sent through the workers' all-to-all as ``shuffle`` bytes, imported)
-  only when the cost model says it pays: predicted all-to-all bytes saved per step x ``horizon`` steps must
-  exceed the KV bytes moved; at most ``max_moves`` per step, best first, balance kept.
-
-Predictions: the shared token-identity table (``moe.predictors.TokenTablePredictor``: token id -> expert
-frequencies per MoE layer, seeded from the model's ``trace.npz`` and learned online) for the next input token,
-blended with the sequence's own recent routing (an exponential average of where its tokens' experts were). A
-wrong prediction costs nothing but locality: the all-to-all dispatcher serves every (token, expert) pair wherever
-the token is, so outputs are exactly those of local mode.
-
-Counters (``stats``): ``shuffle_moves``, ``shuffle_moved_positions``, ``shuffle_imbalance`` (the busiest worker's
-tokens / the average worker's, summed over steps; 1 = balanced); ``spec_expert_precision`` (share of the
-table's top-k predicted experts that were routed to), ``spec_worker_accuracy`` (the predicted worker holds the
-token's first-choice expert), ``spec_local_fraction`` (share of (token, expert) pairs served where the token
-ran), each also ``*_per_layer`` (a list over MoE layers). KV bytes moved are counted by the workers as
-``shuffle_bytes``, included in ``a2a_bytes``.
+New sequences are placed on the worker holding the experts their tokens are predicted to use, running ones move
+(with their cache) when the predicted saving pays for the bytes; a wrong prediction costs only locality, never
+output (docs/CLUSTER.md, "Inside the code").
 """
 
 from __future__ import annotations
@@ -35,12 +14,12 @@ import warnings
 import torch
 
 from ..comm.exchange import INT_BYTES
-from ..comm.schemes import get_scheme, hybrid
+from ..comm.schemes import get_scheme, refuse_hybrid
 from ..comm.tp import COUNTERS, spec_stats
 from ..moe.errors import MoeyardError, check_options
 from ..moe.predictors import TokenTablePredictor, token_table_problem, trace_tokens
 from ..runtime.executor import StepItem
-from .calibrate import calibration_sequences, plan_routing, record_routing
+from .calibrate import calibrate, plan_routing
 from .partition import home_of, merge_logits, partition
 
 log = logging.getLogger(__name__)
@@ -53,16 +32,23 @@ def check_config(scheme: str, cfg, world: int, shuffle: bool = False, options: d
     """The scheme object of ``ep_scheme=scheme`` for ``cfg`` on ``world`` workers, with speculative shuffling and
     its options checked (form 2 takes the scheme's options, form 1 this planner's); MoeyardError naming both."""
     s = get_scheme(scheme, cfg, world)
-    if shuffle and hybrid(cfg):
-        raise MoeyardError(f"speculative_shuffle=True moves sequences (their KV caches) between workers; "
-                           f"{cfg.model_type}'s linear-attention layers keep a recurrent state that does not move: "
-                           f"use speculative_shuffle=False")
+    if shuffle:
+        refuse_hybrid(cfg, "speculative_shuffle=True moves sequences (their KV caches) between workers",
+                      "speculative_shuffle=False")
     if shuffle and world < 2:
         raise MoeyardError(f"speculative_shuffle=True needs num_workers >= 2 (got {world}): with one worker every "
                            f"expert is already local")
     check_options(options, s.shuffle_options if s.spec_form == 2 else OPTIONS,
                   f"shuffle_options of ep_scheme={scheme!r} (speculative shuffling form {s.spec_form})")
     return s
+
+
+def pick(score_G: torch.Tensor, count: list[int], cap: int) -> int:
+    """The best-scoring worker with room (``count[g] < cap``); the last one ranked when none has room."""
+    for g in torch.argsort(score_G, descending=True, stable=True).tolist():
+        if count[g] < cap:
+            break
+    return g
 
 
 class SpecShuffler:
@@ -115,16 +101,10 @@ class SpecShuffler:
                f"(predictions are weaker than from the model's routing trace)")
         warnings.warn(msg, stacklevel=3)
         log.warning(msg)
-        seqs = calibration_sequences(tokenizer, self.cfg.vocab_size, self.calibration_tokens, max_model_len)
-        n = self.calibrate(step_fn, seqs, max_num_seqs)
-        self.table_source = f"calibration run ({n} tokens)"
-
-    def calibrate(self, step_plans, seqs: list[list[int]], batch: int) -> int:
-        tok, rt = record_routing(step_plans, self.world, seqs, batch, self.L, self.K)
+        tok, rt = calibrate(step_fn, self.world, self.cfg, tokenizer, self.calibration_tokens, max_model_len,
+                            max_num_seqs)
         self._learn(tok, rt)
-        self.where.clear()
-        self.ema.clear()
-        return len(tok)
+        self.table_source = f"calibration run ({len(tok)} tokens)"
 
     def _learn(self, tok, rt):
         if len(tok):
@@ -145,25 +125,14 @@ class SpecShuffler:
         for it in items:                                  # sequences never placed here: default home
             if it.start > 0 and it.slot not in self.where:
                 self.where[it.slot] = home_of(it.slot, G)
-        count = [0] * G
-        for g in self.where.values():
-            count[g] += 1
+        count = [list(self.where.values()).count(g) for g in range(G)]
         cap = math.ceil((len(self.where) + len(new)) / G) + self.slack
-        if new:
-            if self.place_new:
-                s = [self.expected_local(self.expert_probs(torch.tensor(it.token_ids))).sum(0) for it in new]
-                margin = [float(x.max() - x.min()) for x in s]
-                for i in sorted(range(len(new)), key=lambda i: -margin[i]):
-                    for g in torch.argsort(s[i], descending=True, stable=True).tolist():
-                        if count[g] < cap:
-                            break
-                    self.where[new[i].slot] = g
-                    count[g] += 1
-            else:
-                for it in new:
-                    g = home_of(it.slot, G)
-                    self.where[it.slot] = g
-                    count[g] += 1
+        score = [self.expected_local(self.expert_probs(torch.tensor(it.token_ids))).sum(0) if self.place_new
+                 else None for it in new]
+        for it, s in sorted(zip(new, score), key=lambda p: 0.0 if p[1] is None else -float(p[1].max() - p[1].min())):
+            g = home_of(it.slot, G) if s is None else pick(s, count, cap)    # largest margin chooses first
+            self.where[it.slot] = g
+            count[g] += 1
         moves = []
         dec = [it for it in items if it.start > 0 and len(it.token_ids) == 1]
         if self.move and dec and self.max_moves > 0:
@@ -173,8 +142,7 @@ class SpecShuffler:
                 h = self.ema.get(it.slot)
                 pred = p if h is None else (1 - self.history) * p + self.history * h
                 w = self.where[it.slot]
-                gain = (pred - pred[w]) * self.remote_bytes * self.horizon
-                net = gain - it.start * self.kv_bytes_per_position
+                net = (pred - pred[w]) * self.remote_bytes * self.horizon - it.start * self.kv_bytes_per_position
                 g = int(torch.argmax(net))
                 if g != w and float(net[g]) > 0:
                     cands.append((float(net[g]), it, net))
@@ -182,13 +150,8 @@ class SpecShuffler:
                 if len(moves) >= self.max_moves:
                     break
                 w = self.where[it.slot]
-                for g in torch.argsort(net, descending=True, stable=True).tolist():
-                    if g == w or float(net[g]) <= 0:
-                        g = None
-                        break
-                    if count[g] < cap:
-                        break
-                if g is None:
+                g = pick(net, count, cap)            # w and every worker after it in the ranking gain nothing
+                if g == w or float(net[g]) <= 0:
                     continue
                 moves.append((it.slot, w, g, it.start))
                 count[w] -= 1

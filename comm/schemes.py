@@ -1,18 +1,7 @@
 """Expert-parallel schemes: a small protocol and a registry (``SCHEMES``), checked against ``ep_scheme``.
 
-A scheme is applied to a worker's built model (gpt-fast's ``apply_tp``, torchtitan's ``parallelize``): it swaps
-in its dispatcher and wrappers around the model's own attention and MoE blocks, so the model in ``moe/`` stays
-the only forward pass. Per step the worker hands it the step's tokens; it returns the logits of the sampled rows
-this worker answers for (and, when asked, the routing the speculative planner learns from).
-
-  standard  the model's forward with the all-to-all dispatcher (``dispatch.A2ADispatcher``): token rows visit
-            their experts' workers and come back at every MoE layer. Data-parallel attention: a sequence runs on
-            its home worker. Speculative shuffling form 1 (the driver places and moves sequences).
-  coherent  ExFlow's context-coherent scheme (``coherent.py``): a token stays on its first-choice expert's
-            worker; cache entries are replicated. Speculative shuffling form 1 places a sequence's home (where its
-            step starts and its logits are taken); moves are free (the cache is everywhere).
-  tp        tensor-parallel attention (``tp.py``): every worker holds every token and a share of the heads;
-            speculative shuffling form 2 (head outputs scattered to predicted expert workers) runs inside.
+A scheme is applied to a worker's built model (gpt-fast's ``apply_tp``): it swaps in its dispatcher and wraps the
+model's own attention and MoE blocks, so the model in ``moe/`` stays the only forward pass (docs/CLUSTER.md).
 """
 
 from __future__ import annotations
@@ -26,9 +15,12 @@ from .dispatch import A2ADispatcher
 from .tp import apply_tp, head_range
 
 
-def hybrid(cfg) -> bool:
-    """The model has linear-attention layers (a recurrent state per sequence, no per-position cache)."""
-    return any(cfg.is_linear_layer(l) for l in range(cfg.num_layers))
+def refuse_hybrid(cfg, what: str, instead: str):
+    """MoeyardError naming ``what`` and the model when it has linear-attention layers (a recurrent state per
+    sequence that is neither replicated, split nor moved between workers)."""
+    if any(cfg.is_linear_layer(l) for l in range(cfg.num_layers)):
+        raise MoeyardError(f"{what}; {cfg.model_type}'s linear-attention layers keep a recurrent state that is "
+                           f"neither replicated, split nor moved: use {instead}")
 
 
 class Scheme:
@@ -82,9 +74,7 @@ class Coherent(Scheme):
     replicated_kv = True       # every worker holds every sequence's cache: moving a sequence moves no bytes
 
     def check(self, cfg, world: int):
-        if hybrid(cfg):
-            raise MoeyardError(f"ep_scheme='coherent' replicates cache entries; {cfg.model_type}'s linear-attention "
-                             f"layers keep a recurrent state instead: use ep_scheme='standard'")
+        refuse_hybrid(cfg, "ep_scheme='coherent' replicates cache entries", "ep_scheme='standard'")
 
     def apply(self, worker, shuffle: bool, options: dict):
         super().apply(worker, shuffle, options)
@@ -104,9 +94,7 @@ class TensorParallel(Scheme):
     shuffle_options = ("slack",)
 
     def check(self, cfg, world: int):
-        if hybrid(cfg):
-            raise MoeyardError(f"ep_scheme='tp' splits attention heads; {cfg.model_type}'s linear-attention layers "
-                             f"are not split: use ep_scheme='standard'")
+        refuse_hybrid(cfg, "ep_scheme='tp' splits attention heads", "ep_scheme='standard'")
         head_range(cfg.num_heads, 0, world)
 
     def apply(self, worker, shuffle: bool, options: dict):

@@ -65,8 +65,9 @@ def trace_with_tokens(llm, experts):
 def test_lossless_with_moves(local_run, world, placement):
     path, llm, want, experts = local_run
     trace = trace_with_tokens(llm, experts)
-    placement = (layout.affinity_placement(layout.make_trace(experts, llm.cfg.num_experts), llm.cfg, world, 3)[0]
-               if placement == "affinity" else layout.static_placement(placement, llm.cfg, world))
+    tr = layout.make_trace(experts, llm.cfg.num_experts)
+    placement = (layout.solved_placement("affinity", tr, llm.cfg, world, 3)[0]
+                 if placement == "affinity" else layout.static_placement(placement, llm.cfg, world))
     ex = thread_executor(path, placement, world, "standard", max_num_seqs=6, max_model_len=llm.max_model_len,
                           speculative_shuffle=True, trace=trace, shuffle_options=EAGER)
     assert ex.spec.table_source.startswith("trace.npz")

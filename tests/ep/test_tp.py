@@ -39,7 +39,7 @@ def run(llm, ex):
 @pytest.mark.parametrize("placement", ["round_robin", "affinity"])
 def test_tp_lossless_with_and_without_shuffling(local_runs, arch, world, placement):
     path, llm, want, trace = local_runs[arch]
-    placement = (layout.affinity_placement(trace, llm.cfg, world, time_limit=3)[0] if placement == "affinity"
+    placement = (layout.solved_placement("affinity", trace, llm.cfg, world, time_limit=3)[0] if placement == "affinity"
                else layout.static_placement(placement, llm.cfg, world))
     res = {}
     for spec in (False, True):

@@ -71,13 +71,13 @@ def local_runs(tiny_ckpt):
 
 def placement_for(placement, cfg, world, trace, tmp_path):
     if placement == "affinity":
-        return layout.affinity_placement(trace, cfg, world, time_limit=3)[0]
+        return layout.solved_placement("affinity", trace, cfg, world, time_limit=3)[0]
     if placement == "file":
         rng = np.random.default_rng(world)
         assign = [rng.permutation(np.arange(cfg.num_experts) % world).tolist() for _ in cfg.moe_layers]
         f = tmp_path / "placement.json"
         f.write_text(json.dumps({"num_workers": world, "assignment": assign}))
-        return layout.load_placement_file(str(f), cfg, world)
+        return layout.resolve(str(f), cfg, world)
     return layout.static_placement(placement, cfg, world)
 
 
