@@ -133,6 +133,8 @@ def worker(cfg: dict) -> dict:
         d["reader_rss_mb"] = st.get("reader_rss_mb")
         d["pool_mb"] = round(st["expert_cache_bytes"] / 2**20, 1)
         d["slot_kind"] = st.get("expert_slot_kind")
+        d["read_gbps"] = st.get("read_gbps")         # the tier's own read bandwidth (expert reads, this run)
+        d.update({k: v for k, v in st.items() if k.startswith("gate_") or k == "budget_cut"})
         for k in ("pred_precision_per_layer", "pred_recall_per_layer", "gated_out"):
             if k in st:
                 d[k] = st[k]
@@ -229,7 +231,8 @@ def packed_expert_bytes(path: str) -> int:
     return sum(x.nbytes for x in next(iter(tier.ranges.values())))
 
 
-def bench_model(name: str, a) -> dict:
+def bench_model(name: str, a, out: dict, save=lambda: None) -> dict:
+    """Fills ``out`` row by row (``save()`` after each: a run cut short keeps what it measured)."""
     from moeyard.moe.config import MoEConfig
     path = inflated(name, a.width)
     cfg = MoEConfig.from_dir(path)
@@ -238,7 +241,7 @@ def bench_model(name: str, a) -> dict:
     total = len(cfg.moe_layers) * cfg.num_experts
     bw = float(np.median([disk_read_gbps(path) for _ in range(3)]))
     base = dict(path=path, threads=a.threads, new_tokens=a.new_tokens, reps=a.reps, prompts=a.prompts, seed=7)
-    out = {"model": name, "path": opath, "quantization": q, "disk_gbps": round(bw, 3), "rows": []}
+    out.update({"model": name, "path": opath, "quantization": q, "disk_gbps": round(bw, 3), "rows": []})
     print(f"\n# {name}: {total} routed experts of {cfg.expert_bytes(2) / 2**20:.1f} MB (bf16), disk {bw:.2f} GB/s",
           flush=True)
     for batch in a.batches:
@@ -274,12 +277,24 @@ def bench_model(name: str, a) -> dict:
                     continue
                 r.update(config=label, batch=batch, fraction=frac, same_tokens=r["digest"] == res["digest"])
                 out["rows"].append(r)
+                save()
                 print(f"  b{batch} {frac:.0%} {label}: {r['tokens_per_s']} tok/s "
                       f"({r['tokens_per_s'] / res['tokens_per_s']:.2f}x resident), hit {r['hit_rate']}, "
                       f"stall {r['stall_ms_per_token']} ms/tok, read {r['read_mb_per_token']} MB/tok, "
                       f"same tokens {r['same_tokens']}", flush=True)
+            # the same bound at the bandwidth on-demand reads got in this run (LRU: bytes loaded / time stalled, an
+            # upper bound as some of its reads overlap compute) rather than dd's sequential figure
+            lru_bw = [round(x["loaded_mb_per_token"] * 2**20 / (x["stall_ms_per_token"] * 1e6), 3)
+                      for x in out["rows"] if x.get("config") == "on-demand LRU" and x.get("fraction") == frac
+                      and x["batch"] == batch and x.get("stall_ms_per_token")]
+            if lru_bw:
+                row0["tier_gbps"] = lru_bw[0]
+                row0["tokens_per_s_at_tier_gbps"] = round(
+                    1.0 / max(t_compute, bel * expert_mb * 2**20 / ntok / (lru_bw[0] * 1e9)), 3)
             print(f"  b{batch} {frac:.0%} ceiling: {ceiling:.2f} tok/s (Belady {row0['belady_mb_per_token']} MB/tok, "
-                  f"LRU sim {row0['lru_sim_mb_per_token']} MB/tok)", flush=True)
+                  f"LRU sim {row0['lru_sim_mb_per_token']} MB/tok; at the LRU run's read bandwidth "
+                  f"{row0.get('tier_gbps')} GB/s: {row0.get('tokens_per_s_at_tier_gbps')} tok/s)", flush=True)
+            save()
     if a.peers:
         out["peers"] = bench_peers(path, cfg, out, a)
     return out
@@ -377,11 +392,15 @@ def main(argv=None):
     a.variants = json.loads(a.variants)
     a.peers = [x for x in a.peers.split(",") if x]
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load": os.getloadavg(), "models": []}
-    for name in a.models.split(","):
-        res["models"].append(bench_model(name, a))
-        os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+
+    def save():
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
+    for name in a.models.split(","):
+        res["models"].append({})
+        bench_model(name, a, res["models"][-1], save)
+        save()
     print(f"\nwrote {a.out}")
 
 
