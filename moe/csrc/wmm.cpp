@@ -209,121 +209,133 @@ torch::Tensor prep_x(const torch::Tensor& x, int64_t K, int64_t& ldx, bool even_
 }
 
 #if defined(WMM_AVX2)
-// AVX2 + FMA (16 registers of 8 floats): a tile of NR weight rows x MR activation rows with NR * MR accumulators,
-// so each decoded weight vector feeds MR rows and each activation vector NR weight rows. A weight decoder turns
-// the S values of row ``p`` from k on into V vectors of 8 float32, each exactly the dequantized weight.
+// AVX2 + FMA + F16C (16 registers of 8 floats). One weight row at a time (a single sequential weight stream,
+// prefetched 1 KiB ahead; interleaving 3-4 rows' streams measured 1.2-2x slower on the AVX2 host) against a tile
+// of MR <= 4 activation rows, so each decoded weight vector feeds MR rows. An FMA has a latency of 4 cycles and two
+// issue each cycle: one accumulator per row made every row a single dependency chain (~6 G weights/s whatever the
+// format), so at 1 and 2 rows each row has 4 / 2 independent accumulators (3-4 rows are already 3-4 chains; two per
+// row there measured 1.3x slower, register pressure).
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+template <int MR> constexpr int n_acc() { return MR == 1 ? 4 : MR == 2 ? 2 : 1; }
+
 // bf16, 16 values as 8 32-bit lanes: "<< 16" gives the even-indexed values, "& 0xFFFF0000" the odd ones (exact);
-// the activations are permuted to match (``prep_x`` with blocks of 16).
+// the activations are permuted to match (``prep_x`` with blocks of 16). int8 per channel: the sum of q * x, times
+// the row's scale at the end. Each decoder turns the 8 * V values of its row from k on into V vectors of exact
+// float32 weights.
 struct DecBf16 {
-  static constexpr int S = 16, V = 2;
-  const uint16_t* p;
-  float scale = 1.f;
-  __m256 w(int64_t k, int v) const {
-    const __m256i r = _mm256_loadu_si256((const __m256i*)(p + k));
-    return _mm256_castsi256_ps(v == 0 ? _mm256_slli_epi32(r, 16)
-                                      : _mm256_and_si256(r, _mm256_set1_epi32(int32_t(0xFFFF0000u))));
+  static constexpr int V = 4;     // 32 values, 64 bytes
+  static __m256 w(const uint16_t* p, int64_t k, int v) {
+    const __m256i r = _mm256_loadu_si256((const __m256i*)(p + k + 16 * (v / 2)));
+    return _mm256_castsi256_ps(v % 2 == 0 ? _mm256_slli_epi32(r, 16)
+                                          : _mm256_and_si256(r, _mm256_set1_epi32(int32_t(0xFFFF0000u))));
   }
-  const void* at(int64_t k) const { return p + k; }
-  float tail(int64_t k) const { return bf16_to_f32(p[k]); }
+  static float tail(const uint16_t* p, int64_t k) { return bf16_to_f32(p[k]); }
+};
+struct DecInt8 {
+  static constexpr int V = 8;     // 64 values, 64 bytes
+  static __m256 w(const int8_t* p, int64_t k, int v) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(p + k + 8 * v))));
+  }
+  static float tail(const int8_t* p, int64_t k) { return float(p[k]); }
 };
 
-// int8 per channel: the sum of q * x, times the row's scale at the end.
-struct DecInt8 {
-  static constexpr int S = 8, V = 1;
-  const int8_t* p;
-  float scale;
-  __m256 w(int64_t k, int) const {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(p + k))));
+// y[m * N] = scale * sum_k W[k] x[m * ldx + k] for m < MR, one weight row W (bf16 or int8)
+template <int MR, class D, class T>
+void tile_dense(const T* wr, float scale, const float* x, int64_t ldx, int64_t K, float* y, int64_t N) {
+  constexpr int A = n_acc<MR>(), S = 8 * D::V;
+  __m256 acc[MR][A];
+  for (int m = 0; m < MR; ++m)
+    for (int a = 0; a < A; ++a) acc[m][a] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + S <= K; k += S) {
+    _mm_prefetch((const char*)(wr + k) + 1024, _MM_HINT_T0);
+#pragma GCC unroll 8
+    for (int v = 0; v < D::V; ++v) {
+      const __m256 wv = D::w(wr, k, v);
+#pragma GCC unroll 4
+      for (int m = 0; m < MR; ++m)
+        acc[m][v % A] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * ldx + k + 8 * v), acc[m][v % A]);
+    }
   }
-  const void* at(int64_t k) const { return p + k; }
-  float tail(int64_t k) const { return float(p[k]); }
-};
+  // the rest: bf16 in blocks of 16 (prep_x's permutation), int8 in vectors of 8, then scalars
+  constexpr int64_t R = D::V == 4 ? 16 : 8;
+  for (; k + R <= K; k += R)
+    for (int v = 0; v < R / 8; ++v) {
+      const __m256 wv = D::w(wr, k, v);
+      for (int m = 0; m < MR; ++m)
+        acc[m][v] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * ldx + k + 8 * v), acc[m][v]);
+    }
+  for (int m = 0; m < MR; ++m) {
+    __m256 s = acc[m][0];
+    for (int a = 1; a < A; ++a) s = _mm256_add_ps(s, acc[m][a]);
+    float out = hsum(s);
+    for (int64_t kk = k; kk < K; ++kk) out += D::tail(wr, kk) * x[m * ldx + kk];
+    y[m * N] = out * scale;
+  }
+}
 
 // int4, groups of 32 (16 bytes: value j in the low nibble of byte j, value j + 16 in its high nibble), a float16
-// scale per group: (q - 8) * s as fma(q, s, -8 s), exact (a 4-bit integer times an 11-bit significand).
-struct DecInt4 {
-  static constexpr int S = 32, V = 4;
-  const uint8_t* p;
-  const uint16_t* s;
-  float scale = 1.f;
-  __m256 w(int64_t k, int v) const {
-    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + k / 2 + (v & 1) * 8)));
-    const __m256i q = v < 2 ? _mm256_and_si256(b, _mm256_set1_epi32(15)) : _mm256_srli_epi32(b, 4);
-    const float sc = _cvtsh_ss(s[k / 32]);
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_set1_ps(sc), _mm256_set1_ps(-8.f * sc));
-  }
-  const void* at(int64_t k) const { return p + k / 2; }
-  float tail(int64_t) const { return 0.f; }     // K is a multiple of 32
-};
-
-// y[m * N + r] = scale_r * sum_k W_r[k] x[m * ldx + k] for r < NR, m < MR; each of the NR weight streams is
-// prefetched 1 KiB ahead (the loops over r, m and v are unrolled completely, so the accumulators stay in registers)
-template <int NR, int MR, class D>
-void tile(const D* dp, const float* x, int64_t ldx, int64_t K, float* y, int64_t N) {
-  D d[NR];
+// scale s per group: the group's sum of (q - 8) * x (q - 8 exact in int8, then exact in float32), times s. The
+// reference rounds (q - 8) * s (exact) and sums its products with x; here the products with x are rounded before the
+// scaling: the same error bound, a different rounding.
+template <int MR>
+void tile_int4(const uint8_t* wr, const uint16_t* sr, const float* x, int64_t ldx, int64_t K, float* y, int64_t N) {
+  constexpr int A = MR <= 2 ? 2 : 1;
+  __m256 acc[MR][A];
+  for (int m = 0; m < MR; ++m)
+    for (int a = 0; a < A; ++a) acc[m][a] = _mm256_setzero_ps();
+  const __m128i lo4 = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
+  const int64_t ng = K / 32;
 #pragma GCC unroll 4
-  for (int r = 0; r < NR; ++r) d[r] = dp[r];
-  __m256 acc[NR][MR];
+  for (int64_t g = 0; g < ng; ++g) {
+    if (g % 4 == 0) _mm_prefetch((const char*)(wr + 16 * g) + 1024, _MM_HINT_T0);
+    const __m128i b = _mm_loadu_si128((const __m128i*)(wr + 16 * g));
+    const __m128i lo = _mm_sub_epi8(_mm_and_si128(b, lo4), eight);
+    const __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), lo4), eight);
+    __m256 wv[4];
+    wv[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+    wv[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(lo, lo)));
+    wv[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+    wv[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(hi, hi)));
+    const __m256 sc = _mm256_cvtph_ps(_mm_set1_epi16(int16_t(sr[g])));
+    const float* xg = x + 32 * g;
 #pragma GCC unroll 4
-  for (int r = 0; r < NR; ++r)
-#pragma GCC unroll 4
-    for (int m = 0; m < MR; ++m) acc[r][m] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + D::S <= K; k += D::S) {
-#pragma GCC unroll 4
-    for (int r = 0; r < NR; ++r) _mm_prefetch((const char*)d[r].at(k) + 1024, _MM_HINT_T0);
-#pragma GCC unroll 4
-    for (int v = 0; v < D::V; ++v) {
-      __m256 wv[NR];
-#pragma GCC unroll 4
-      for (int r = 0; r < NR; ++r) wv[r] = d[r].w(k, v);
-#pragma GCC unroll 4
-      for (int m = 0; m < MR; ++m) {
-        const __m256 xv = _mm256_loadu_ps(x + m * ldx + k + 8 * v);
-#pragma GCC unroll 4
-        for (int r = 0; r < NR; ++r) acc[r][m] = _mm256_fmadd_ps(wv[r], xv, acc[r][m]);
-      }
-    }
-  }
-  float out[NR][MR];
-  for (int r = 0; r < NR; ++r)
-    for (int m = 0; m < MR; ++m) out[r][m] = hsum(acc[r][m]);
-  for (int r = 0; r < NR; ++r)
     for (int m = 0; m < MR; ++m) {
-      for (int64_t kk = k; kk < K; ++kk) out[r][m] += d[r].tail(kk) * x[m * ldx + kk];
-      y[m * N + r] = out[r][m] * d[r].scale;
+      const float* xm = xg + m * ldx;
+      __m256 p = _mm256_mul_ps(wv[0], _mm256_loadu_ps(xm));
+      p = _mm256_fmadd_ps(wv[1], _mm256_loadu_ps(xm + 8), p);
+      p = _mm256_fmadd_ps(wv[2], _mm256_loadu_ps(xm + 16), p);
+      p = _mm256_fmadd_ps(wv[3], _mm256_loadu_ps(xm + 24), p);
+      acc[m][g % A] = _mm256_fmadd_ps(sc, p, acc[m][g % A]);
     }
-}
-
-template <int NR, class D>
-void tiles(const D* d, int64_t M, const float* x, int64_t ldx, int64_t K, float* y, int64_t N) {
-  for (int64_t m0 = 0; m0 < M; m0 += 4) {
-    const float* xm = x + m0 * ldx;
-    float* ym = y + m0 * N;
-    switch (std::min<int64_t>(4, M - m0)) {
-      case 1: tile<NR, 1>(d, xm, ldx, K, ym, N); break;
-      case 2: tile<NR, 2>(d, xm, ldx, K, ym, N); break;
-      case 3: tile<NR, 3>(d, xm, ldx, K, ym, N); break;
-      default: tile<NR, 4>(d, xm, ldx, K, ym, N); break;
-    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    __m256 s = acc[m][0];
+    for (int a = 1; a < A; ++a) s = _mm256_add_ps(s, acc[m][a]);
+    y[m * N] = hsum(s);
   }
 }
 
-// One weight row at a time (NR = 1: a single sequential weight stream; interleaving 3-4 rows' streams, NR = 3-4,
-// measured 1.2-2x slower on the AVX2 host at 1 and 4 activation rows), the activation rows in tiles of 4.
-template <class MakeDec>
-void run_avx2(int64_t M, int64_t N, const float* x, int64_t ldx, int64_t K, float* y, MakeDec dec) {
+// every weight row n, the activation rows in tiles of up to 4: row(n, MR tag, x of the tile, y of the tile)
+template <class Row>
+void run_avx2(int64_t M, int64_t N, const float* x, int64_t ldx, float* y, Row row) {
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const decltype(dec(0)) d[1] = {dec(n)};
-      tiles<1>(d, M, x, ldx, K, y + n, N);
-    }
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const float* xm = x + m0 * ldx;
+        float* ym = y + m0 * N + n;
+        switch (std::min<int64_t>(4, M - m0)) {
+          case 1: row(n, std::integral_constant<int, 1>(), xm, ym); break;
+          case 2: row(n, std::integral_constant<int, 2>(), xm, ym); break;
+          case 3: row(n, std::integral_constant<int, 3>(), xm, ym); break;
+          default: row(n, std::integral_constant<int, 4>(), xm, ym); break;
+        }
+      }
   });
 }
 #endif
@@ -341,7 +353,9 @@ torch::Tensor mm_bf16(torch::Tensor x, torch::Tensor w) {
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   float* yp = y.data_ptr<float>();
 #if defined(WMM_AVX2)
-  run_avx2(M, N, xp, ldx, K, yp, [&](int64_t n) { return DecBf16{wp + n * K}; });
+  run_avx2(M, N, xp, ldx, yp, [&](int64_t n, auto mr, const float* xm, float* ym) {
+    tile_dense<decltype(mr)::value, DecBf16>(wp + n * K, 1.f, xm, ldx, K, ym, N);
+  });
 #else
   run_rows(M, N, [&](int64_t n, int64_t m0, int mt) {
     DISPATCH_MT(row_bf16, mt, xp + m0 * ldx, ldx, K, wp + n * K, 1.f, yp + m0 * N + n, N);
@@ -364,7 +378,9 @@ torch::Tensor mm_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
   const float* sp = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
 #if defined(WMM_AVX2)
-  run_avx2(M, N, xp, ldx, K, yp, [&](int64_t n) { return DecInt8{wp + n * K, sp[n]}; });
+  run_avx2(M, N, xp, ldx, yp, [&](int64_t n, auto mr, const float* xm, float* ym) {
+    tile_dense<decltype(mr)::value, DecInt8>(wp + n * K, sp[n], xm, ldx, K, ym, N);
+  });
 #else
   run_rows(M, N, [&](int64_t n, int64_t m0, int mt) {
     DISPATCH_MT(row_int8, mt, xp + m0 * ldx, ldx, K, wp + n * K, sp[n], yp + m0 * N + n, N);
@@ -390,7 +406,9 @@ torch::Tensor mm_int4(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int
   // one scale per 32 values (a larger group repeats its scale: the same values)
   auto s32 = G == 32 ? scale : scale.view({N, K / G, 1}).expand({N, K / G, G / 32}).reshape({N, K / 32});
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(s32.data_ptr<at::Half>());
-  run_avx2(M, N, xp, ldx, K, yp, [&](int64_t n) { return DecInt4{wp + n * (K / 2), sp + n * (K / 32)}; });
+  run_avx2(M, N, xp, ldx, yp, [&](int64_t n, auto mr, const float* xm, float* ym) {
+    tile_int4<decltype(mr)::value>(wp + n * (K / 2), sp + n * (K / 32), xm, ldx, K, ym, N);
+  });
 #else
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
   run_rows(M, N, [&](int64_t n, int64_t m0, int mt) {
