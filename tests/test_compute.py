@@ -42,6 +42,19 @@ def test_kernel_tail_columns_bf16_int8():
         torch.testing.assert_close(C.matmul(x, p), _ref(x, p), rtol=2e-5, atol=1e-3)
 
 
+def test_kernel_remainder_blocks_bf16_int8():
+    # K = 1008: past the last full block, bf16 has one block of 16 left and int8 six vectors of 8; at 3-4 rows the
+    # kernel keeps a single accumulator per row
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(11, 1008, generator=g) * 0.05
+    for kind in ("bf16", "int8"):
+        p = C.pack(w, kind, "w")
+        for M in (1, 2, 3, 4):
+            x = torch.randn(M, 1008, generator=g)
+            r = _ref(x, p)
+            torch.testing.assert_close(C.matmul(x, p), r, rtol=2e-5, atol=2e-5 * float(r.abs().max()))
+
+
 def test_packing_error_and_accuracy():
     g = torch.Generator().manual_seed(2)
     w = torch.randn(64, 256, generator=g)

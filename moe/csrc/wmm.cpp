@@ -229,6 +229,7 @@ template <int MR> constexpr int n_acc() { return MR == 1 ? 4 : MR == 2 ? 2 : 1; 
 // float32 weights.
 struct DecBf16 {
   static constexpr int V = 4;     // 32 values, 64 bytes
+  static constexpr int64_t R = 16;  // the rest in blocks of 16: prep_x's permutation
   static __m256 w(const uint16_t* p, int64_t k, int v) {
     const __m256i r = _mm256_loadu_si256((const __m256i*)(p + k + 16 * (v / 2)));
     return _mm256_castsi256_ps(v % 2 == 0 ? _mm256_slli_epi32(r, 16)
@@ -238,6 +239,7 @@ struct DecBf16 {
 };
 struct DecInt8 {
   static constexpr int V = 8;     // 64 values, 64 bytes
+  static constexpr int64_t R = 8;   // the rest in vectors of 8
   static __m256 w(const int8_t* p, int64_t k, int v) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(p + k + 8 * v))));
   }
@@ -262,13 +264,12 @@ void tile_dense(const T* wr, float scale, const float* x, int64_t ldx, int64_t K
         acc[m][v % A] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * ldx + k + 8 * v), acc[m][v % A]);
     }
   }
-  // the rest: bf16 in blocks of 16 (prep_x's permutation), int8 in vectors of 8, then scalars
-  constexpr int64_t R = D::V == 4 ? 16 : 8;
-  for (; k + R <= K; k += R)
-    for (int v = 0; v < R / 8; ++v) {
+  // the rest in the decoder's blocks of R, then scalars
+  for (; k + D::R <= K; k += D::R)
+    for (int v = 0; v < D::R / 8; ++v) {
       const __m256 wv = D::w(wr, k, v);
       for (int m = 0; m < MR; ++m)
-        acc[m][v] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * ldx + k + 8 * v), acc[m][v]);
+        acc[m][v % A] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * ldx + k + 8 * v), acc[m][v % A]);
     }
   for (int m = 0; m < MR; ++m) {
     __m256 s = acc[m][0];
