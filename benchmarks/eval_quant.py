@@ -3,7 +3,10 @@
     .venv/bin/python benchmarks/eval_quant.py [--models default,deepseek-mini] [--tokens 16384] [--record]
 
 1. Perplexity on the validation split of the shared corpus (last 5% of each domain, ``tools/corpus.py``), windows
-   of 256 tokens, the first ``--tokens`` tokens of each domain, for the unquantized plan and int8 / int4;
+   of 256 tokens, the first ``--tokens`` tokens of each domain, for the unquantized plan and int8 / int4, every
+   product in the arithmetic of decode (the native kernel at any row count, ``compute.KERNEL_MAX_ROWS`` lifted:
+   int8 / int4 weights meet int8 activations in blocks of 32; ``--prefill-arithmetic`` keeps the engine's prefill
+   path, which dequantizes above 16 rows);
 2. greedy agreement with the unquantized model over the first 32 generated tokens of 64 prompts (16 tokens of
    held-out text each, 16 per domain): the fraction of positions equal, and of sequences equal throughout.
 An embedded model that is not there yet (deepseek-mini before it is trained) is reported as missing.
@@ -41,6 +44,8 @@ def main():
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--prefill-arithmetic", action="store_true",
+                    help="perplexity through the engine's prefill path (dequantize above 16 rows) instead of decode's")
     ap.add_argument("--record", action="store_true")
     a = ap.parse_args()
     import torch
@@ -48,6 +53,7 @@ def main():
     from corpus import DOMAINS, encode_stream
     from tokenizers import Tokenizer
     from common import record, table
+    from moeyard.moe import compute
     from moeyard.moe.errors import ModelError
     from moeyard.moe.loader import load_model, resolve_model_path
     from moeyard.runtime import LLM, SamplingParams
@@ -67,7 +73,13 @@ def main():
         ref = None
         for q in (None, "int8", "int4"):
             lm = load_model(path, quantization=q)
-            ppl = perplexity(lm, streams, 256)
+            rows_max = compute.KERNEL_MAX_ROWS
+            if not a.prefill_arithmetic:
+                compute.KERNEL_MAX_ROWS = 1 << 30
+            try:
+                ppl = perplexity(lm, streams, 256)
+            finally:
+                compute.KERNEL_MAX_ROWS = rows_max
             del lm
             llm = LLM(path, quantization=q, threads=a.threads, max_num_seqs=16, max_model_len=256)
             outs = [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=sp)]
@@ -85,7 +97,8 @@ def main():
                          f"{100 * seqs:.0f}%"])
             print(rows[-1], flush=True)
     body = (f"Perplexity: validation split of the shared corpus (`tools/corpus.py`, last 5% of each of "
-            f"{', '.join(DOMAINS)}), first {a.tokens} tokens per domain, windows of 256 tokens. Greedy agreement: "
+            f"{', '.join(DOMAINS)}), first {a.tokens} tokens per domain, windows of 256 tokens, "
+            f"{'the engine prefill path (dequantize above 16 rows)' if a.prefill_arithmetic else 'every product in decode arithmetic (native kernel at any row count; activations ' + compute.ComputePlan('int8', 'int8', 'int8', compute.native_status(), '', '').activations + ' for int8 / int4)'}. Greedy agreement: "
             f"{a.prompts} prompts of 16 held-out tokens ({a.prompts // len(DOMAINS)} per domain), first "
             f"{a.new_tokens} generated tokens compared position by position with the unquantized plan "
             f"(mean length of the identical prefix in brackets), and whole sequences.\n\n"

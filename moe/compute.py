@@ -40,6 +40,13 @@ INT4_GROUP = 32
 # Rows of activations above which a packed weight is dequantized and multiplied by torch (prefill): the kernels
 # stream the weight once per call and are built for the few rows of a decode step.
 KERNEL_MAX_ROWS = 16
+# Activations of the int8 / int4 kernels: quantized to int8 in blocks of 32 per call (as llama.cpp does for Q8_0 /
+# Q4_0 on CPU; integer dot products, so the kernels are no longer compute-bound below the memory bandwidth), or,
+# with ``MOEYARD_ACTIVATIONS=float32``, kept in float32 (weight-only: what "dequantize, then matmul" computes).
+def act_q8() -> bool:
+    return os.environ.get("MOEYARD_ACTIVATIONS", "int8") != "float32"
+
+
 # ISAs the native kernel reports (``isa()``) for its intrinsics paths; "scalar" (plain loops) is slower than torch's
 # float32 matmul, so bf16 storage is chosen only with one of these.
 VECTOR_ISAS = ("avx512", "avx2")
@@ -197,6 +204,37 @@ def pack(w: torch.Tensor, kind: str, name: str, bias: torch.Tensor | None = None
     raise ModelError(f"unknown weight kind {kind!r}")
 
 
+def quantize_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations [M, K] (K a multiple of 32) as the kernels quantize them: (int8 values as float32 [M, K],
+    float32 scales [M, K / 32]); value * scale approximates x, blocks of 32, round half to even."""
+    M, K = x.shape
+    b = x.float().reshape(M, K // 32, 32)
+    amax = b.abs().amax(-1)
+    inv = torch.where(amax != 0, torch.tensor(127.0) / torch.where(amax != 0, amax, 1.0), 0.0)
+    q = torch.round(b * inv[..., None])
+    return q.reshape(M, K), amax / 127.0
+
+
+def reference_q8(x: torch.Tensor, p: Packed) -> torch.Tensor:
+    """What the int8-activation kernels compute, in float64 (tests): per block of 32, the exact integer sum of the
+    quantized activations times the integer weights, times the activation scale (and, int4, the block's scale);
+    int8: times the row's scale."""
+    N, K = p.shape
+    q, d = quantize_q8(x.reshape(-1, K))
+    if p.kind == "int8":
+        w = p.data.double()
+    else:
+        w = unpack_int4(p.data, K).double() - 8.0
+    dots = torch.einsum("mbk,nbk->mnb", q.double().view(-1, K // 32, 32), w.view(N, K // 32, 32))
+    if p.kind == "int8":
+        y = (dots * d.double()[:, None, :]).sum(-1) * p.scale.double()
+    else:
+        s = p.scale.double().repeat_interleave(K // 32 // p.scale.shape[1], 1)     # [N, K / 32]
+        y = (dots * d.double()[:, None, :] * s[None]).sum(-1)
+    y = y.float()
+    return y if p.bias is None else y + p.bias
+
+
 def matmul(x: torch.Tensor, p: Packed) -> torch.Tensor:
     """x [..., K] (float32) times the packed [N, K] weight transposed: [..., N] float32."""
     lead = x.shape[:-1]
@@ -206,9 +244,9 @@ def matmul(x: torch.Tensor, p: Packed) -> torch.Tensor:
         if p.kind == "bf16":
             y = m.mm_bf16(x2, p.data)
         elif p.kind == "int8":
-            y = m.mm_int8(x2, p.data, p.scale)
+            y = m.mm_int8(x2, p.data, p.scale, act_q8())
         else:
-            y = m.mm_int4(x2, p.data, p.scale, INT4_GROUP)
+            y = m.mm_int4(x2, p.data, p.scale, INT4_GROUP, act_q8())
         if p.bias is not None:
             y = y + p.bias
     elif p.kind == "float32":
@@ -253,13 +291,19 @@ class ComputePlan:
     def packs(self) -> bool:
         return self.experts in ("bf16", "int8", "int4") and self.kernel != "torch"
 
+    @property
+    def activations(self) -> str:
+        """What the int8 / int4 kernels multiply the weights by (decode rows; prefill dequantizes, float32)."""
+        q8 = self.experts in QUANTIZATIONS and self.kernel.startswith("native") and act_q8()
+        return "int8 (blocks of 32)" if q8 else "float32"
+
     def stats(self) -> dict:
         return {"compute_experts": self.experts, "compute_dense": self.dense, "compute_lm_head": self.lm_head,
-                "compute_kernel": self.kernel, "compute_isa": self.isa}
+                "compute_kernel": self.kernel, "compute_isa": self.isa, "compute_activations": self.activations}
 
     def describe(self) -> str:
-        return (f"compute plan: experts {self.experts}, dense {self.dense}, lm_head {self.lm_head}; kernel "
-                f"{self.kernel}; CPU {self.isa} ({self.reason})")
+        return (f"compute plan: experts {self.experts}, dense {self.dense}, lm_head {self.lm_head}; activations "
+                f"{self.activations}; kernel {self.kernel}; CPU {self.isa} ({self.reason})")
 
 
 def plan_for(ckpt_dtype: str | None, compute_dtype: torch.dtype, device: torch.device,

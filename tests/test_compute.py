@@ -19,18 +19,44 @@ def _ref(x, p):
 
 
 @pytest.mark.parametrize("kind", ["bf16", "int8", "int4"])
-@pytest.mark.parametrize("N,K", [(37, 64), (130, 1024), (8, 96)])
+@pytest.mark.parametrize("N,K", [(37, 64), (130, 1024), (8, 96), (5, 1088)])
 def test_kernel_matches_dequantize_then_matmul(kind, N, K):
     g = torch.Generator().manual_seed(N * K)
     w = torch.randn(N, K, generator=g) * 0.05
     b = torch.randn(N, generator=g)
     p = C.pack(w, kind, "w", b)
     assert C.native() is not None, C.native_status()
-    for M in (1, 3, 4, 7, 16, 40):       # 40 rows: the prefill path (dequantize + torch)
+    for M in (1, 2, 3, 4, 7, 16, 40):       # 40 rows: the prefill path (dequantize + torch)
         x = torch.randn(M, K, generator=g)
         y, r = C.matmul(x, p), _ref(x, p)
         assert y.shape == (M, N) and y.dtype == torch.float32
+        if kind != "bf16" and M <= C.KERNEL_MAX_ROWS:
+            # int8 activations in blocks of 32: what reference_q8 computes, and within the activation rounding of
+            # the float32 product
+            assert float((y - r).norm() / r.norm()) < 0.02
+            r = C.reference_q8(x, p)
         torch.testing.assert_close(y, r, rtol=2e-5, atol=2e-5 * float(r.abs().max()))
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_float_activations_on_request(kind, monkeypatch):
+    """MOEYARD_ACTIVATIONS=float32: weight-only, what dequantize-then-matmul computes."""
+    monkeypatch.setenv("MOEYARD_ACTIVATIONS", "float32")
+    g = torch.Generator().manual_seed(5)
+    p = C.pack(torch.randn(40, 1024, generator=g) * 0.05, kind, "w")
+    for M in (1, 2, 4):
+        x = torch.randn(M, 1024, generator=g)
+        r = _ref(x, p)
+        torch.testing.assert_close(C.matmul(x, p), r, rtol=2e-5, atol=2e-5 * float(r.abs().max()))
+
+
+def test_q8_reference_quantizes_blocks_exactly():
+    x = torch.zeros(2, 64)
+    x[0, :32] = torch.linspace(-2, 2, 32)
+    x[1, 40] = 0.5                       # a block of zeros keeps scale 0 and values 0
+    q, d = C.quantize_q8(x)
+    assert q.abs().max() == 127 and float(d[0, 0]) == pytest.approx(2 / 127) and float(d[1, 0]) == 0.0
+    assert torch.allclose(q * d.repeat_interleave(32, 1), x, atol=float(d.max()) / 2 + 1e-7)
 
 
 def test_kernel_tail_columns_bf16_int8():

@@ -9,12 +9,17 @@
 // else plain loops; isa() says which.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
 #include <immintrin.h>
 #endif
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define WMM_AVX2 1
+#endif
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define WMM_Q8_SIMD 1     // the int8-activation kernels' intrinsics (AVX2 hosts and AVX-512 hosts alike)
 #endif
 
 namespace {
@@ -341,6 +346,189 @@ void run_avx2(int64_t M, int64_t N, const float* x, int64_t ldx, float* y, Row r
 }
 #endif
 
+
+// -- int8 activations (int8 and int4 weights) -------------------------------------------------------------------
+// What llama.cpp does for Q8_0 / Q4_0 on CPU: each activation row is quantized in blocks of 32 values to int8 with
+// one float32 scale per block (d = amax / 127, q = round-half-even(x * (127 / amax))), and a block's products with
+// the weights are summed exactly in int32 before scaling: the integer dot product does 32 weights in a handful of
+// instructions, where converting every weight to float32 made the kernels compute-bound below the memory bandwidth.
+// y[m, n] = sw[n] * sum_b d[m, b] * sum_{k in b} q[m, k] W[n, k]          (int8 weights, per-row scale sw)
+// y[m, n] =         sum_b d[m, b] * s[n, b] * sum_{k in b} q[m, k] (Q[n, k] - 8)     (int4, a scale per 32)
+// ``reference_q8`` in moe/compute.py computes the same in torch (tests).
+void quant_q8_row(const float* x, int64_t K, int8_t* q, float* d, float* c) {
+  for (int64_t b = 0; b < K / 32; ++b) {
+    const float* xb = x + 32 * b;
+    int8_t* qb = q + 32 * b;
+#if defined(WMM_Q8_SIMD)
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    __m256 v[4];
+    __m256 mx = _mm256_setzero_ps();
+    for (int j = 0; j < 4; ++j) {
+      v[j] = _mm256_loadu_ps(xb + 8 * j);
+      mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[j]));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float amax = _mm_cvtss_f32(m4);
+    d[b] = amax / 127.f;
+    const __m256 id = _mm256_set1_ps(amax != 0.f ? 127.f / amax : 0.f);
+    __m256i i[4];
+    for (int j = 0; j < 4; ++j) i[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], id));   // round half to even
+    const __m256i p8 = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+    // packs work within 128-bit lanes: dwords come out as 0 2 4 6 1 3 5 7 of the 8 groups of 4 values
+    _mm256_storeu_si256((__m256i*)qb, _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+#else
+    float amax = 0.f;
+    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xb[j]));
+    d[b] = amax / 127.f;
+    const float id = amax != 0.f ? 127.f / amax : 0.f;
+    for (int j = 0; j < 32; ++j) qb[j] = int8_t(std::nearbyint(xb[j] * id));
+#endif
+    int32_t sum = 0;
+    for (int j = 0; j < 32; ++j) sum += qb[j];
+    c[b] = -8.f * float(sum) * d[b];     // int4: sum q (Q - 8) = sum q Q - 8 sum q
+  }
+}
+
+// the activations of one call: q [M, K] int8, d [M, K / 32] float32
+struct Q8 {
+  torch::Tensor q, d, c;
+  Q8(const torch::Tensor& x, int64_t K) {
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == K && K % 32 == 0, "x must be [M, ", K, "], K a multiple of 32");
+    auto xc = x.to(torch::kFloat32).contiguous();
+    const int64_t M = xc.size(0);
+    q = torch::empty({M, K}, xc.options().dtype(torch::kInt8));
+    d = torch::empty({M, K / 32}, xc.options());
+    c = torch::empty({M, K / 32}, xc.options());
+    for (int64_t m = 0; m < M; ++m)
+      quant_q8_row(xc.data_ptr<float>() + m * K, K, q.data_ptr<int8_t>() + m * K, d.data_ptr<float>() + m * (K / 32),
+                   c.data_ptr<float>() + m * (K / 32));
+  }
+};
+
+#if defined(WMM_Q8_SIMD)
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+// the 32 products of a block summed in int32 lanes: |x| (u8) times sign(x) w (s8) with maddubs, so no pair
+// overflows 16 bits (127 * 127 * 2 < 32768; w = -128 never occurs: int8 weights are in [-127, 127], int4 in [-8, 7])
+inline __m256 dot32(__m256i w, __m256i x) {
+  const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(w, x));
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
+// int4: the 16 bytes of a block of 32 as 32 unsigned values Q in order (low nibbles first), multiplied as they are
+// (maddubs: Q u8 times q s8, 15 * 127 * 2 < 32768); the -8 of every weight is added per block as -8 d sum(q)
+inline __m256 dot32_u4(const uint8_t* p, __m256i x) {
+  const __m128i b = _mm_loadu_si128((const __m128i*)p), lo4 = _mm_set1_epi8(0x0F);
+  const __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), lo4), _mm_and_si128(b, lo4));
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
+}
+#endif
+
+// MR activation rows against one weight row of nb blocks. W8: int8 weights (wr, scale sw at the end); else int4
+// (wr the packed nibbles, ws the float16 scales per block). A accumulators per row as in tile_dense.
+template <int MR, bool W8>
+void tile_q8(const void* wr, const uint16_t* ws, float sw, const int8_t* xq, const float* xd, const float* xc,
+             int64_t K, float* y, int64_t N) {
+  const int64_t nb = K / 32;
+#if defined(WMM_Q8_SIMD)
+  constexpr int A = MR == 1 ? 4 : MR == 2 ? 2 : 1;
+  __m256 acc[MR][A];
+  for (int m = 0; m < MR; ++m)
+    for (int a = 0; a < A; ++a) acc[m][a] = _mm256_setzero_ps();
+  float corr[MR] = {};
+  alignas(32) float sd[MR][8];
+  auto block = [&](int64_t b, int a) {
+    if constexpr (W8) {
+      const int8_t* p = (const int8_t*)wr + 32 * b;
+      if (b % 2 == 0) _mm_prefetch((const char*)p + 1024, _MM_HINT_T0);
+      const __m256i w = _mm256_loadu_si256((const __m256i*)p);
+#pragma GCC unroll 4
+      for (int m = 0; m < MR; ++m) {
+        const __m256 p = dot32(w, _mm256_loadu_si256((const __m256i*)(xq + m * K + 32 * b)));
+        acc[m][a] = _mm256_fmadd_ps(p, _mm256_broadcast_ss(xd + m * nb + b), acc[m][a]);
+      }
+    } else {
+      const uint8_t* p = (const uint8_t*)wr + 16 * b;
+      if (b % 4 == 0) _mm_prefetch((const char*)p + 1024, _MM_HINT_T0);
+      if (b % 8 == 0 && b + 8 <= nb) {    // the next 8 blocks' products of scales, s_b d_b per row
+        const __m256 s8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(ws + b)));
+        for (int m = 0; m < MR; ++m) _mm256_storeu_ps(sd[m], _mm256_mul_ps(s8, _mm256_loadu_ps(xd + m * nb + b)));
+      } else if (b % 8 == 0) {
+        for (int64_t j = b; j < nb; ++j)
+          for (int m = 0; m < MR; ++m) sd[m][j - b] = _cvtsh_ss(ws[j]) * xd[m * nb + j];
+      }
+#pragma GCC unroll 4
+      for (int m = 0; m < MR; ++m) {
+        const __m256 d = dot32_u4(p, _mm256_loadu_si256((const __m256i*)(xq + m * K + 32 * b)));
+        acc[m][a] = _mm256_fmadd_ps(d, _mm256_broadcast_ss(&sd[m][b % 8]), acc[m][a]);
+      }
+    }
+  };
+  int64_t b = 0;
+  for (; b + A <= nb; b += A)
+#pragma GCC unroll 4
+    for (int a = 0; a < A; ++a) block(b + a, a);
+  for (; b < nb; ++b) block(b, 0);
+  if constexpr (!W8) {     // the -8 of the weights: sum_b s_b * (-8 d_b sum q), 8 blocks at a time
+    for (int m = 0; m < MR; ++m) {
+      __m256 c = _mm256_setzero_ps();
+      int64_t j = 0;
+      for (; j + 8 <= nb; j += 8)
+        c = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(ws + j))),
+                            _mm256_loadu_ps(xc + m * nb + j), c);
+      corr[m] = hsum8(c);
+      for (; j < nb; ++j) corr[m] += _cvtsh_ss(ws[j]) * xc[m * nb + j];
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    __m256 s = acc[m][0];
+    for (int a = 1; a < A; ++a) s = _mm256_add_ps(s, acc[m][a]);
+    y[m * N] = (hsum8(s) + corr[m]) * sw;
+  }
+#else
+  (void)xc;
+  for (int m = 0; m < MR; ++m) {
+    float out = 0.f;
+    for (int64_t b = 0; b < nb; ++b) {
+      int32_t dot = 0;
+      const int8_t* xb = xq + m * K + 32 * b;
+      for (int j = 0; j < 32; ++j) {
+        int wv;
+        if constexpr (W8) {
+          wv = ((const int8_t*)wr)[32 * b + j];
+        } else {
+          const uint8_t byte = ((const uint8_t*)wr)[16 * b + (j % 16)];
+          wv = int(j < 16 ? (byte & 15) : (byte >> 4)) - 8;
+        }
+        dot += wv * int(xb[j]);
+      }
+      out += float(dot) * (W8 ? xd[m * nb + b] : f16_to_f32(ws[b]) * xd[m * nb + b]);
+    }
+    y[m * N] = out * sw;
+  }
+#endif
+}
+
+// every weight row n, the activation rows in tiles of up to 4: row(n, MR tag, m0)
+template <class Row>
+void run_tiles(int64_t M, int64_t N, Row row) {
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        switch (std::min<int64_t>(4, M - m0)) {
+          case 1: row(n, std::integral_constant<int, 1>(), m0); break;
+          case 2: row(n, std::integral_constant<int, 2>(), m0); break;
+          case 3: row(n, std::integral_constant<int, 3>(), m0); break;
+          default: row(n, std::integral_constant<int, 4>(), m0); break;
+        }
+      }
+  });
+}
+
 }  // namespace
 
 torch::Tensor mm_bf16(torch::Tensor x, torch::Tensor w) {
@@ -365,11 +553,26 @@ torch::Tensor mm_bf16(torch::Tensor x, torch::Tensor w) {
   return y;
 }
 
-torch::Tensor mm_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
+torch::Tensor mm_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale, bool q8) {
   TORCH_CHECK(w.scalar_type() == torch::kInt8 && w.dim() == 2 && w.is_contiguous(), "w: contiguous int8 [N, K]");
   TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.numel() == w.size(0) && scale.is_contiguous(),
               "scale: contiguous float32 [N]");
   const int64_t N = w.size(0), K = w.size(1);
+  if (q8 && K % 32 == 0) {
+    const Q8 a(x, K);
+    const int64_t M = a.q.size(0);
+    auto y = torch::empty({M, N}, a.d.options());
+    const int8_t* wp = w.data_ptr<int8_t>();
+    const float* sp = scale.data_ptr<float>();
+    const int8_t* xq = a.q.data_ptr<int8_t>();
+    const float* xd = a.d.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    run_tiles(M, N, [&](int64_t n, auto mr, int64_t m0) {
+      tile_q8<decltype(mr)::value, true>(wp + n * K, nullptr, sp[n], xq + m0 * K, xd + m0 * (K / 32), nullptr,
+                                         K, yp + m0 * N + n, N);
+    });
+    return y;
+  }
   int64_t ldx;
   auto xc = prep_x(x, K, ldx, false);
   const int64_t M = xc.size(0);
@@ -390,12 +593,28 @@ torch::Tensor mm_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
   return y;
 }
 
-torch::Tensor mm_int4(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t G) {
+torch::Tensor mm_int4(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t G, bool q8) {
   TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous(), "w: contiguous uint8 [N, K/2]");
   const int64_t N = w.size(0), K = w.size(1) * 2;
   TORCH_CHECK(G % 32 == 0 && K % G == 0, "K must be a multiple of the group size, a multiple of 32");
   TORCH_CHECK(scale.scalar_type() == torch::kFloat16 && scale.is_contiguous() && scale.numel() == N * (K / G),
               "scale: contiguous float16 [N, K/G]");
+  if (q8) {
+    const Q8 a(x, K);
+    const int64_t M = a.q.size(0);
+    auto y = torch::empty({M, N}, a.d.options());
+    auto s32 = G == 32 ? scale : scale.view({N, K / G, 1}).expand({N, K / G, G / 32}).reshape({N, K / 32});
+    const uint16_t* sp = reinterpret_cast<const uint16_t*>(s32.data_ptr<at::Half>());
+    const uint8_t* wp = w.data_ptr<uint8_t>();
+    const int8_t* xq = a.q.data_ptr<int8_t>();
+    const float* xd = a.d.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    run_tiles(M, N, [&](int64_t n, auto mr, int64_t m0) {
+      tile_q8<decltype(mr)::value, false>(wp + n * (K / 2), sp + n * (K / 32), 1.f, xq + m0 * K, xd + m0 * (K / 32),
+                                          a.c.data_ptr<float>() + m0 * (K / 32), K, yp + m0 * N + n, N);
+    });
+    return y;
+  }
   int64_t ldx;
   auto xc = prep_x(x, K, ldx, false);
   const int64_t M = xc.size(0);
@@ -431,7 +650,7 @@ std::string isa() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mm_bf16", &mm_bf16, "x[M,K] f32 . W[N,K] bf16 ^T");
-  m.def("mm_int8", &mm_int8, "x[M,K] f32 . (W int8 * scale[N]) ^T");
-  m.def("mm_int4", &mm_int4, "x[M,K] f32 . ((W int4 - 8) * scale[N,K/G]) ^T");
+  m.def("mm_int8", &mm_int8, "x[M,K] f32 . (W int8 * scale[N]) ^T; q8: x quantized to int8 in blocks of 32");
+  m.def("mm_int4", &mm_int4, "x[M,K] f32 . ((W int4 - 8) * scale[N,K/G]) ^T; q8: x quantized as for mm_int8");
   m.def("isa", &isa, "the instruction set the kernels were compiled for");
 }
