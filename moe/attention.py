@@ -40,10 +40,15 @@ def attend(attn, q_NHD, k_N, v_N, batch, write: bool = True) -> torch.Tensor:
         qpos = torch.arange(T, device=q_NHD.device).expand(B, T)
         o = attn.core(blk(q_NHD).transpose(1, 2), blk(k_N), blk(v_N), None, True, qpos)   # [B, H, T, Dv]
         return o.transpose(1, 2).reshape(B * T, o.shape[1], o.shape[3])
-    if write:
+    if write and len(batch.slots) == 1 and not batch.sparse:    # one sequence at positions ctx..: a slice copy
+        kv.write_one(layer, batch.slots[0], batch.chunks[0][2], k_N, v_N)
+    elif write:
         kv.write(layer, batch.slots_N, batch.positions_N, k_N, v_N)
     if batch.is_decode:
-        K, V = kv.read(layer, batch.slots_B, batch.max_len)                  # [B, T, Hkv, Dh]
+        if len(batch.slots) == 1:      # one sequence: views of its cache rows, no gather
+            K, V = (t.unsqueeze(0) for t in kv.read_one(layer, batch.slots[0], batch.max_len))
+        else:
+            K, V = kv.read(layer, batch.slots_B, batch.max_len)              # [B, T, Hkv, Dh]
         o = attn.core(q_NHD.unsqueeze(2), K, V, batch.decode_mask, False, batch.positions_N[:, None])
         return o.squeeze(2)
     outs = []

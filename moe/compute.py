@@ -237,8 +237,9 @@ def reference_q8(x: torch.Tensor, p: Packed) -> torch.Tensor:
 
 def matmul(x: torch.Tensor, p: Packed) -> torch.Tensor:
     """x [..., K] (float32) times the packed [N, K] weight transposed: [..., N] float32."""
+    two_d = x.dim() == 2
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x if two_d else x.reshape(-1, x.shape[-1])
     m = native() if p.kind != "float32" else None
     if m is not None and x2.shape[0] <= KERNEL_MAX_ROWS and x2.device.type == "cpu":
         if p.kind == "bf16":
@@ -253,7 +254,7 @@ def matmul(x: torch.Tensor, p: Packed) -> torch.Tensor:
         y = F.linear(x2.float(), p.data, p.bias)
     else:
         y = F.linear(x2.float(), p.dequantize(), p.bias)
-    return y.reshape(*lead, p.shape[0])
+    return y if two_d else y.reshape(*lead, p.shape[0])
 
 
 class PackedLinear(torch.nn.Module):

@@ -41,6 +41,7 @@ class Rotary(nn.Module):
         self.scale = scale            # attention factor multiplied into cos/sin (YaRN)
         self.max_pos = 0
         self._checked = None
+        self._rows = None             # (positions, table, dtype, cos rows, signed sin rows) of the last forward
         self._grow(max_pos)
 
     def _grow(self, n: int):
@@ -63,11 +64,17 @@ class Rotary(nn.Module):
 
     def forward(self, x_NHD: torch.Tensor, pos_N: torch.Tensor) -> torch.Tensor:
         self.ensure(pos_N, x_NHD.device)
-        cos = self.cos[pos_N].to(x_NHD.dtype).unsqueeze(-2)
-        sin = self.sin[pos_N].to(x_NHD.dtype).unsqueeze(-2)
+        # the rows of this batch's positions, gathered once per forward (every layer, q and k, passes the same
+        # positions tensor), with the rotation's minus sign folded into the first half of sin: (-x2) * s1 is
+        # x2 * (-s1) exactly
+        c = self._rows
+        if c is None or c[0] is not pos_N or c[1] is not self.cos or c[2] != x_NHD.dtype:
+            h = self.cos.shape[-1] // 2
+            cos = self.cos[pos_N].to(x_NHD.dtype).unsqueeze(-2)
+            sin = self.sin[pos_N].to(x_NHD.dtype).unsqueeze(-2)
+            c = self._rows = (pos_N, self.cos, x_NHD.dtype, cos, torch.cat((-sin[..., :h], sin[..., h:]), dim=-1))
         h = x_NHD.shape[-1] // 2
-        rot = torch.cat((-x_NHD[..., h:], x_NHD[..., :h]), dim=-1)
-        return x_NHD * cos + rot * sin
+        return x_NHD * c[3] + torch.cat((x_NHD[..., h:], x_NHD[..., :h]), dim=-1) * c[4]
 
 
 class Attention(nn.Module):

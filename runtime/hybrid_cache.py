@@ -36,6 +36,9 @@ class HybridCache(KVCache):
     def write(self, layer, slots_N, pos_N, k_NHD, v_NHD):
         super().write(self.kv_index[layer], slots_N, pos_N, k_NHD, v_NHD)
 
+    def write_one(self, layer, slot, start, k_NHD, v_NHD):
+        super().write_one(self.kv_index[layer], slot, start, k_NHD, v_NHD)
+
     def read(self, layer, slots_B, T):
         return super().read(self.kv_index[layer], slots_B, T)
 

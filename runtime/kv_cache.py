@@ -61,6 +61,11 @@ class KVCache:
         self.k[layer][slots_N, pos_N] = k_NHD
         self.v[layer][slots_N, pos_N] = v_NHD
 
+    def write_one(self, layer: int, slot: int, start: int, k_NHD, v_NHD):
+        """The entries of one sequence at positions start, start + 1, ..."""
+        self.k[layer][slot, start:start + k_NHD.shape[0]] = k_NHD
+        self.v[layer][slot, start:start + v_NHD.shape[0]] = v_NHD
+
     def read(self, layer: int, slots_B: torch.Tensor, T: int):
         return self.k[layer][slots_B, :T], self.v[layer][slots_B, :T]
 
