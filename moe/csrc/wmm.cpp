@@ -448,8 +448,8 @@ void tile_q8(const void* wr, const uint16_t* ws, float sw, const int8_t* xq, con
       const __m256i w = _mm256_loadu_si256((const __m256i*)p);
 #pragma GCC unroll 4
       for (int m = 0; m < MR; ++m) {
-        const __m256 p = dot32(w, _mm256_loadu_si256((const __m256i*)(xq + m * K + 32 * b)));
-        acc[m][a] = _mm256_fmadd_ps(p, _mm256_broadcast_ss(xd + m * nb + b), acc[m][a]);
+        const __m256 dot = dot32(w, _mm256_loadu_si256((const __m256i*)(xq + m * K + 32 * b)));
+        acc[m][a] = _mm256_fmadd_ps(dot, _mm256_broadcast_ss(xd + m * nb + b), acc[m][a]);
       }
     } else {
       const uint8_t* p = (const uint8_t*)wr + 16 * b;
@@ -463,8 +463,8 @@ void tile_q8(const void* wr, const uint16_t* ws, float sw, const int8_t* xq, con
       }
 #pragma GCC unroll 4
       for (int m = 0; m < MR; ++m) {
-        const __m256 d = dot32_u4(p, _mm256_loadu_si256((const __m256i*)(xq + m * K + 32 * b)));
-        acc[m][a] = _mm256_fmadd_ps(d, _mm256_broadcast_ss(&sd[m][b % 8]), acc[m][a]);
+        const __m256 dot = dot32_u4(p, _mm256_loadu_si256((const __m256i*)(xq + m * K + 32 * b)));
+        acc[m][a] = _mm256_fmadd_ps(dot, _mm256_broadcast_ss(&sd[m][b % 8]), acc[m][a]);
       }
     }
   };
