@@ -98,7 +98,7 @@ def main():
             print(rows[-1], flush=True)
     body = (f"Perplexity: validation split of the shared corpus (`tools/corpus.py`, last 5% of each of "
             f"{', '.join(DOMAINS)}), first {a.tokens} tokens per domain, windows of 256 tokens, "
-            f"{'the engine prefill path (dequantize above 16 rows)' if a.prefill_arithmetic else 'every product in decode arithmetic (native kernel at any row count; activations ' + compute.ComputePlan('int8', 'int8', 'int8', compute.native_status(), '', '').activations + ' for int8 / int4)'}. Greedy agreement: "
+            f"{'the engine prefill path (dequantize above 16 rows)' if a.prefill_arithmetic else 'every product in decode arithmetic (native kernel at any row count; activations ' + compute.plan_for(None, torch.float32, torch.device('cpu'), 'int8').activations + ' for int8 / int4)'}. Greedy agreement: "
             f"{a.prompts} prompts of 16 held-out tokens ({a.prompts // len(DOMAINS)} per domain), first "
             f"{a.new_tokens} generated tokens compared position by position with the unquantized plan "
             f"(mean length of the identical prefix in brackets), and whole sequences.\n\n"

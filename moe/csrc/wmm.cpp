@@ -213,6 +213,33 @@ torch::Tensor prep_x(const torch::Tensor& x, int64_t K, int64_t& ldx, bool even_
   return p;
 }
 
+// Shared by the AVX2 float-activation kernels and the int8-activation kernels: a horizontal sum, the number of
+// independent accumulators per activation row at MR rows (see below), and the loop over weight rows and row tiles.
+#if defined(WMM_Q8_SIMD)
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+template <int MR> constexpr int n_acc() { return MR == 1 ? 4 : MR == 2 ? 2 : 1; }
+
+// every weight row n, the activation rows in tiles of up to 4: row(n, MR tag, m0)
+template <class Row>
+void run_tiles(int64_t M, int64_t N, Row row) {
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        switch (std::min<int64_t>(4, M - m0)) {
+          case 1: row(n, std::integral_constant<int, 1>(), m0); break;
+          case 2: row(n, std::integral_constant<int, 2>(), m0); break;
+          case 3: row(n, std::integral_constant<int, 3>(), m0); break;
+          default: row(n, std::integral_constant<int, 4>(), m0); break;
+        }
+      }
+  });
+}
+
 #if defined(WMM_AVX2)
 // AVX2 + FMA + F16C (16 registers of 8 floats). One weight row at a time (a single sequential weight stream,
 // prefetched 1 KiB ahead; interleaving 3-4 rows' streams measured 1.2-2x slower on the AVX2 host) against a tile
@@ -220,13 +247,6 @@ torch::Tensor prep_x(const torch::Tensor& x, int64_t K, int64_t& ldx, bool even_
 // issue each cycle: one accumulator per row made every row a single dependency chain (~6 G weights/s whatever the
 // format), so at 1 and 2 rows each row has 4 / 2 independent accumulators (3-4 rows are already 3-4 chains; two per
 // row there measured 1.3x slower, register pressure).
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
-template <int MR> constexpr int n_acc() { return MR == 1 ? 4 : MR == 2 ? 2 : 1; }
 
 // bf16, 16 values as 8 32-bit lanes: "<< 16" gives the even-indexed values, "& 0xFFFF0000" the odd ones (exact);
 // the activations are permuted to match (``prep_x`` with blocks of 16). int8 per channel: the sum of q * x, times
@@ -330,19 +350,7 @@ void tile_int4(const uint8_t* wr, const uint16_t* sr, const float* x, int64_t ld
 // every weight row n, the activation rows in tiles of up to 4: row(n, MR tag, x of the tile, y of the tile)
 template <class Row>
 void run_avx2(int64_t M, int64_t N, const float* x, int64_t ldx, float* y, Row row) {
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n)
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const float* xm = x + m0 * ldx;
-        float* ym = y + m0 * N + n;
-        switch (std::min<int64_t>(4, M - m0)) {
-          case 1: row(n, std::integral_constant<int, 1>(), xm, ym); break;
-          case 2: row(n, std::integral_constant<int, 2>(), xm, ym); break;
-          case 3: row(n, std::integral_constant<int, 3>(), xm, ym); break;
-          default: row(n, std::integral_constant<int, 4>(), xm, ym); break;
-        }
-      }
-  });
+  run_tiles(M, N, [&](int64_t n, auto mr, int64_t m0) { row(n, mr, x + m0 * ldx, y + m0 * N + n); });
 }
 #endif
 
@@ -385,34 +393,31 @@ void quant_q8_row(const float* x, int64_t K, int8_t* q, float* d, float* c) {
     const float id = amax != 0.f ? 127.f / amax : 0.f;
     for (int j = 0; j < 32; ++j) qb[j] = int8_t(std::nearbyint(xb[j] * id));
 #endif
+    if (c == nullptr) continue;
     int32_t sum = 0;
     for (int j = 0; j < 32; ++j) sum += qb[j];
     c[b] = -8.f * float(sum) * d[b];     // int4: sum q (Q - 8) = sum q Q - 8 sum q
   }
 }
 
-// the activations of one call: q [M, K] int8, d [M, K / 32] float32
+// the activations of one call: q [M, K] int8, d [M, K / 32] float32, and for int4 weights (``int4``) the
+// correction c [M, K / 32]
 struct Q8 {
   torch::Tensor q, d, c;
-  Q8(const torch::Tensor& x, int64_t K) {
+  Q8(const torch::Tensor& x, int64_t K, bool int4) {
     TORCH_CHECK(x.dim() == 2 && x.size(1) == K && K % 32 == 0, "x must be [M, ", K, "], K a multiple of 32");
     auto xc = x.to(torch::kFloat32).contiguous();
     const int64_t M = xc.size(0);
     q = torch::empty({M, K}, xc.options().dtype(torch::kInt8));
     d = torch::empty({M, K / 32}, xc.options());
-    c = torch::empty({M, K / 32}, xc.options());
+    if (int4) c = torch::empty({M, K / 32}, xc.options());
     for (int64_t m = 0; m < M; ++m)
       quant_q8_row(xc.data_ptr<float>() + m * K, K, q.data_ptr<int8_t>() + m * K, d.data_ptr<float>() + m * (K / 32),
-                   c.data_ptr<float>() + m * (K / 32));
+                   int4 ? c.data_ptr<float>() + m * (K / 32) : nullptr);
   }
 };
 
 #if defined(WMM_Q8_SIMD)
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
 // the 32 products of a block summed in int32 lanes: |x| (u8) times sign(x) w (s8) with maddubs, so no pair
 // overflows 16 bits (127 * 127 * 2 < 32768; w = -128 never occurs: int8 weights are in [-127, 127], int4 in [-8, 7])
 inline __m256 dot32(__m256i w, __m256i x) {
@@ -435,7 +440,7 @@ void tile_q8(const void* wr, const uint16_t* ws, float sw, const int8_t* xq, con
              int64_t K, float* y, int64_t N) {
   const int64_t nb = K / 32;
 #if defined(WMM_Q8_SIMD)
-  constexpr int A = MR == 1 ? 4 : MR == 2 ? 2 : 1;
+  constexpr int A = n_acc<MR>();
   __m256 acc[MR][A];
   for (int m = 0; m < MR; ++m)
     for (int a = 0; a < A; ++a) acc[m][a] = _mm256_setzero_ps();
@@ -480,14 +485,14 @@ void tile_q8(const void* wr, const uint16_t* ws, float sw, const int8_t* xq, con
       for (; j + 8 <= nb; j += 8)
         c = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(ws + j))),
                             _mm256_loadu_ps(xc + m * nb + j), c);
-      corr[m] = hsum8(c);
+      corr[m] = hsum(c);
       for (; j < nb; ++j) corr[m] += _cvtsh_ss(ws[j]) * xc[m * nb + j];
     }
   }
   for (int m = 0; m < MR; ++m) {
     __m256 s = acc[m][0];
     for (int a = 1; a < A; ++a) s = _mm256_add_ps(s, acc[m][a]);
-    y[m * N] = (hsum8(s) + corr[m]) * sw;
+    y[m * N] = (hsum(s) + corr[m]) * sw;
   }
 #else
   (void)xc;
@@ -511,22 +516,6 @@ void tile_q8(const void* wr, const uint16_t* ws, float sw, const int8_t* xq, con
     y[m * N] = out * sw;
   }
 #endif
-}
-
-// every weight row n, the activation rows in tiles of up to 4: row(n, MR tag, m0)
-template <class Row>
-void run_tiles(int64_t M, int64_t N, Row row) {
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n)
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        switch (std::min<int64_t>(4, M - m0)) {
-          case 1: row(n, std::integral_constant<int, 1>(), m0); break;
-          case 2: row(n, std::integral_constant<int, 2>(), m0); break;
-          case 3: row(n, std::integral_constant<int, 3>(), m0); break;
-          default: row(n, std::integral_constant<int, 4>(), m0); break;
-        }
-      }
-  });
 }
 
 }  // namespace
@@ -559,7 +548,7 @@ torch::Tensor mm_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale, boo
               "scale: contiguous float32 [N]");
   const int64_t N = w.size(0), K = w.size(1);
   if (q8 && K % 32 == 0) {
-    const Q8 a(x, K);
+    const Q8 a(x, K, false);
     const int64_t M = a.q.size(0);
     auto y = torch::empty({M, N}, a.d.options());
     const int8_t* wp = w.data_ptr<int8_t>();
@@ -600,7 +589,7 @@ torch::Tensor mm_int4(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int
   TORCH_CHECK(scale.scalar_type() == torch::kFloat16 && scale.is_contiguous() && scale.numel() == N * (K / G),
               "scale: contiguous float16 [N, K/G]");
   if (q8) {
-    const Q8 a(x, K);
+    const Q8 a(x, K, true);
     const int64_t M = a.q.size(0);
     auto y = torch::empty({M, N}, a.d.options());
     auto s32 = G == 32 ? scale : scale.view({N, K / G, 1}).expand({N, K / G, G / 32}).reshape({N, K / 32});
