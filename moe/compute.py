@@ -43,8 +43,17 @@ KERNEL_MAX_ROWS = 16
 # Activations of the int8 / int4 kernels: quantized to int8 in blocks of 32 per call (as llama.cpp does for Q8_0 /
 # Q4_0 on CPU; integer dot products, so the kernels are no longer compute-bound below the memory bandwidth), or,
 # with ``MOEYARD_ACTIVATIONS=float32``, kept in float32 (weight-only: what "dequantize, then matmul" computes).
+ACTIVATIONS = ("int8", "float32")
+
+
 def act_q8() -> bool:
     return os.environ.get("MOEYARD_ACTIVATIONS", "int8") != "float32"
+
+
+def check_activations() -> None:
+    v = os.environ.get("MOEYARD_ACTIVATIONS", "int8")
+    if v not in ACTIVATIONS:
+        raise ModelError(f"MOEYARD_ACTIVATIONS={v!r} is not valid; valid: {', '.join(ACTIVATIONS)}")
 
 
 # ISAs the native kernel reports (``isa()``) for its intrinsics paths; "scalar" (plain loops) is slower than torch's
@@ -324,6 +333,7 @@ def plan_for(ckpt_dtype: str | None, compute_dtype: torch.dtype, device: torch.d
         return ComputePlan(name, name, name, "torch", isa, f"dtype {name} asked for")
     status = native_status()
     if q is not None:
+        check_activations()      # at load, never mid-generation
         return ComputePlan(q, q, "int8", status, isa, f"quantization={q}")
     if ckpt_dtype in ("bfloat16", "bf16") and native() is not None and native().isa() in VECTOR_ISAS:
         return ComputePlan("bf16", "bf16", "bf16", status, isa,

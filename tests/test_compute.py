@@ -50,6 +50,12 @@ def test_float_activations_on_request(kind, monkeypatch):
         torch.testing.assert_close(C.matmul(x, p), r, rtol=2e-5, atol=2e-5 * float(r.abs().max()))
 
 
+def test_unknown_activations_value_fails_at_plan(monkeypatch):
+    monkeypatch.setenv("MOEYARD_ACTIVATIONS", "fp32")
+    with pytest.raises(ModelError, match=r"MOEYARD_ACTIVATIONS='fp32' is not valid; valid: int8, float32"):
+        C.plan_for(None, torch.float32, torch.device("cpu"), "int8")
+
+
 def test_q8_reference_quantizes_blocks_exactly():
     x = torch.zeros(2, 64)
     x[0, :32] = torch.linspace(-2, 2, 32)
