@@ -46,19 +46,28 @@ KERNEL_MAX_ROWS = 16
 ACTIVATIONS = ("int8", "float32")
 
 
+_ACT_Q8: bool | None = None     # read from the environment once (at load: ``check_activations``), not per call
+
+
 def act_q8() -> bool:
-    return os.environ.get("MOEYARD_ACTIVATIONS", "int8") != "float32"
+    global _ACT_Q8
+    if _ACT_Q8 is None:
+        _ACT_Q8 = os.environ.get("MOEYARD_ACTIVATIONS", "int8") != "float32"
+    return _ACT_Q8
 
 
 def check_activations() -> None:
+    """Read ``MOEYARD_ACTIVATIONS`` (at load, so a bad value fails there, and later calls read no environment)."""
+    global _ACT_Q8
     v = os.environ.get("MOEYARD_ACTIVATIONS", "int8")
     if v not in ACTIVATIONS:
         raise ModelError(f"MOEYARD_ACTIVATIONS={v!r} is not valid; valid: {', '.join(ACTIVATIONS)}")
+    _ACT_Q8 = v != "float32"
 
 
 # ISAs the native kernel reports (``isa()``) for its intrinsics paths; "scalar" (plain loops) is slower than torch's
 # float32 matmul, so bf16 storage is chosen only with one of these.
-VECTOR_ISAS = ("avx512", "avx2")
+VECTOR_ISAS = ("avx512-vnni", "avx512", "avx2")
 
 
 def check_quantization(q) -> str | None:

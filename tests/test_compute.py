@@ -19,7 +19,7 @@ def _ref(x, p):
 
 
 @pytest.mark.parametrize("kind", ["bf16", "int8", "int4"])
-@pytest.mark.parametrize("N,K", [(37, 64), (130, 1024), (8, 96), (5, 1088)])
+@pytest.mark.parametrize("N,K", [(37, 64), (130, 1024), (8, 96), (5, 1088), (3, 1056)])
 def test_kernel_matches_dequantize_then_matmul(kind, N, K):
     g = torch.Generator().manual_seed(N * K)
     w = torch.randn(N, K, generator=g) * 0.05
@@ -42,6 +42,8 @@ def test_kernel_matches_dequantize_then_matmul(kind, N, K):
 def test_float_activations_on_request(kind, monkeypatch):
     """MOEYARD_ACTIVATIONS=float32: weight-only, what dequantize-then-matmul computes."""
     monkeypatch.setenv("MOEYARD_ACTIVATIONS", "float32")
+    monkeypatch.setattr(C, "_ACT_Q8", None)     # read again from the environment (restored after the test)
+    assert not C.act_q8()
     g = torch.Generator().manual_seed(5)
     p = C.pack(torch.randn(40, 1024, generator=g) * 0.05, kind, "w")
     for M in (1, 2, 4):
