@@ -381,6 +381,60 @@ def fixed_mmap_threshold(nbytes: int = 256 << 10):
         pass
 
 
+HUGE_PAGE = 2 << 20
+
+
+def huge_pages() -> bool:
+    """Transparent huge pages can be asked for (``madvise`` or ``always`` mode), and MOEYARD_HUGE_PAGES is not 0."""
+    if os.environ.get("MOEYARD_HUGE_PAGES", "1") == "0":
+        return False
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
+class Arena:
+    """Packed weights copied into one anonymous mapping advised for transparent huge pages (2 MiB; CPU only). A
+    decode step streams each matrix once; with 4 KiB pages every page boundary costs a TLB miss and stops the
+    hardware prefetcher (measured per matrix on the Zen 4 host: 1.0-1.16x the 4 KiB rate). Tensors placed here are
+    views of the mapping, which lives as long as one of them does; up to one huge page at the end is slack."""
+
+    def __init__(self, nbytes: int):
+        import mmap
+        self._map = mmap.mmap(-1, int(nbytes) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            self._map.madvise(mmap.MADV_HUGEPAGE)
+        self._buf = torch.frombuffer(self._map, dtype=torch.uint8)
+        self._off = (-self._buf.data_ptr()) % HUGE_PAGE       # start on a huge-page boundary
+        self._end = self._off + int(nbytes)
+
+    @staticmethod
+    def size(t: torch.Tensor | None) -> int:
+        return 0 if t is None else (t.numel() * t.element_size() + 63) // 64 * 64
+
+    def place(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """A copy of the contiguous CPU tensor ``t`` in the arena (None stays None)."""
+        if t is None:
+            return None
+        n = t.numel() * t.element_size()
+        if self._off + n > self._end:
+            raise RuntimeError(f"arena full: {n} bytes asked, {self._end - self._off} left")
+        v = self._buf[self._off:self._off + n].view(t.dtype).view(t.shape)
+        v.copy_(t)
+        self._off += self.size(t)
+        return v
+
+    def packed(self, p: Packed) -> Packed:
+        return Packed(p.kind, self.place(p.data), self.place(p.scale), p.shape, p.bias)
+
+
+def packed_size(p: Packed) -> int:
+    """Bytes ``Arena.packed`` takes for ``p``."""
+    return Arena.size(p.data) + Arena.size(p.scale)
+
+
 def pack_module(model: torch.nn.Module, full: str, plan: ComputePlan) -> bool:
     """Replace the loaded module ``full`` of ``model`` by its packed form when the plan packs it: an ``nn.Linear``
     (attention projections, dense MLPs, shared experts, lm_head) in the plan's storage, the embedding in bf16.

@@ -8,6 +8,7 @@ Shapes: M = routed token rows (tokens × chosen experts, grouped by expert), D h
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -123,6 +124,18 @@ class PackedExpert:
     def nbytes(self) -> int:
         return self.gate_up.nbytes + self.down.nbytes + (0 if self.up is None else self.up.nbytes)
 
+    def parts(self) -> list:
+        return [self.gate_up, self.down] + ([] if self.up is None else [self.up])
+
+    def arena_size(self) -> int:
+        from .compute import packed_size
+        return sum(packed_size(p) for p in self.parts())
+
+    def placed(self, arena) -> "PackedExpert":
+        """This expert with its matrices copied into ``arena`` (``compute.Arena``)."""
+        return dataclasses.replace(self, gate_up=arena.packed(self.gate_up), down=arena.packed(self.down),
+                                   up=None if self.up is None else arena.packed(self.up))
+
     def weights(self) -> ExpertWeights:
         """Dequantized float32 weights (readers that want matrices, not products)."""
         if self.up is not None:
@@ -167,23 +180,34 @@ class ResidentExperts:
         self.pack = pack
         self._w: dict[tuple[int, int], ExpertWeights] = {}
         self._p: dict[tuple[int, int], PackedExpert] = {}
+        from .compute import Arena, huge_pages
+        huge = pack is not None and device.type == "cpu" and huge_pages()
         for layer in cfg.moe_layers:
             check_fused_shapes(cfg, reader, layer)
-            ids = range(cfg.num_experts) if only is None else only.get(layer, [])
+            ids = list(range(cfg.num_experts) if only is None else only.get(layer, []))
+            arena = None
             for e in ids:
                 if cfg.quant.method == "moeyard":    # stored as the plan packs them: taken as they are
                     if pack != cfg.quant.kind:
                         raise ModelError(f"the checkpoint's routed experts are {cfg.quant.kind}, but the compute plan "
                                          f"stores experts as {pack}")
-                    self._p[(layer, e)] = read_packed_expert(cfg, reader, layer, e)
-                    continue
-                w = read_expert(cfg, reader, layer, e)
-                check_expert_finite(layer, e, w)      # as read: before packing or casting hides nothing
-                if pack is not None:
-                    self._p[(layer, e)] = PackedExpert.of(w, pack, f"model.layers.{layer}.mlp.experts.{e}")
+                    pe = read_packed_expert(cfg, reader, layer, e)
+                elif pack is not None:
+                    w = read_expert(cfg, reader, layer, e)
+                    check_expert_finite(layer, e, w)      # as read: before packing hides nothing
+                    pe = PackedExpert.of(w, pack, f"model.layers.{layer}.mlp.experts.{e}")
+                    del w
                     reader.close()     # unmap what was read (it reopens lazily): file pages would count in RSS
                 else:
+                    w = read_expert(cfg, reader, layer, e)
+                    check_expert_finite(layer, e, w)
                     self._w[(layer, e)] = w.to(device=device, dtype=dtype)
+                    continue
+                if huge:     # the layer's experts in one huge-page mapping, copied in as each is packed
+                    if arena is None:
+                        arena = Arena(pe.arena_size() * len(ids))
+                    pe = pe.placed(arena)
+                self._p[(layer, e)] = pe
             if progress is not None:
                 progress(layer)
 
