@@ -15,7 +15,8 @@ cache for the checkpoint):
 - the hindsight ceiling at each budget: Belady's optimal cache over the resident run's real expert requests gives
   the fewest bytes any policy must read; with reads perfectly overlapped the time per token is at least
   max(resident compute, those bytes / the disk's O_DIRECT read bandwidth measured in the same run);
-- peers at 25 % batch 1 (``--peers``): llama.cpp on the same checkpoint (GGUF from its convert script, mmap) in a
+- peers at 25 % batch 1 (``--peers``): llama.cpp on the same checkpoint (GGUF from its convert script, mmap; with
+  ``--quantization`` also its Q8_0 / Q4_0 requantization by ``llama-quantize``, the same weight class) in a
   memory cgroup capped at moeyard's own peak memory at that budget, and transformers + accelerate disk offload
   with the same budget (``max_memory``), also capped: tokens/s and bytes read per token.
 
@@ -30,7 +31,6 @@ import argparse
 import hashlib
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -121,7 +121,9 @@ def worker(cfg: dict) -> dict:
            "read_mb_per_token": round((io_read_bytes() - io1 + reader_io) / 2**20 / toks, 2),
            "load_read_mb": round((io1 - io0) / 2**20, 1), "compute_dtype": str(st.get("compute_dtype", ""))}
     llm.close()
-    res["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    # VmHWM: ru_maxrss would keep the parent's size from before exec (every row reported the parent's 1.6 GB)
+    from bench_engine import peak_rss
+    res["peak_rss_mb"] = round(peak_rss() / 2**20, 1)
     if cfg["mode"] == "offload":
         d = {k: st[k] - base.get(k, 0) for k in ("expert_hits", "expert_misses", "prefetch_issued",
                                                  "prefetch_used", "prefetch_wasted", "stall_seconds",
@@ -316,6 +318,11 @@ def bench_peers(path: str, cfg, out: dict, a) -> list[dict]:
             r = peers.llama_bench(gguf, a.new_tokens, a.threads, cap)
             rows.append({"peer": "llama.cpp (bf16 GGUF, mmap, capped)", **r})
             print(f"  llama.cpp: {r}", flush=True)
+            if a.quantization:      # and the same weight class as our quantized slots: Q8_0 / Q4_0
+                kind = {"int8": "Q8_0", "int4": "Q4_0"}[a.quantization]
+                r = peers.llama_bench(peers.quantize_gguf(gguf, kind, a.threads), a.new_tokens, a.threads, cap)
+                rows.append({"peer": f"llama.cpp ({kind} GGUF, mmap, capped)", **r})
+                print(f"  llama.cpp {kind}: {r}", flush=True)
         except Exception as e:   # noqa: BLE001 — a peer that cannot run is reported, the run goes on
             rows.append({"peer": "llama.cpp", "error": str(e)[-500:]})
             print(f"  llama.cpp failed: {str(e)[-500:]}", flush=True)

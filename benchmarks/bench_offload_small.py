@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -38,7 +37,9 @@ BIG = "/tmp/moeyard_bench_offload/big_mixtral"
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM: ru_maxrss would keep the parent's size from before exec (every row reported the parent's 1.6 GB)
+    from bench_engine import peak_rss
+    return peak_rss() / 2**20
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -105,6 +105,16 @@ def to_gguf(model_dir: str, out: str, outtype: str = "bf16") -> str:
     return out
 
 
+def quantize_gguf(gguf: str, kind: str, threads: int = 2) -> str:
+    """``gguf`` requantized by llama.cpp's own ``llama-quantize`` to ``kind`` (Q8_0, Q4_0, ...), next to it."""
+    out = gguf.replace(".bf16.gguf", "") + f".{kind.lower()}.gguf"
+    if not os.path.isfile(out):
+        subprocess.run([os.path.join(llama_cpp_dir(), "build", "bin", "llama-quantize"), gguf, out + ".tmp", kind,
+                        str(threads)], check=True, capture_output=True)
+        os.replace(out + ".tmp", out)
+    return out
+
+
 def drop_page_cache(paths: list[str]):
     """Evict these files from the page cache (clean pages), so the next reader starts cold."""
     for p in paths:
