@@ -58,6 +58,26 @@ def test_unknown_activations_value_fails_at_plan(monkeypatch):
         C.plan_for(None, torch.float32, torch.device("cpu"), "int8")
 
 
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int4"])
+def test_arena_placed_weights_compute_the_same(kind, monkeypatch):
+    """Weights copied into a huge-page arena (views of one mapping) give bit-identical products, on the
+    int8-activation kernels and the float-activation ones."""
+    g = torch.Generator().manual_seed(11)
+    p = C.pack(torch.randn(70, 1088, generator=g) * 0.05, kind, "w")
+    arena = C.Arena(C.packed_size(p) + C.packed_size(p))
+    a = arena.packed(p)
+    assert a.data.data_ptr() % C.HUGE_PAGE == 0 and a.data.is_contiguous()
+    torch.testing.assert_close(a.dequantize(), p.dequantize(), rtol=0, atol=0)
+    for M in (1, 3, 16, 20):
+        x = torch.randn(M, 1088, generator=g)
+        torch.testing.assert_close(C.matmul(x, a), C.matmul(x, p), rtol=0, atol=0)
+        if kind != "bf16":
+            torch.testing.assert_close(C.reference_q8(x, a), C.reference_q8(x, p), rtol=0, atol=0)
+    monkeypatch.setattr(C, "_ACT_Q8", False)      # the float-activation kernels
+    x = torch.randn(2, 1088, generator=g)
+    torch.testing.assert_close(C.matmul(x, a), C.matmul(x, p), rtol=0, atol=0)
+
+
 def test_q8_reference_quantizes_blocks_exactly():
     x = torch.zeros(2, 64)
     x[0, :32] = torch.linspace(-2, 2, 32)
