@@ -414,9 +414,22 @@ struct Q8 {
     q = torch::empty({M, K}, xc.options().dtype(torch::kInt8));
     d = torch::empty({M, K / 32}, xc.options());
     if (int4) c = torch::empty({M, K / 32}, xc.options());
-    for (int64_t m = 0; m < M; ++m)
-      quant_q8_row(xc.data_ptr<float>() + m * K, K, q.data_ptr<int8_t>() + m * K, d.data_ptr<float>() + m * (K / 32),
+    for (int64_t m = 0; m < M; ++m) {
+      int8_t* qm = q.data_ptr<int8_t>() + m * K;
+      quant_q8_row(xc.data_ptr<float>() + m * K, K, qm, d.data_ptr<float>() + m * (K / 32),
                    int4 ? c.data_ptr<float>() + m * (K / 32) : nullptr);
+#if defined(WMM_Q8_SIMD)
+      // int4: each pair of blocks (b, b + 1) reordered as (b[0:16], b+1[0:16], b[16:32], b+1[16:32]), the order of
+      // the low and the high nibbles of the pair's 32 weight bytes (see tile_q8); an odd last block stays as is
+      if (int4)
+        for (int64_t b = 0; b + 2 <= K / 32; b += 2) {
+          const __m256i x0 = _mm256_loadu_si256((const __m256i*)(qm + 32 * b));
+          const __m256i x1 = _mm256_loadu_si256((const __m256i*)(qm + 32 * b + 32));
+          _mm256_storeu_si256((__m256i*)(qm + 32 * b), _mm256_permute2x128_si256(x0, x1, 0x20));
+          _mm256_storeu_si256((__m256i*)(qm + 32 * b + 32), _mm256_permute2x128_si256(x0, x1, 0x31));
+        }
+#endif
+    }
   }
 };
 
@@ -459,7 +472,8 @@ void tile_q8(const void* wr, const uint16_t* ws, float sw, const int8_t* xq, con
   for (int m = 0; m < MR; ++m)
     for (int a = 0; a < A; ++a) acc[m][a] = _mm256_setzero_ps();
   float corr[MR] = {};
-  alignas(32) float sd[MR][8];
+  alignas(32) float sd[MR][8] = {};
+  alignas(32) float sd2[MR][32];     // int4 pairs: [s_b d_b x 4, s_b+1 d_b+1 x 4] for the 4 pairs of the 8 blocks
   auto scales = [&](int64_t b) {     // int4: the next 8 blocks' products of scales, s_b d_b per row
     if (b + 8 <= nb) {
       const __m256 s8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(ws + b)));
@@ -467,6 +481,30 @@ void tile_q8(const void* wr, const uint16_t* ws, float sw, const int8_t* xq, con
     } else {
       for (int64_t j = b; j < nb; ++j)
         for (int m = 0; m < MR; ++m) sd[m][j - b] = _cvtsh_ss(ws[j]) * xd[m * nb + j];
+    }
+    for (int m = 0; m < MR; ++m) {
+      const __m256 v = _mm256_load_ps(sd[m]);     // entries past nb are never read
+      for (int j = 0; j < 4; ++j)
+        _mm256_store_ps(sd2[m] + 8 * j, _mm256_permutevar8x32_ps(
+            v, _mm256_setr_epi32(2 * j, 2 * j, 2 * j, 2 * j, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1)));
+    }
+  };
+  // int4, blocks b and b + 1 (b even) at once: the 32 bytes' low nibbles are (b[0:16], b+1[0:16]) and their high
+  // nibbles (b[16:32], b+1[16:32]), the order Q8 stored the activations in; two maddubs, one add (|sum| <= 4 * 15 *
+  // 127 fits int16), one madd: int32 lanes 0-3 hold block b's partial sums, 4-7 block b + 1's
+  auto pair4 = [&](int64_t b, int a) {
+    const uint8_t* p = (const uint8_t*)wr + 16 * b;
+    if (b % 4 == 0) _mm_prefetch((const char*)p + 1024, _MM_HINT_T0);
+    if (b % 8 == 0) scales(b);
+    const __m256i v = _mm256_loadu_si256((const __m256i*)p), lo4 = _mm256_set1_epi8(0x0F);
+    const __m256i lo = _mm256_and_si256(v, lo4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), lo4);
+#pragma GCC unroll 4
+    for (int m = 0; m < MR; ++m) {
+      const int8_t* xm = xq + m * K + 32 * b;
+      const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)xm)),
+                                           _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(xm + 32))));
+      const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, _mm256_set1_epi16(1)));
+      acc[m][a] = _mm256_fmadd_ps(dot, _mm256_load_ps(sd2[m] + 4 * (b % 8)), acc[m][a]);
     }
   };
   auto block = [&](int64_t b, int a) {
@@ -516,6 +554,12 @@ void tile_q8(const void* wr, const uint16_t* ws, float sw, const int8_t* xq, con
     for (; b + 2 <= nb; b += 2) pair(b, 0);
   }
 #endif
+  if constexpr (!W8) {
+    for (; b + 2 * A <= nb; b += 2 * A)
+#pragma GCC unroll 4
+      for (int a = 0; a < A; ++a) pair4(b + 2 * a, a);
+    for (; b + 2 <= nb; b += 2) pair4(b, 0);
+  }
   for (; b + A <= nb; b += A)
 #pragma GCC unroll 4
     for (int a = 0; a < A; ++a) block(b + a, a);
