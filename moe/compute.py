@@ -50,9 +50,8 @@ _ACT_Q8: bool | None = None     # read from the environment once (at load: ``che
 
 
 def act_q8() -> bool:
-    global _ACT_Q8
     if _ACT_Q8 is None:
-        _ACT_Q8 = os.environ.get("MOEYARD_ACTIVATIONS", "int8") != "float32"
+        check_activations()
     return _ACT_Q8
 
 
@@ -414,6 +413,11 @@ class Arena:
     def size(t: torch.Tensor | None) -> int:
         return 0 if t is None else (t.numel() * t.element_size() + 63) // 64 * 64
 
+    @staticmethod
+    def packed_size(p: Packed) -> int:
+        """Bytes ``packed`` takes for ``p``."""
+        return Arena.size(p.data) + Arena.size(p.scale)
+
     def place(self, t: torch.Tensor | None) -> torch.Tensor | None:
         """A copy of the contiguous CPU tensor ``t`` in the arena (None stays None)."""
         if t is None:
@@ -428,11 +432,6 @@ class Arena:
 
     def packed(self, p: Packed) -> Packed:
         return Packed(p.kind, self.place(p.data), self.place(p.scale), p.shape, p.bias)
-
-
-def packed_size(p: Packed) -> int:
-    """Bytes ``Arena.packed`` takes for ``p``."""
-    return Arena.size(p.data) + Arena.size(p.scale)
 
 
 def pack_module(model: torch.nn.Module, full: str, plan: ComputePlan) -> bool:

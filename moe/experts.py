@@ -124,12 +124,9 @@ class PackedExpert:
     def nbytes(self) -> int:
         return self.gate_up.nbytes + self.down.nbytes + (0 if self.up is None else self.up.nbytes)
 
-    def parts(self) -> list:
-        return [self.gate_up, self.down] + ([] if self.up is None else [self.up])
-
     def arena_size(self) -> int:
-        from .compute import packed_size
-        return sum(packed_size(p) for p in self.parts())
+        from .compute import Arena
+        return sum(Arena.packed_size(p) for p in (self.gate_up, self.down, self.up) if p is not None)
 
     def placed(self, arena) -> "PackedExpert":
         """This expert with its matrices copied into ``arena`` (``compute.Arena``)."""
@@ -192,17 +189,15 @@ class ResidentExperts:
                         raise ModelError(f"the checkpoint's routed experts are {cfg.quant.kind}, but the compute plan "
                                          f"stores experts as {pack}")
                     pe = read_packed_expert(cfg, reader, layer, e)
-                elif pack is not None:
+                else:
                     w = read_expert(cfg, reader, layer, e)
-                    check_expert_finite(layer, e, w)      # as read: before packing hides nothing
+                    check_expert_finite(layer, e, w)      # as read: before packing or casting hides nothing
+                    if pack is None:
+                        self._w[(layer, e)] = w.to(device=device, dtype=dtype)
+                        continue
                     pe = PackedExpert.of(w, pack, f"model.layers.{layer}.mlp.experts.{e}")
                     del w
                     reader.close()     # unmap what was read (it reopens lazily): file pages would count in RSS
-                else:
-                    w = read_expert(cfg, reader, layer, e)
-                    check_expert_finite(layer, e, w)
-                    self._w[(layer, e)] = w.to(device=device, dtype=dtype)
-                    continue
                 if huge:     # the layer's experts in one huge-page mapping, copied in as each is packed
                     if arena is None:
                         arena = Arena(pe.arena_size() * len(ids))

@@ -64,7 +64,7 @@ def test_arena_placed_weights_compute_the_same(kind, monkeypatch):
     int8-activation kernels and the float-activation ones."""
     g = torch.Generator().manual_seed(11)
     p = C.pack(torch.randn(70, 1088, generator=g) * 0.05, kind, "w")
-    arena = C.Arena(C.packed_size(p) + C.packed_size(p))
+    arena = C.Arena(C.Arena.packed_size(p) + C.Arena.packed_size(p))
     a = arena.packed(p)
     assert a.data.data_ptr() % C.HUGE_PAGE == 0 and a.data.is_contiguous()
     torch.testing.assert_close(a.dequantize(), p.dequantize(), rtol=0, atol=0)

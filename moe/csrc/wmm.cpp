@@ -472,18 +472,20 @@ void tile_q8(const void* wr, const uint16_t* ws, float sw, const int8_t* xq, con
   for (int m = 0; m < MR; ++m)
     for (int a = 0; a < A; ++a) acc[m][a] = _mm256_setzero_ps();
   float corr[MR] = {};
-  alignas(32) float sd[MR][8] = {};
-  alignas(32) float sd2[MR][32];     // int4 pairs: [s_b d_b x 4, s_b+1 d_b+1 x 4] for the 4 pairs of the 8 blocks
-  auto scales = [&](int64_t b) {     // int4: the next 8 blocks' products of scales, s_b d_b per row
-    if (b + 8 <= nb) {
-      const __m256 s8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(ws + b)));
-      for (int m = 0; m < MR; ++m) _mm256_storeu_ps(sd[m], _mm256_mul_ps(s8, _mm256_loadu_ps(xd + m * nb + b)));
-    } else {
-      for (int64_t j = b; j < nb; ++j)
-        for (int m = 0; m < MR; ++m) sd[m][j - b] = _cvtsh_ss(ws[j]) * xd[m * nb + j];
-    }
+  // int4: s_b d_b of the next 8 blocks per row, each 4 times, as pairs [b x 4, b+1 x 4]: block b's at 4 * (b % 8)
+  alignas(32) float sd2[MR][32];
+  auto scales = [&](int64_t b) {
+    const bool full = b + 8 <= nb;
+    const __m256 s8 = full ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(ws + b))) : _mm256_setzero_ps();
     for (int m = 0; m < MR; ++m) {
-      const __m256 v = _mm256_load_ps(sd[m]);     // entries past nb are never read
+      __m256 v;
+      if (full) {
+        v = _mm256_mul_ps(s8, _mm256_loadu_ps(xd + m * nb + b));
+      } else {
+        alignas(32) float t[8] = {};
+        for (int64_t j = b; j < nb; ++j) t[j - b] = _cvtsh_ss(ws[j]) * xd[m * nb + j];
+        v = _mm256_load_ps(t);
+      }
       for (int j = 0; j < 4; ++j)
         _mm256_store_ps(sd2[m] + 8 * j, _mm256_permutevar8x32_ps(
             v, _mm256_setr_epi32(2 * j, 2 * j, 2 * j, 2 * j, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1)));
@@ -517,14 +519,13 @@ void tile_q8(const void* wr, const uint16_t* ws, float sw, const int8_t* xq, con
         const __m256 dot = dot32(w, _mm256_loadu_si256((const __m256i*)(xq + m * K + 32 * b)));
         acc[m][a] = _mm256_fmadd_ps(dot, _mm256_broadcast_ss(xd + m * nb + b), acc[m][a]);
       }
-    } else {
+    } else {     // int4: only an odd last block (pairs go through pair4)
       const uint8_t* p = (const uint8_t*)wr + 16 * b;
-      if (b % 4 == 0) _mm_prefetch((const char*)p + 1024, _MM_HINT_T0);
       if (b % 8 == 0) scales(b);
 #pragma GCC unroll 4
       for (int m = 0; m < MR; ++m) {
         const __m256 dot = dot32_u4(p, _mm256_loadu_si256((const __m256i*)(xq + m * K + 32 * b)));
-        acc[m][a] = _mm256_fmadd_ps(dot, _mm256_broadcast_ss(&sd[m][b % 8]), acc[m][a]);
+        acc[m][a] = _mm256_fmadd_ps(dot, _mm256_broadcast_ss(&sd2[m][4 * (b % 8)]), acc[m][a]);
       }
     }
   };
