@@ -82,7 +82,8 @@ def check_quantization(q) -> str | None:
 _lock = threading.Lock()
 _native = None
 _native_error: str | None = None
-_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "wmm.cpp")
+_CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+_SRCS = [os.path.join(_CSRC, "wmm.cpp"), os.path.join(_CSRC, "ops.cpp")]   # the products; the fused small ops
 
 
 def build_dir() -> str:
@@ -109,12 +110,20 @@ def native(build: bool = True):
             os.makedirs(d, exist_ok=True)
             if not os.path.isfile(so):
                 log.warning("building the native weight-only kernel (moe/csrc/wmm.cpp) once, into %s", d)
-            _native = load("moeyard_wmm", [_SRC], build_directory=d, verbose=False,
+            _native = load("moeyard_wmm", _SRCS, build_directory=d, verbose=False,
                            extra_cflags=["-O3", "-march=native", "-std=c++17"], extra_ldflags=[])
         except Exception as e:  # noqa: BLE001 — no compiler, headers, ninja: fall back to torch
             _native_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             log.warning("native kernel unavailable (%s); using the torch fallback", _native_error)
         return _native
+
+
+def fused(x: torch.Tensor):
+    """The native module when a fused op of ``moe/csrc/ops.cpp`` may replace torch ops on ``x``: float32 on the CPU,
+    no autograd (training keeps torch's ops), the kernel built; else None."""
+    if x.dtype is not torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled():
+        return None
+    return native(build=False)
 
 
 def native_status() -> str:
@@ -470,6 +479,39 @@ def pack_dense(model: torch.nn.Module, plan: ComputePlan):
     for name, mod in list(model.named_modules()):
         if name and isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)):
             pack_module(model, name, plan)
+    fuse_attention(model)
+
+
+def fuse_attention(model: torch.nn.Module) -> None:
+    """``fuse_qkv`` on every attention module of ``model`` (after its projections are packed)."""
+    from .layers import Attention
+    for mod in model.modules():
+        if isinstance(mod, Attention):
+            fuse_qkv(mod)
+
+
+def fuse_qkv(attn) -> bool:
+    """Pack an attention module's q, k and v projections as one matrix (``attn.qkv``) when all three are packed
+    alike: a decode step then runs one product and quantizes its input once, not three times. q_proj, k_proj and
+    v_proj become views of the fused matrix's rows (no extra memory; the same values, so the same outputs)."""
+    lins = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")]
+    if not all(isinstance(l, PackedLinear) for l in lins):
+        return False
+    ps = [l.p for l in lins]
+    if len({p.kind for p in ps}) != 1 or len({p.shape[1] for p in ps}) != 1 or \
+            len({p.bias is None for p in ps}) != 1 or len({None if p.scale is None else p.scale.dim() for p in ps}) != 1:
+        return False
+    cat = lambda ts: None if ts[0] is None else torch.cat(ts)       # noqa: E731
+    f = Packed(ps[0].kind, cat([p.data for p in ps]), cat([p.scale for p in ps]),
+               (sum(p.shape[0] for p in ps), ps[0].shape[1]), cat([p.bias for p in ps]))
+    r0 = 0
+    for l, p in zip(lins, ps):
+        r1 = r0 + p.shape[0]
+        view = lambda t: None if t is None else t[r0:r1]             # noqa: E731
+        l.p = Packed(p.kind, view(f.data), view(f.scale), p.shape, view(f.bias))
+        r0 = r1
+    attn.qkv = f
+    return True
 
 
 if __name__ == "__main__":     # `python -m moeyard.moe.compute --build`: the setup step of `make demo` / `make test`

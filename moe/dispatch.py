@@ -37,6 +37,12 @@ class LocalDispatcher:
     def dispatch(self, layer: int, x_ND: torch.Tensor, topk_ids_NK: torch.Tensor,
                  topk_w_NK: torch.Tensor) -> Routed:
         N, K = topk_ids_NK.shape
+        if N == 1 and x_ND.device.type == "cpu":    # one token (batch-1 decode): its K distinct experts, sorted
+            ids = topk_ids_NK[0].tolist()
+            order = sorted(range(K), key=ids.__getitem__)
+            order_M = torch.tensor(order)
+            meta = DispatchMeta(order_M, order_M.new_zeros(K), topk_w_NK[0][order_M], 1)
+            return Routed(x_ND.expand(K, -1).contiguous(), [ids[i] for i in order], [1] * K, meta)
         flat = topk_ids_NK.reshape(-1)
         order_M = torch.argsort(flat, stable=True)
         token_M = order_M // K

@@ -144,7 +144,12 @@ class PackedExpert:
                              None if b is None else b[F:], self.down.bias, self.act, self.alpha, self.limit)
 
     def __call__(self, x_MD: torch.Tensor) -> torch.Tensor:
-        from .compute import matmul
+        from .compute import INT4_GROUP, KERNEL_MAX_ROWS, fused, matmul
+        gu, dn = self.gate_up, self.down
+        m = fused(x_MD) if self.up is None and self.act == "swiglu" and x_MD.shape[0] <= KERNEL_MAX_ROWS else None
+        if m is not None and gu.bias is None and dn.bias is None and gu.kind == dn.kind and gu.kind in _KIND_CODE:
+            return m.expert_swiglu(x_MD, gu.data, _scale(gu), dn.data, _scale(dn), _KIND_CODE[gu.kind],
+                                   INT4_GROUP, _act_q8())
         if self.up is not None:
             gate, up = matmul(x_MD, self.gate_up), matmul(x_MD, self.up)
         else:
@@ -157,6 +162,19 @@ class PackedExpert:
         else:
             h = F_.silu(gate) * up
         return matmul(h, self.down).to(x_MD.dtype)
+
+
+_KIND_CODE = {"bf16": 0, "int8": 1, "int4": 2}     # moe/csrc/ops.cpp expert_swiglu
+_NO_SCALE = torch.empty(0)
+
+
+def _scale(p) -> torch.Tensor:
+    return _NO_SCALE if p.scale is None else p.scale
+
+
+def _act_q8() -> bool:
+    from .compute import act_q8
+    return act_q8()
 
 
 def check_expert_finite(layer: int, expert: int, w: ExpertWeights) -> None:

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import attention
+from .compute import fused, matmul
 from .config import MoEConfig
 
 
@@ -22,6 +23,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = fused(x)
+        if m is not None and self.weight.dtype is torch.float32:
+            return m.rms_norm(x, self.weight, self.eps)
         dt = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -73,6 +77,9 @@ class Rotary(nn.Module):
             cos = self.cos[pos_N].to(x_NHD.dtype).unsqueeze(-2)
             sin = self.sin[pos_N].to(x_NHD.dtype).unsqueeze(-2)
             c = self._rows = (pos_N, self.cos, x_NHD.dtype, cos, torch.cat((-sin[..., :h], sin[..., h:]), dim=-1))
+        m = fused(x_NHD)
+        if m is not None and x_NHD.dim() == 3 and x_NHD.stride(2) == 1 and x_NHD.stride(1) == x_NHD.shape[2]:
+            return m.rope(x_NHD, c[3], c[4])
         h = x_NHD.shape[-1] // 2
         return x_NHD * c[3] + torch.cat((x_NHD[..., h:], x_NHD[..., :h]), dim=-1) * c[4]
 
@@ -97,13 +104,18 @@ class Attention(nn.Module):
         self.clip = cfg.clip_qkv
         self.scale = Dh ** -0.5
         self.pick = None      # (q heads, kv heads) taken after a full-width q/k norm (a head subset, see select_heads)
+        self.qkv = None       # q, k and v packed as one matrix (compute.fuse_qkv): one product, one quantized x
 
     def rope(self, rotary: Rotary, x_NHD, pos_N):
         return rotary(x_NHD, pos_N)
 
     def project(self, x_ND: torch.Tensor, pos_N: torch.Tensor, rotary: Rotary):
         N = x_ND.shape[0]
-        q, k, v = self.q_proj(x_ND), self.k_proj(x_ND), self.v_proj(x_ND)
+        if self.qkv is not None:
+            q, k, v = matmul(x_ND, self.qkv).to(x_ND.dtype).split(
+                [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], dim=-1)
+        else:
+            q, k, v = self.q_proj(x_ND), self.k_proj(x_ND), self.v_proj(x_ND)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip is not None:
@@ -136,7 +148,7 @@ class Attention(nn.Module):
         even = h % len(kvs) == 0 and kv_of == [kvs[0] + i // (h // len(kvs)) for i in range(h)]
         ki = kvs if even else kv_of
         sub = module_copy(self)
-        sub.H, sub.Hkv = h, len(ki)
+        sub.H, sub.Hkv, sub.qkv = h, len(ki), None
         if self.qk_norm == "full":            # the norm spans every head: project all of them, then pick
             sub.pick = (list(range(q0, q1)), ki)
         else:

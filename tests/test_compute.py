@@ -224,3 +224,71 @@ def test_plan_choice_rules():
         C.plan_for("bfloat16", torch.bfloat16, cpu, "int8")
     q = C.plan_for("bfloat16", torch.float32, cpu, "int4")
     assert (q.experts, q.dense, q.lm_head) == ("int4", "int4", "int8") and "int4" in q.describe()
+
+
+# -- the fused small ops (moe/csrc/ops.cpp) -------------------------------------------------------------------------
+
+def _ops():
+    m = C.native()
+    if m is None:
+        pytest.skip(f"native kernel not built: {C.native_status()}")
+    return m
+
+
+def test_fused_ops_match_the_torch_ops():
+    """rms_norm equals the model's torch ops up to the sum's order; rope exactly; expert_swiglu exactly the
+    packed expert's torch path (same products, same silu and product)."""
+    from moeyard.moe.experts import ExpertWeights, PackedExpert
+    from moeyard.moe.layers import RMSNorm, Rotary
+    m = _ops()
+    g = torch.Generator().manual_seed(5)
+    norm = RMSNorm(96, 1e-6)
+    norm.weight.data = torch.randn(96, generator=g)
+    x = torch.randn(3, 5, 96, generator=g)
+    with torch.no_grad():
+        ref = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    torch.testing.assert_close(m.rms_norm(x, norm.weight.data, 1e-6), ref, rtol=2e-6, atol=1e-6)
+    rot = Rotary(32, 10000.0, 64)
+    y = torch.randn(4, 6 * 32 + 32, generator=g)[:, :6 * 32].view(4, 6, 32)     # a row-strided view, as from qkv
+    pos = torch.tensor([0, 7, 8, 63])
+    with torch.inference_mode():
+        fast = rot(y, pos)
+    slow = rot(y, pos)           # grad mode on: the torch ops
+    assert torch.equal(fast, slow)
+    w = ExpertWeights(torch.randn(64, 96, generator=g), torch.randn(64, 96, generator=g),
+                      torch.randn(96, 64, generator=g))
+    xs = torch.randn(3, 96, generator=g)
+    for kind in ("bf16", "int8", "int4"):
+        pe = PackedExpert.of(w, kind, "e")
+        with torch.inference_mode():
+            fast = pe(xs)
+        gate, up = C.matmul(xs, pe.gate_up).split(64, dim=-1)
+        assert torch.equal(fast, C.matmul(torch.nn.functional.silu(gate) * up, pe.down)), kind
+
+
+def test_fused_qkv_and_one_token_dispatch_change_nothing():
+    """q, k, v packed as one matrix give the three products' values (and the three projections become views of
+    it); the one-token dispatch routes and combines like the general one."""
+    from moeyard.moe.dispatch import LocalDispatcher
+    _ops()
+    from moeyard.moe.layers import Attention
+    g = torch.Generator().manual_seed(9)
+    a = Attention.__new__(Attention)
+    torch.nn.Module.__init__(a)
+    ps = [C.pack(torch.randn(n, 64, generator=g), "int4", f"w{n}") for n in (64, 32, 32)]
+    a.q_proj, a.k_proj, a.v_proj = (C.PackedLinear(p) for p in ps)
+    x = torch.randn(2, 64, generator=g)
+    before = [C.matmul(x, p) for p in ps]
+    assert C.fuse_qkv(a) and a.qkv.shape == (128, 64)
+    after = C.matmul(x, a.qkv).split([64, 32, 32], dim=-1)
+    assert all(torch.equal(u, v) for u, v in zip(before, after))
+    assert all(torch.equal(C.matmul(x, l.p), u) for l, u in zip((a.q_proj, a.k_proj, a.v_proj), before))
+    d = LocalDispatcher()
+    xs, ids, w = torch.randn(1, 8, generator=g), torch.tensor([[6, 1, 3]]), torch.tensor([[0.5, 0.3, 0.2]])
+    one = d.dispatch(0, xs, ids, w)
+    gen = d.dispatch(0, torch.cat([xs, xs]), torch.cat([ids, ids]), torch.cat([w, w]))
+    assert one.expert_ids == [1, 3, 6] and one.counts == [1, 1, 1]
+    assert torch.equal(one.x_MD, gen.x_MD[::2]) and torch.equal(one.meta.weight_M, gen.meta.weight_M[::2])
+    y = torch.randn(3, 8, generator=g)
+    assert torch.equal(d.combine(y, one.meta), d.combine(torch.stack([y[0], y[0], y[1], y[1], y[2], y[2]]),
+                                                         gen.meta)[:1])

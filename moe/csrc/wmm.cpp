@@ -731,9 +731,18 @@ std::string isa() {
 #endif
 }
 
+// ops.cpp
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
+torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
+torch::Tensor expert_swiglu(torch::Tensor x, torch::Tensor gu, torch::Tensor gus, torch::Tensor dn,
+                            torch::Tensor dns, int64_t kind, int64_t G, bool q8);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mm_bf16", &mm_bf16, "x[M,K] f32 . W[N,K] bf16 ^T");
   m.def("mm_int8", &mm_int8, "x[M,K] f32 . (W int8 * scale[N]) ^T; q8: x quantized to int8 in blocks of 32");
   m.def("mm_int4", &mm_int4, "x[M,K] f32 . ((W int4 - 8) * scale[N,K/G]) ^T; q8: x quantized as for mm_int8");
+  m.def("rms_norm", &rms_norm, "w * (x * rsqrt(mean(x^2, -1) + eps)), float32");
+  m.def("rope", &rope, "x[N,H,Dh] * cos + rotate_half(x) * sin (sin signed), float32");
+  m.def("expert_swiglu", &expert_swiglu, "down(silu(gu x)[:F] * (gu x)[F:]), packed weights of kind 0 bf16 1 int8 2 int4");
   m.def("isa", &isa, "the instruction set the kernels were compiled for");
 }
