@@ -128,6 +128,12 @@ class PackedExpert:
         from .compute import Arena
         return sum(Arena.packed_size(p) for p in (self.gate_up, self.down, self.up) if p is not None)
 
+    def interleaved(self) -> "PackedExpert":
+        """This expert with int4 matrices in the x8 layout (``compute.interleave8``; resident experts)."""
+        from .compute import interleave8
+        return dataclasses.replace(self, gate_up=interleave8(self.gate_up), down=interleave8(self.down),
+                                   up=None if self.up is None else interleave8(self.up))
+
     def placed(self, arena) -> "PackedExpert":
         """This expert with its matrices copied into ``arena`` (``compute.Arena``)."""
         return dataclasses.replace(self, gate_up=arena.packed(self.gate_up), down=arena.packed(self.down),
@@ -147,9 +153,10 @@ class PackedExpert:
         from .compute import INT4_GROUP, KERNEL_MAX_ROWS, fused, matmul
         gu, dn = self.gate_up, self.down
         m = fused(x_MD) if self.up is None and self.act == "swiglu" and x_MD.shape[0] <= KERNEL_MAX_ROWS else None
-        if m is not None and gu.bias is None and dn.bias is None and gu.kind == dn.kind and gu.kind in _KIND_CODE:
-            return m.expert_swiglu(x_MD, gu.data, _scale(gu), dn.data, _scale(dn), _KIND_CODE[gu.kind],
-                                   INT4_GROUP, _act_q8())
+        code = _KIND_CODE.get((gu.kind, gu.layout))
+        if m is not None and gu.bias is None and dn.bias is None and (gu.kind, gu.layout) == (dn.kind, dn.layout) \
+                and code is not None and (code < 3 or _act_q8()):
+            return m.expert_swiglu(x_MD, gu.data, _scale(gu), dn.data, _scale(dn), code, INT4_GROUP, _act_q8())
         if self.up is not None:
             gate, up = matmul(x_MD, self.gate_up), matmul(x_MD, self.up)
         else:
@@ -164,7 +171,7 @@ class PackedExpert:
         return matmul(h, self.down).to(x_MD.dtype)
 
 
-_KIND_CODE = {"bf16": 0, "int8": 1, "int4": 2}     # moe/csrc/ops.cpp expert_swiglu
+_KIND_CODE = {("bf16", "rows"): 0, ("int8", "rows"): 1, ("int4", "rows"): 2, ("int4", "x8"): 3}   # ops.cpp
 _NO_SCALE = torch.empty(0)
 
 
@@ -216,6 +223,7 @@ class ResidentExperts:
                     pe = PackedExpert.of(w, pack, f"model.layers.{layer}.mlp.experts.{e}")
                     del w
                     reader.close()     # unmap what was read (it reopens lazily): file pages would count in RSS
+                pe = pe.interleaved()
                 if huge:     # the layer's experts in one huge-page mapping, copied in as each is packed
                     if arena is None:
                         arena = Arena(pe.arena_size() * len(ids))

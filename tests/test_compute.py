@@ -18,13 +18,26 @@ def _ref(x, p):
     return y if p.bias is None else y + p.bias
 
 
-@pytest.mark.parametrize("kind", ["bf16", "int8", "int4"])
-@pytest.mark.parametrize("N,K", [(37, 64), (130, 1024), (8, 96), (5, 1088), (3, 1056)])
+def _pack(w, kind, b=None):
+    """``int4x8``: int4 repacked in groups of 8 rows (``interleave8``; rows stay as they are when N % 8 != 0)."""
+    if kind != "int4x8":
+        return C.pack(w, kind, "w", b)
+    p = C.interleave8(C.pack(w, "int4", "w", b))
+    assert p.layout == ("x8" if w.shape[0] % 8 == 0 else "rows")
+    if p.layout == "x8":       # the same matrix, the same bytes reordered
+        plain = C.pack(w, "int4", "w", b)
+        assert torch.equal(p.rows().data, plain.data) and torch.equal(p.rows().scale, plain.scale)
+        assert p.nbytes == plain.nbytes
+    return p
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int4", "int4x8"])
+@pytest.mark.parametrize("N,K", [(37, 64), (130, 1024), (8, 96), (5, 1088), (3, 1056), (64, 1056), (24, 2816)])
 def test_kernel_matches_dequantize_then_matmul(kind, N, K):
     g = torch.Generator().manual_seed(N * K)
     w = torch.randn(N, K, generator=g) * 0.05
     b = torch.randn(N, generator=g)
-    p = C.pack(w, kind, "w", b)
+    p = _pack(w, kind, b)
     assert C.native() is not None, C.native_status()
     for M in (1, 2, 3, 4, 7, 16, 40):       # 40 rows: the prefill path (dequantize + torch)
         x = torch.randn(M, K, generator=g)
@@ -38,14 +51,14 @@ def test_kernel_matches_dequantize_then_matmul(kind, N, K):
         torch.testing.assert_close(y, r, rtol=2e-5, atol=2e-5 * float(r.abs().max()))
 
 
-@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("kind", ["int8", "int4", "int4x8"])
 def test_float_activations_on_request(kind, monkeypatch):
     """MOEYARD_ACTIVATIONS=float32: weight-only, what dequantize-then-matmul computes."""
     monkeypatch.setenv("MOEYARD_ACTIVATIONS", "float32")
     monkeypatch.setattr(C, "_ACT_Q8", None)     # read again from the environment (restored after the test)
     assert not C.act_q8()
     g = torch.Generator().manual_seed(5)
-    p = C.pack(torch.randn(40, 1024, generator=g) * 0.05, kind, "w")
+    p = _pack(torch.randn(40, 1024, generator=g) * 0.05, kind)
     for M in (1, 2, 4):
         x = torch.randn(M, 1024, generator=g)
         r = _ref(x, p)
@@ -58,12 +71,12 @@ def test_unknown_activations_value_fails_at_plan(monkeypatch):
         C.plan_for(None, torch.float32, torch.device("cpu"), "int8")
 
 
-@pytest.mark.parametrize("kind", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int4", "int4x8"])
 def test_arena_placed_weights_compute_the_same(kind, monkeypatch):
     """Weights copied into a huge-page arena (views of one mapping) give bit-identical products, on the
     int8-activation kernels and the float-activation ones."""
     g = torch.Generator().manual_seed(11)
-    p = C.pack(torch.randn(70, 1088, generator=g) * 0.05, kind, "w")
+    p = _pack(torch.randn(72 if kind == "int4x8" else 70, 1088, generator=g) * 0.05, kind)
     arena = C.Arena(C.Arena.packed_size(p) + C.Arena.packed_size(p))
     a = arena.packed(p)
     assert a.data.data_ptr() % C.HUGE_PAGE == 0 and a.data.is_contiguous()
@@ -258,8 +271,9 @@ def test_fused_ops_match_the_torch_ops():
     w = ExpertWeights(torch.randn(64, 96, generator=g), torch.randn(64, 96, generator=g),
                       torch.randn(96, 64, generator=g))
     xs = torch.randn(3, 96, generator=g)
-    for kind in ("bf16", "int8", "int4"):
-        pe = PackedExpert.of(w, kind, "e")
+    for kind in ("bf16", "int8", "int4", "int4x8"):
+        pe = PackedExpert.of(w, kind[:4], "e")
+        pe = pe.interleaved() if kind == "int4x8" else pe
         with torch.inference_mode():
             fast = pe(xs)
         gate, up = C.matmul(xs, pe.gate_up).split(64, dim=-1)

@@ -17,6 +17,7 @@
 torch::Tensor mm_bf16(torch::Tensor x, torch::Tensor w);
 torch::Tensor mm_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale, bool q8);
 torch::Tensor mm_int4(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t G, bool q8);
+torch::Tensor mm_int4x8(torch::Tensor x, torch::Tensor w, torch::Tensor scale);
 
 namespace {
 
@@ -24,11 +25,12 @@ void check_f32(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32, name, ": a float32 CPU tensor");
 }
 
-// kind: 0 bf16, 1 int8, 2 int4 (group G)
+// kind: 0 bf16, 1 int8, 2 int4 (group G), 3 int4 in the x8 layout (int8 activations)
 torch::Tensor mm_kind(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& s, int64_t kind,
                       int64_t G, bool q8) {
   if (kind == 0) return mm_bf16(x, w);
   if (kind == 1) return mm_int8(x, w, s, q8);
+  if (kind == 3) return mm_int4x8(x, w, s);
   return mm_int4(x, w, s, G, q8);
 }
 

@@ -610,6 +610,70 @@ void tile_q8(const void* wr, const uint16_t* ws, float sw, const int8_t* xq, con
 #endif
 }
 
+// int4 weights repacked in groups of 8 rows (layout "x8", ``compute.interleave8``), for one row of activations
+// or a few: per block of 32 the 8 rows' 16 nibble bytes lie in 128 bytes as 4 chunks of 32, chunk c holding bytes
+// 4c..4c+3 of row 0, then of row 1, ..., row 7 (a 32-bit lane per row); the 8 rows' block scales are 8 float16
+// in a row. The low nibbles of chunk c are weights 4c..4c+3 of each row, the high nibbles weights 16+4c..16+4c+3,
+// so four activation bytes broadcast to every lane meet all 8 rows at once: 8 maddubs and 7 int16 adds (|sum| <=
+// 8 * 2 * 15 * 127 < 32768) and one madd give each row's exact block sum in its own int32 lane, minus 8 sum(q)
+// (the weights' -8, also exact); a lane's float accumulator is its row's output, so no horizontal sums, no
+// per-row scale shuffles, and one stream of weight bytes for 8 rows (as llama.cpp's repacked Q4_0 on CPU).
+// xs8[m, b] = 8 * sum of row m's block b of quantized activations.
+template <int MR>
+void tile_x8(const uint8_t* wg, const uint16_t* sg, const int8_t* xq, const float* xd, const int32_t* xs8,
+             int64_t K, float* y, int64_t N) {
+  const int64_t nb = K / 32;
+#if defined(WMM_Q8_SIMD)
+  __m256 acc[MR];
+  for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
+  const __m256i lo4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  auto bc = [](const int8_t* p) { int32_t v; std::memcpy(&v, p, 4); return _mm256_set1_epi32(v); };
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* p = wg + 128 * b;
+    _mm_prefetch((const char*)p + 1024, _MM_HINT_T0);
+    _mm_prefetch((const char*)p + 1088, _MM_HINT_T0);
+    __m256i lo[4], hi[4];
+    for (int c = 0; c < 4; ++c) {
+      const __m256i v = _mm256_loadu_si256((const __m256i*)(p + 32 * c));
+      lo[c] = _mm256_and_si256(v, lo4);
+      hi[c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), lo4);
+    }
+    const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sg + 8 * b)));
+#pragma GCC unroll 4
+    for (int m = 0; m < MR; ++m) {
+      const int8_t* xb = xq + m * K + 32 * b;
+      __m256i t = _mm256_add_epi16(_mm256_maddubs_epi16(lo[0], bc(xb)), _mm256_maddubs_epi16(hi[0], bc(xb + 16)));
+      __m256i u = _mm256_add_epi16(_mm256_maddubs_epi16(lo[1], bc(xb + 4)), _mm256_maddubs_epi16(hi[1], bc(xb + 20)));
+      t = _mm256_add_epi16(t, _mm256_add_epi16(_mm256_maddubs_epi16(lo[2], bc(xb + 8)),
+                                               _mm256_maddubs_epi16(hi[2], bc(xb + 24))));
+      u = _mm256_add_epi16(u, _mm256_add_epi16(_mm256_maddubs_epi16(lo[3], bc(xb + 12)),
+                                               _mm256_maddubs_epi16(hi[3], bc(xb + 28))));
+      const __m256i d32 = _mm256_sub_epi32(_mm256_madd_epi16(_mm256_add_epi16(t, u), ones),
+                                           _mm256_set1_epi32(xs8[m * nb + b]));
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d32), _mm256_mul_ps(s, _mm256_set1_ps(xd[m * nb + b])), acc[m]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) _mm256_storeu_ps(y + m * N, acc[m]);
+#else
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < 8; ++r) {
+      float out = 0.f;
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* p = wg + 128 * b;
+        const int8_t* xb = xq + m * K + 32 * b;
+        int32_t dot = 0;
+        for (int c = 0; c < 4; ++c)
+          for (int j = 0; j < 4; ++j) {
+            const uint8_t byte = p[32 * c + 4 * r + j];
+            dot += int(byte & 15) * xb[4 * c + j] + int(byte >> 4) * xb[16 + 4 * c + j];
+          }
+        out += float(dot - xs8[m * nb + b]) * (f16_to_f32(sg[8 * b + r]) * xd[m * nb + b]);
+      }
+      y[m * N + r] = out;
+    }
+#endif
+}
+
 }  // namespace
 
 torch::Tensor mm_bf16(torch::Tensor x, torch::Tensor w) {
@@ -719,6 +783,47 @@ torch::Tensor mm_int4(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int
   return y;
 }
 
+// int4 weights in the x8 layout (N a multiple of 8; one float16 scale per 32 values, x8-ordered), int8 activations
+torch::Tensor mm_int4x8(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
+  TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous() && w.size(0) % 8 == 0,
+              "w: contiguous uint8 [N, K/2] in the x8 layout, N a multiple of 8");
+  const int64_t N = w.size(0), K = w.size(1) * 2;
+  TORCH_CHECK(K % 32 == 0 && scale.scalar_type() == torch::kFloat16 && scale.is_contiguous() &&
+              scale.numel() == N * (K / 32), "scale: contiguous float16, one per 32 values");
+  const Q8 a(x, K, false);
+  const int64_t M = a.q.size(0), nb = K / 32;
+  auto y = torch::empty({M, N}, a.d.options());
+  auto xs8 = torch::empty({M, nb}, a.d.options().dtype(torch::kInt32));
+  const int8_t* xq = a.q.data_ptr<int8_t>();
+  int32_t* s8 = xs8.data_ptr<int32_t>();
+  for (int64_t i = 0; i < M * nb; ++i) {
+    int32_t t = 0;
+    for (int j = 0; j < 32; ++j) t += xq[32 * i + j];
+    s8[i] = 8 * t;
+  }
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
+  const float* xd = a.d.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N / 8, 2, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const uint8_t* wg = wp + g * 8 * (K / 2);
+      const uint16_t* sg = sp + g * 8 * nb;
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        float* ym = yp + m0 * N + 8 * g;
+        const int8_t* xm = xq + m0 * K;
+        switch (std::min<int64_t>(4, M - m0)) {
+          case 1: tile_x8<1>(wg, sg, xm, xd + m0 * nb, s8 + m0 * nb, K, ym, N); break;
+          case 2: tile_x8<2>(wg, sg, xm, xd + m0 * nb, s8 + m0 * nb, K, ym, N); break;
+          case 3: tile_x8<3>(wg, sg, xm, xd + m0 * nb, s8 + m0 * nb, K, ym, N); break;
+          default: tile_x8<4>(wg, sg, xm, xd + m0 * nb, s8 + m0 * nb, K, ym, N); break;
+        }
+      }
+    }
+  });
+  return y;
+}
+
 std::string isa() {
 #if defined(WMM_VNNI)
   return "avx512-vnni";
@@ -741,6 +846,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mm_bf16", &mm_bf16, "x[M,K] f32 . W[N,K] bf16 ^T");
   m.def("mm_int8", &mm_int8, "x[M,K] f32 . (W int8 * scale[N]) ^T; q8: x quantized to int8 in blocks of 32");
   m.def("mm_int4", &mm_int4, "x[M,K] f32 . ((W int4 - 8) * scale[N,K/G]) ^T; q8: x quantized as for mm_int8");
+  m.def("mm_int4x8", &mm_int4x8, "x[M,K] f32 . int4 W[N,K] in the x8 layout ^T (int8 activations)");
   m.def("rms_norm", &rms_norm, "w * (x * rsqrt(mean(x^2, -1) + eps)), float32");
   m.def("rope", &rope, "x[N,H,Dh] * cos + rotate_half(x) * sin (sin signed), float32");
   m.def("expert_swiglu", &expert_swiglu, "down(silu(gu x)[:F] * (gu x)[F:]), packed weights of kind 0 bf16 1 int8 2 int4");
