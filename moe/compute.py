@@ -514,15 +514,40 @@ def pack_dense(model: torch.nn.Module, plan: ComputePlan):
     for name, mod in list(model.named_modules()):
         if name and isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)):
             pack_module(model, name, plan)
-    fuse_attention(model)
+    finish_dense(model)
 
 
-def fuse_attention(model: torch.nn.Module) -> None:
-    """``fuse_qkv`` on every attention module of ``model`` (after its projections are packed)."""
+def finish_dense(model: torch.nn.Module) -> None:
+    """After the dense layers are packed: ``fuse_qkv`` on every attention module of ``model``, then, where huge
+    pages are available on the CPU, every packed dense matrix copied into one huge-page ``Arena`` (as resident
+    experts are): attention, dense MLPs, shared experts and lm_head stream from 2 MiB pages too."""
     from .layers import Attention
-    for mod in model.modules():
-        if isinstance(mod, Attention):
-            fuse_qkv(mod)
+    attns = [m for m in model.modules() if isinstance(m, Attention) and fuse_qkv(m)]
+    if not huge_pages():
+        return
+    parts = {id(l) for a in attns for l in (a.q_proj, a.k_proj, a.v_proj)}
+    lins = [m for m in model.modules() if isinstance(m, PackedLinear) and id(m) not in parts and
+            m.p.data.device.type == "cpu"]
+    total = sum(Arena.packed_size(m.p) for m in lins) + sum(Arena.packed_size(a.qkv) for a in attns)
+    if not total:
+        return
+    arena = Arena(total)
+    for m in lins:
+        m.p = arena.packed(m.p)
+    for a in attns:
+        a.qkv = arena.packed(a.qkv)
+        view_rows(a)
+
+
+def view_rows(attn) -> None:
+    """Point q_proj, k_proj and v_proj of ``attn`` at their rows of ``attn.qkv``."""
+    f, r0 = attn.qkv, 0
+    for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
+        p = lin.p
+        r1 = r0 + p.shape[0]
+        view = lambda t: None if t is None else t[r0:r1]             # noqa: E731
+        lin.p = Packed(p.kind, view(f.data), view(f.scale), p.shape, view(f.bias), p.layout)
+        r0 = r1
 
 
 def fuse_qkv(attn) -> bool:
@@ -537,15 +562,9 @@ def fuse_qkv(attn) -> bool:
             len({p.bias is None for p in ps}) != 1 or len({None if p.scale is None else p.scale.dim() for p in ps}) != 1:
         return False
     cat = lambda ts: None if ts[0] is None else torch.cat(ts)       # noqa: E731
-    f = Packed(ps[0].kind, cat([p.data for p in ps]), cat([p.scale for p in ps]),
-               (sum(p.shape[0] for p in ps), ps[0].shape[1]), cat([p.bias for p in ps]), ps[0].layout)
-    r0 = 0
-    for l, p in zip(lins, ps):
-        r1 = r0 + p.shape[0]
-        view = lambda t: None if t is None else t[r0:r1]             # noqa: E731
-        l.p = Packed(p.kind, view(f.data), view(f.scale), p.shape, view(f.bias), p.layout)
-        r0 = r1
-    attn.qkv = f
+    attn.qkv = Packed(ps[0].kind, cat([p.data for p in ps]), cat([p.scale for p in ps]),
+                      (sum(p.shape[0] for p in ps), ps[0].shape[1]), cat([p.bias for p in ps]), ps[0].layout)
+    view_rows(attn)
     return True
 
 

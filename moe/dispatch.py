@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .compute import fused
+
 
 @dataclass(frozen=True)
 class DispatchMeta:
@@ -38,11 +40,9 @@ class LocalDispatcher:
                  topk_w_NK: torch.Tensor) -> Routed:
         N, K = topk_ids_NK.shape
         if N == 1 and x_ND.device.type == "cpu":    # one token (batch-1 decode): its K distinct experts, sorted
-            ids = topk_ids_NK[0].tolist()
-            order = sorted(range(K), key=ids.__getitem__)
-            order_M = torch.tensor(order)
+            ids, order_M = topk_ids_NK[0].sort()
             meta = DispatchMeta(order_M, order_M.new_zeros(K), topk_w_NK[0][order_M], 1)
-            return Routed(x_ND.expand(K, -1).contiguous(), [ids[i] for i in order], [1] * K, meta)
+            return Routed(x_ND.expand(K, -1).contiguous(), ids.tolist(), [1] * K, meta)
         flat = topk_ids_NK.reshape(-1)
         order_M = torch.argsort(flat, stable=True)
         token_M = order_M // K
@@ -51,6 +51,9 @@ class LocalDispatcher:
         return Routed(x_ND[token_M], ids.tolist(), counts.tolist(), meta)
 
     def combine(self, y_MD: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
+        m = fused(y_MD) if meta.num_tokens == 1 else None
+        if m is not None and meta.weight_M.dtype is torch.float32:
+            return m.combine_one(y_MD, meta.weight_M)          # the same sum, in the same order, in one call
         y_MD = y_MD * meta.weight_M.unsqueeze(-1).to(y_MD.dtype)
         out = y_MD.new_zeros((meta.num_tokens, y_MD.shape[-1]))
         return out.index_add(0, meta.token_M, y_MD)

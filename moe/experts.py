@@ -150,13 +150,13 @@ class PackedExpert:
                              None if b is None else b[F:], self.down.bias, self.act, self.alpha, self.limit)
 
     def __call__(self, x_MD: torch.Tensor) -> torch.Tensor:
-        from .compute import INT4_GROUP, KERNEL_MAX_ROWS, fused, matmul
+        from .compute import INT4_GROUP, KERNEL_MAX_ROWS, act_q8, fused, matmul
         gu, dn = self.gate_up, self.down
         m = fused(x_MD) if self.up is None and self.act == "swiglu" and x_MD.shape[0] <= KERNEL_MAX_ROWS else None
         code = _KIND_CODE.get((gu.kind, gu.layout))
         if m is not None and gu.bias is None and dn.bias is None and (gu.kind, gu.layout) == (dn.kind, dn.layout) \
-                and code is not None and (code < 3 or _act_q8()):
-            return m.expert_swiglu(x_MD, gu.data, _scale(gu), dn.data, _scale(dn), code, INT4_GROUP, _act_q8())
+                and code is not None and (code < 3 or act_q8()):
+            return m.expert_swiglu(x_MD, gu.data, _scale(gu), dn.data, _scale(dn), code, INT4_GROUP, act_q8())
         if self.up is not None:
             gate, up = matmul(x_MD, self.gate_up), matmul(x_MD, self.up)
         else:
@@ -177,11 +177,6 @@ _NO_SCALE = torch.empty(0)
 
 def _scale(p) -> torch.Tensor:
     return _NO_SCALE if p.scale is None else p.scale
-
-
-def _act_q8() -> bool:
-    from .compute import act_q8
-    return act_q8()
 
 
 def check_expert_finite(layer: int, expert: int, w: ExpertWeights) -> None:

@@ -84,6 +84,10 @@ class Rotary(nn.Module):
         return x_NHD * c[3] + torch.cat((x_NHD[..., h:], x_NHD[..., :h]), dim=-1) * c[4]
 
 
+DECODE_MAX_KEYS = 1024      # longer contexts: SDPA's blocked, vectorized kernel
+_NO_MASK = torch.empty(0, dtype=torch.bool)
+
+
 class Attention(nn.Module):
     """GQA attention (the ``moe.attention`` protocol: ``project``, ``core``, ``o_proj``; ``select_heads``)."""
 
@@ -129,6 +133,12 @@ class Attention(nn.Module):
         return self.rope(rotary, q, pos_N), self.rope(rotary, k, pos_N), v
 
     def core(self, q_BHQD, k_BTHD, v_BTHD, mask=None, causal=False, qpos_BQ=None):
+        if q_BHQD.shape[2] == 1 and not causal and k_BTHD.shape[1] <= DECODE_MAX_KEYS and \
+                (mask is None or mask.dtype is torch.bool):
+            m = fused(q_BHQD)       # decode on the CPU: one call (moe/csrc/ops.cpp) instead of SDPA's dispatch
+            if m is not None and k_BTHD.shape == v_BTHD.shape and k_BTHD.stride(-1) == 1 and v_BTHD.stride(-1) == 1:
+                return m.decode_attention(q_BHQD, k_BTHD.transpose(1, 2), v_BTHD.transpose(1, 2),
+                                          _NO_MASK if mask is None else mask, self.scale)
         return F.scaled_dot_product_attention(q_BHQD, k_BTHD.transpose(1, 2), v_BTHD.transpose(1, 2),
                                               attn_mask=mask, is_causal=causal, scale=self.scale,
                                               enable_gqa=self.H != self.Hkv)

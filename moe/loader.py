@@ -118,8 +118,8 @@ def build_dense(cfg: MoEConfig, reader: CheckpointReader, dtype, device, max_pos
             from .compute import pack_module
             pack_module(model, mod_name, plan)
     if plan is not None and plan.packs:
-        from .compute import fuse_attention
-        fuse_attention(model)
+        from .compute import finish_dense
+        finish_dense(model)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.eval()

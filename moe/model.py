@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .compute import fused
 from .config import MoEConfig
 from .dispatch import LocalDispatcher
 from .experts import ExpertProvider
@@ -102,6 +103,9 @@ class Router(nn.Module):
         self.top_k, self.norm = cfg.top_k, cfg.norm_topk_prob
 
     def forward(self, x_ND):
+        m = fused(x_ND)
+        if m is not None and self.weight.dtype is torch.float32:
+            return tuple(m.route_topk(x_ND, self.weight, self.top_k, self.norm))
         logits_NE = F.linear(x_ND, self.weight)
         probs_NE = torch.softmax(logits_NE.float(), dim=-1)
         w_NK, ids_NK = torch.topk(probs_NE, self.top_k, dim=-1)

@@ -306,3 +306,35 @@ def test_fused_qkv_and_one_token_dispatch_change_nothing():
     y = torch.randn(3, 8, generator=g)
     assert torch.equal(d.combine(y, one.meta), d.combine(torch.stack([y[0], y[0], y[1], y[1], y[2], y[2]]),
                                                          gen.meta)[:1])
+
+
+def test_fused_router_combine_and_decode_attention():
+    """The router's fused call is bit-identical to its torch ops, the one-token combine to index_add's sum, and the
+    decode attention matches SDPA (GQA, with and without a mask) to float32 rounding."""
+    from moeyard.moe.dispatch import DispatchMeta, LocalDispatcher
+    from moeyard.moe.model import Router
+    m = _ops()
+    g = torch.Generator().manual_seed(13)
+    r = Router.__new__(Router)
+    torch.nn.Module.__init__(r)
+    r.weight = torch.nn.Parameter(torch.randn(16, 64, generator=g), requires_grad=False)
+    x = torch.randn(3, 64, generator=g)
+    for norm in (True, False):
+        r.top_k, r.norm = 4, norm
+        with torch.inference_mode():
+            fast = r(x)
+        slow = r(x)
+        assert all(torch.equal(a, b) for a, b in zip(fast, slow))
+    y, w = torch.randn(4, 64, generator=g), torch.rand(4, generator=g)
+    meta = DispatchMeta(torch.arange(4), torch.zeros(4, dtype=torch.long), w, 1)
+    with torch.inference_mode():
+        fast = LocalDispatcher().combine(y, meta)
+    assert torch.equal(fast, LocalDispatcher().combine(y, meta))
+    k, v = torch.randn(3, 40, 2, 64, generator=g), torch.randn(3, 40, 2, 64, generator=g)    # a cache [B, T, Hkv, Dh]
+    q = torch.randn(3, 8, 1, 64, generator=g)
+    mask = (torch.arange(40)[None] < torch.tensor([5, 40, 17])[:, None])[:, None, None, :]
+    K, V = k.transpose(1, 2), v.transpose(1, 2)
+    for mk in (mask, None):
+        ref = torch.nn.functional.scaled_dot_product_attention(q, K, V, attn_mask=mk, scale=0.125, enable_gqa=True)
+        out = m.decode_attention(q, K, V, torch.empty(0, dtype=torch.bool) if mk is None else mk, 0.125)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)

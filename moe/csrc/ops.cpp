@@ -7,9 +7,13 @@
 //   rms_norm        w * (x * rsqrt(mean(x^2) + eps))                          (7 ops; the sum's order differs)
 //   rope            x * cos + rotate_half(x) * sin_signed                    (5 ops)
 //   expert_swiglu   down(silu(gate_up(x)[:F]) * gate_up(x)[F:]) on packed weights (2 products + 6 ops)
+//   route_topk      the softmax top-k router's ATen ops called from C++                  (6 ops)
+//   combine_one     one token's weighted sum of its experts' outputs, in row order       (3 ops)
+//   decode_attention  one query per sequence against its cached keys and values (GQA)  (the sums' order differs)
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
+#include <vector>
 
 // a * b + c as two roundings, as torch's separate ops round: no fused multiply-add contracted by the compiler
 #pragma GCC optimize("fp-contract=off")
@@ -112,4 +116,101 @@ torch::Tensor expert_swiglu(torch::Tensor x, torch::Tensor gu, torch::Tensor gus
   auto a = at::silu(hgu.narrow(1, 0, F));
   a.mul_(hgu.narrow(1, F, F));
   return mm_kind(a, dn, dns, kind, G, q8);
+}
+
+// The softmax top-k router: (logits [N, E], ids [N, k], weights [N, k]) as Router.forward computes them (the same
+// ATen ops, called from C++: bit-identical, without the Python dispatch of each)
+std::vector<torch::Tensor> route_topk(torch::Tensor x, torch::Tensor w, int64_t k, bool norm) {
+  auto logits = at::linear(x, w);
+  auto probs = at::softmax(logits.to(torch::kFloat32), -1);
+  auto top = at::topk(probs, k, -1);
+  auto wk = std::get<0>(top);
+  if (norm) wk = wk / wk.sum(-1, true);
+  return {logits, std::get<1>(top), wk.to(x.scalar_type())};
+}
+
+// One token's K expert outputs y [K, D] weighted by w [K] and summed in row order -> [1, D]: what LocalDispatcher's
+// combine computes for one token (y * w, then index_add into zeros: 0 + p0 + p1 + ...), bit for bit
+torch::Tensor combine_one(torch::Tensor y, torch::Tensor w) {
+  check_f32(y, "y");
+  check_f32(w, "w");
+  TORCH_CHECK(y.dim() == 2 && w.numel() == y.size(0), "combine_one: y [K, D], w [K]");
+  auto yc = y.contiguous();
+  auto wc = w.contiguous();
+  const int64_t K = yc.size(0), D = yc.size(1);
+  auto out = torch::zeros({1, D}, yc.options());
+  const float* yp = yc.data_ptr<float>();
+  const float* wp = wc.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  for (int64_t i = 0; i < K; ++i) {
+    const float s = wp[i];
+    for (int64_t d = 0; d < D; ++d) {
+      const float p = yp[i * D + d] * s;
+      o[d] = o[d] + p;
+    }
+  }
+  return out;
+}
+
+// Decode attention, one query per sequence and head: q [B, H, 1, Dh], k and v [B, Hkv, T, Dh] (any strides, last
+// dim contiguous: views of the KV cache), mask [B, 1, 1, T] bool or empty (all visible) -> [B, H, 1, Dh]. Query head
+// h reads KV head h / (H / Hkv), as scaled_dot_product_attention(enable_gqa=True) does; softmax(scale q.k) then
+// the weighted sum of v, in float32 (the sums' order differs from torch's).
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor mask, double scale) {
+  check_f32(q, "q");
+  check_f32(k, "k");
+  check_f32(v, "v");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1 && k.size(3) == q.size(3) &&
+              v.sizes() == k.sizes() && k.size(0) == q.size(0) && q.size(1) % k.size(1) == 0 &&
+              k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: q [B, H, 1, Dh], k, v [B, Hkv, T, Dh]");
+  const int64_t B = q.size(0), H = q.size(1), Hkv = k.size(1), T = k.size(2), Dh = q.size(3), r = H / Hkv;
+  const bool masked = mask.numel() > 0;
+  torch::Tensor mc;
+  if (masked) {
+    TORCH_CHECK(mask.scalar_type() == torch::kBool && mask.numel() == B * T, "decode_attention: mask [B, 1, 1, T]");
+    mc = mask.contiguous();
+  }
+  auto qc = q.contiguous();
+  auto out = torch::empty({B, H, 1, Dh}, q.options());
+  const float* qp = qc.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const bool* mp = masked ? mc.data_ptr<bool>() : nullptr;
+  float* op = out.data_ptr<float>();
+  const float sc = float(scale);
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> s(T);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, h = i % H, g = h / r;
+      const float* qv = qp + i * Dh;
+      float mx = -INFINITY;
+      for (int64_t t = 0; t < T; ++t) {
+        if (mp != nullptr && !mp[b * T + t]) { s[t] = -INFINITY; continue; }
+        const float* kt = kp + b * k.stride(0) + g * k.stride(1) + t * k.stride(2);
+        float part[16] = {0};
+        int64_t d = 0;
+        for (; d + 16 <= Dh; d += 16)
+          for (int j = 0; j < 16; ++j) part[j] += qv[d + j] * kt[d + j];
+        float dot = 0.f;
+        for (; d < Dh; ++d) dot += qv[d] * kt[d];
+        for (int j = 0; j < 16; ++j) dot += part[j];
+        s[t] = dot * sc;
+        mx = std::max(mx, s[t]);
+      }
+      float sum = 0.f;
+      for (int64_t t = 0; t < T; ++t) {
+        s[t] = s[t] == -INFINITY ? 0.f : std::exp(s[t] - mx);
+        sum += s[t];
+      }
+      float* o = op + i * Dh;
+      for (int64_t d = 0; d < Dh; ++d) o[d] = 0.f;
+      for (int64_t t = 0; t < T; ++t) {
+        const float p = s[t] / sum;
+        if (p == 0.f) continue;
+        const float* vt = vp + b * v.stride(0) + g * v.stride(1) + t * v.stride(2);
+        for (int64_t d = 0; d < Dh; ++d) o[d] += p * vt[d];
+      }
+    }
+  });
+  return out;
 }

@@ -841,6 +841,9 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
 torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor expert_swiglu(torch::Tensor x, torch::Tensor gu, torch::Tensor gus, torch::Tensor dn,
                             torch::Tensor dns, int64_t kind, int64_t G, bool q8);
+std::vector<torch::Tensor> route_topk(torch::Tensor x, torch::Tensor w, int64_t k, bool norm);
+torch::Tensor combine_one(torch::Tensor y, torch::Tensor w);
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor mask, double scale);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mm_bf16", &mm_bf16, "x[M,K] f32 . W[N,K] bf16 ^T");
@@ -850,5 +853,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "w * (x * rsqrt(mean(x^2, -1) + eps)), float32");
   m.def("rope", &rope, "x[N,H,Dh] * cos + rotate_half(x) * sin (sin signed), float32");
   m.def("expert_swiglu", &expert_swiglu, "down(silu(gu x)[:F] * (gu x)[F:]), packed weights of kind 0 bf16 1 int8 2 int4");
+  m.def("route_topk", &route_topk, "softmax top-k router: (logits, ids, weights), as Router.forward");
+  m.def("combine_one", &combine_one, "sum_i y[i] * w[i] in row order, [1, D] (one token's combine)");
+  m.def("decode_attention", &decode_attention, "one query per sequence and head against a KV cache view (GQA)");
   m.def("isa", &isa, "the instruction set the kernels were compiled for");
 }
