@@ -91,11 +91,22 @@ def build_dir() -> str:
     return os.environ.get("MOEYARD_KERNEL_DIR", os.path.join(os.path.expanduser("~"), ".cache", "moeyard", "wmm"))
 
 
+_KERNEL_OFF = os.environ.get("MOEYARD_KERNEL", "") == "torch"     # read again at each plan (check_kernel)
+
+
+def check_kernel() -> None:
+    """Read ``MOEYARD_KERNEL`` (at each plan: a model loaded after it is set runs the torch fallback; the hot
+    paths then read no environment, which cost ~1 us per product and fused op)."""
+    global _KERNEL_OFF
+    _KERNEL_OFF = os.environ.get("MOEYARD_KERNEL", "") == "torch"
+
+
 def native(build: bool = True):
     """The compiled kernel module, built on first use (torch.utils.cpp_extension, -O3 -march=native) into
-    ``build_dir()``; None when it cannot be built (then the torch fallback runs) or ``MOEYARD_KERNEL=torch``."""
+    ``build_dir()``; None when it cannot be built (then the torch fallback runs) or ``MOEYARD_KERNEL=torch`` (as read
+    by the last ``check_kernel``)."""
     global _native, _native_error
-    if os.environ.get("MOEYARD_KERNEL", "") == "torch":
+    if _KERNEL_OFF:
         return None
     if _native is not None or _native_error is not None:
         return _native
@@ -128,6 +139,7 @@ def fused(x: torch.Tensor):
 
 
 def native_status() -> str:
+    check_kernel()
     m = native()
     return f"native ({m.isa()})" if m is not None else f"torch fallback ({_native_error or 'disabled'})"
 
