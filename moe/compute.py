@@ -556,10 +556,10 @@ def view_rows(attn) -> None:
     f, r0 = attn.qkv, 0
     for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
         p = lin.p
-        r1 = r0 + p.shape[0]
-        view = lambda t: None if t is None else t[r0:r1]             # noqa: E731
-        lin.p = Packed(p.kind, view(f.data), view(f.scale), p.shape, view(f.bias), p.layout)
-        r0 = r1
+        rows = slice(r0, r0 + p.shape[0])
+        lin.p = Packed(p.kind, f.data[rows], None if f.scale is None else f.scale[rows], p.shape,
+                       None if f.bias is None else f.bias[rows], p.layout)
+        r0 = rows.stop
 
 
 def fuse_qkv(attn) -> bool:
