@@ -555,10 +555,9 @@ def view_rows(attn) -> None:
     """Point q_proj, k_proj and v_proj of ``attn`` at their rows of ``attn.qkv``."""
     f, r0 = attn.qkv, 0
     for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
-        p = lin.p
-        rows = slice(r0, r0 + p.shape[0])
-        lin.p = Packed(p.kind, f.data[rows], None if f.scale is None else f.scale[rows], p.shape,
-                       None if f.bias is None else f.bias[rows], p.layout)
+        rows = slice(r0, r0 + lin.p.shape[0])
+        lin.p = dataclasses.replace(lin.p, data=f.data[rows], scale=None if f.scale is None else f.scale[rows],
+                                    bias=None if f.bias is None else f.bias[rows])
         r0 = rows.stop
 
 

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F_
 
 from .checkpoint import CheckpointReader
+from .compute import (INT4_GROUP, KERNEL_MAX_ROWS, Arena, Packed, act_q8, fused, huge_pages, interleave8, matmul,
+                      pack)
 from .config import MoEConfig
 from .errors import ModelError
 from .quant_formats import QuantFormat, logical_shape, read_packed, read_slice, read_tensor
@@ -91,7 +93,6 @@ def read_expert(cfg: MoEConfig, reader: CheckpointReader, layer: int, expert: in
 def read_packed_expert(cfg: MoEConfig, reader: CheckpointReader, layer: int, expert: int) -> "PackedExpert":
     """An expert of a ``moeyard quantize`` checkpoint as stored (gate and up joined into one matrix; no
     re-quantization); scales holding NaN are refused, named."""
-    from .compute import Packed
     D, F = cfg.hidden_size, cfg.expert_intermediate_size
     r = expert_refs(cfg, reader, layer, expert)
     gate, up, down = (read_packed(reader, cfg.quant, ref.name, shape)
@@ -115,7 +116,6 @@ class PackedExpert:
 
     @classmethod
     def of(cls, w: ExpertWeights, kind: str, name: str) -> "PackedExpert":
-        from .compute import pack
         gu_bias = None if w.gate_bias is None else torch.cat([w.gate_bias, w.up_bias])
         return cls(pack(torch.cat([w.gate, w.up]), kind, f"{name}.gate_up", gu_bias),
                    pack(w.down, kind, f"{name}.down", w.down_bias), w.act, w.alpha, w.limit)
@@ -125,12 +125,10 @@ class PackedExpert:
         return self.gate_up.nbytes + self.down.nbytes + (0 if self.up is None else self.up.nbytes)
 
     def arena_size(self) -> int:
-        from .compute import Arena
         return sum(Arena.packed_size(p) for p in (self.gate_up, self.down, self.up) if p is not None)
 
     def interleaved(self) -> "PackedExpert":
         """This expert with int4 matrices in the x8 layout (``compute.interleave8``; resident experts)."""
-        from .compute import interleave8
         return dataclasses.replace(self, gate_up=interleave8(self.gate_up), down=interleave8(self.down),
                                    up=None if self.up is None else interleave8(self.up))
 
@@ -150,7 +148,6 @@ class PackedExpert:
                              None if b is None else b[F:], self.down.bias, self.act, self.alpha, self.limit)
 
     def __call__(self, x_MD: torch.Tensor) -> torch.Tensor:
-        from .compute import INT4_GROUP, KERNEL_MAX_ROWS, act_q8, fused, matmul
         gu, dn = self.gate_up, self.down
         m = fused(x_MD) if self.up is None and self.act == "swiglu" and x_MD.shape[0] <= KERNEL_MAX_ROWS else None
         code = _KIND_CODE.get((gu.kind, gu.layout))
@@ -197,7 +194,6 @@ class ResidentExperts:
         self.pack = pack
         self._w: dict[tuple[int, int], ExpertWeights] = {}
         self._p: dict[tuple[int, int], PackedExpert] = {}
-        from .compute import Arena, huge_pages
         huge = pack is not None and device.type == "cpu" and huge_pages()
         for layer in cfg.moe_layers:
             check_fused_shapes(cfg, reader, layer)

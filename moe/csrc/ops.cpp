@@ -29,6 +29,18 @@ void check_f32(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32, name, ": a float32 CPU tensor");
 }
 
+// sum_k a[k] b[k] in 16 partial sums (which the compiler vectorizes), then the tail, then the partial sums
+inline float dot16(const float* a, const float* b, int64_t n) {
+  float part[16] = {0};
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16)
+    for (int j = 0; j < 16; ++j) part[j] += a[k + j] * b[k + j];
+  float s = 0.f;
+  for (; k < n; ++k) s += a[k] * b[k];
+  for (int j = 0; j < 16; ++j) s += part[j];
+  return s;
+}
+
 // kind: 0 bf16, 1 int8, 2 int4 (group G), 3 int4 in the x8 layout (int8 activations)
 torch::Tensor mm_kind(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& s, int64_t kind,
                       int64_t G, bool q8) {
@@ -57,14 +69,7 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
     for (int64_t r = r0; r < r1; ++r) {
       const float* a = xp + r * D;
       float* o = yp + r * D;
-      float part[16] = {0};
-      int64_t k = 0;
-      for (; k + 16 <= D; k += 16)
-        for (int j = 0; j < 16; ++j) part[j] += a[k + j] * a[k + j];
-      float ss = 0.f;
-      for (; k < D; ++k) ss += a[k] * a[k];
-      for (int j = 0; j < 16; ++j) ss += part[j];
-      const float inv = 1.f / std::sqrt(ss / float(D) + e);
+      const float inv = 1.f / std::sqrt(dot16(a, a, D) / float(D) + e);
       for (int64_t i = 0; i < D; ++i) o[i] = wp[i] * (a[i] * inv);
     }
   });
@@ -187,14 +192,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
       for (int64_t t = 0; t < T; ++t) {
         if (mp != nullptr && !mp[b * T + t]) { s[t] = -INFINITY; continue; }
         const float* kt = kp + b * k.stride(0) + g * k.stride(1) + t * k.stride(2);
-        float part[16] = {0};
-        int64_t d = 0;
-        for (; d + 16 <= Dh; d += 16)
-          for (int j = 0; j < 16; ++j) part[j] += qv[d + j] * kt[d + j];
-        float dot = 0.f;
-        for (; d < Dh; ++d) dot += qv[d] * kt[d];
-        for (int j = 0; j < 16; ++j) dot += part[j];
-        s[t] = dot * sc;
+        s[t] = dot16(qv, kt, Dh) * sc;
         mx = std::max(mx, s[t]);
       }
       float sum = 0.f;
